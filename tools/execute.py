@@ -1,0 +1,126 @@
+"""Execute the workbook's notebooks top to bottom, each in a fresh kernel.
+
+Used by ``./workbook.sh run`` (into ``build/``, with an HTML rendering of each
+notebook) and by ``./workbook.sh outputs`` (maintainers: rebuild each
+notebook from its jupytext source ``notebooks/NN_*.py``, execute it and store
+it as the committed ``notebooks/NN_*.ipynb``). Both use nbclient with the same
+environment (set by workbook.sh), so the main job and the committed outputs
+come from one executor.
+
+Prints a summary (notebook, status, seconds); exits 1 if any cell failed that
+was not expected to (nbclient honours the ``raises-exception`` cell tag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def notebook_paths(names: list[str]) -> list[Path]:
+    if names:
+        return [Path(n).resolve() for n in names]
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def from_source(ipynb: Path) -> nbformat.NotebookNode:
+    """Read the notebook's jupytext source (``.py`` beside it) as a fresh notebook."""
+    import jupytext
+
+    nb = jupytext.read(ipynb.with_suffix(".py"))
+    nb.metadata.pop("jupytext", None)
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nb.metadata["language_info"] = {"name": "python"}
+    return nb
+
+
+def strip_noise(nb: nbformat.NotebookNode) -> None:
+    """Drop widget state, timings and widget views; keep outputs and execution counts."""
+    nb.metadata.pop("widgets", None)
+    nb.metadata.pop("papermill", None)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+        cell.metadata.pop("papermill", None)
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for out in cell.outputs:
+            data = out.get("data")
+            if data and WIDGET_VIEW in data:
+                data.pop(WIDGET_VIEW)
+                if not data:
+                    continue
+            kept.append(out)
+        cell.outputs = kept
+
+
+def execute(nb: nbformat.NotebookNode, cwd: Path) -> tuple[str, str]:
+    client = NotebookClient(
+        nb, timeout=1800, kernel_name="python3", startup_timeout=300,
+        resources={"metadata": {"path": str(cwd)}},
+    )
+    try:
+        client.execute()
+    except CellExecutionError as e:
+        return "FAILED", str(e).splitlines()[-1] if str(e) else type(e).__name__
+    return "ok", ""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("notebooks", nargs="*", help="notebooks to run (default: every notebooks/NN_*.ipynb)")
+    ap.add_argument("--out", default="build", help="output folder for the main job (default: build)")
+    ap.add_argument("--in-place", action="store_true", help="maintainers: rebuild from .py sources and store outputs")
+    ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="set a value of the notebooks' parameters cell, e.g. -p MODEL /path/to/checkpoint")
+    args = ap.parse_args()
+    if args.in_place and args.parameter:
+        ap.error("stored outputs are made with the default parameters only")
+
+    out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
+    if not args.in_place:
+        out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for path in notebook_paths(args.notebooks):
+        nb = from_source(path) if args.in_place else nbformat.read(path, as_version=4)
+        if args.parameter:
+            from papermill.parameterize import parameterize_notebook
+
+            nb = parameterize_notebook(nb, {k: v for k, v in args.parameter})
+        print(f"-- {path.name} ...", flush=True)
+        t0 = time.perf_counter()
+        status, why = execute(nb, path.parent)
+        seconds = time.perf_counter() - t0
+        strip_noise(nb)
+        if args.in_place:
+            if status == "ok":
+                nbformat.write(nb, path)
+        else:
+            from nbconvert import HTMLExporter
+
+            nbformat.write(nb, out / path.name)
+            html, _ = HTMLExporter().from_notebook_node(nb)
+            (out / path.with_suffix(".html").name).write_text(html, encoding="utf-8")
+        rows.append((path.name, status, seconds, why))
+
+    width = max([len(r[0]) for r in rows] + [8])
+    print(f"\n{'notebook':<{width}}  status  seconds")
+    for name, status, seconds, why in rows:
+        print(f"{name:<{width}}  {status:<6}  {seconds:7.1f}" + (f"  {why}" if why else ""))
+    where = "notebooks/ (committed outputs)" if args.in_place else f"{out}/ (.ipynb and .html)"
+    print(f"written to {where}")
+    return 0 if all(r[1] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
