@@ -5,6 +5,7 @@ measuring memory and speed, drawing device maps, checking a map before a
 load); the notebooks call the library APIs they teach inline.
 """
 
+from .logs import silence_known_warnings
 from .model import (
     BUNDLED,
     CacheError,
@@ -22,5 +23,6 @@ __all__ = [
     "bundled_checkpoint",
     "cache_dir",
     "resolve_model",
+    "silence_known_warnings",
     "verify_checkpoint",
 ]

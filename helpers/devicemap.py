@@ -1,19 +1,46 @@
 """Device maps: a table and a plot of a map, and a pre-flight check before anything loads.
 
-STUB: the signatures below are the agreed interface; the implementation is in progress.
+A *device map* sends module-name prefixes to devices, as accelerate and
+``from_pretrained`` take it: ``{"model.embed_tokens": 0, "model.layers": "cpu",
+"lm_head": "disk"}``. A device is a GPU id (``0``, ``1``, ... or ``"cuda:N"``),
+``"cpu"`` or ``"disk"``. A tensor goes where its longest matching prefix says
+(the key ``""`` covers the whole model).
+
+:func:`preflight` checks a map against a model (on the meta device or real)
+before anything loads and returns a :class:`Report` of :class:`Finding` s,
+each with what is wrong and what to change. It never builds a torch device
+from a GPU id in planning mode, so a CPU-only machine can check plans for
+GPUs it does not have.
+
+Sizes are bytes of parameters and persistent buffers only (no activations, no
+KV cache, no CUDA context), counted by accelerate's ``compute_module_sizes``
+(or transformers' with a quantizer); a tied parameter counts once.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate.utils import compute_module_sizes, convert_file_size_to_int, find_tied_parameters
+
+GiB = 1024**3
+MiB = 1024**2
+_ORDER = {"cpu": 1, "disk": 2}
 
 
 @dataclass
 class Finding:
     """One problem found by :func:`preflight`.
 
-    kind: short code, e.g. "unplaced", "tied-split", "tied-missing", "no-split-cut",
-          "no-split-unknown", "over-budget", "unknown-device", "absent-device".
+    kind: short code: "unplaced", "unknown-module", "unknown-device",
+          "absent-device", "tie-lost", "tied-split", "tied-missing", "missing",
+          "no-split-cut", "no-split-unknown", "over-budget", "no-budget",
+          "quantized-offload".
     message: what is wrong, naming the parameters/modules/devices.
     fix: what to change.
     """
@@ -25,33 +52,557 @@ class Finding:
 
 @dataclass
 class Report:
-    """The result of :func:`preflight`: ``ok`` is True when there are no findings."""
+    """The result of :func:`preflight`: ``ok`` is True when there are no findings.
+
+    ``bytes_per_device`` maps each device of the map (GPU ids as int, "cpu",
+    "disk") to the bytes assigned to it; ``budget`` holds the parsed budget in
+    bytes (empty without one).
+    """
 
     findings: list[Finding] = field(default_factory=list)
+    bytes_per_device: dict = field(default_factory=dict)
+    budget: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not self.findings
 
+    def kinds(self) -> list[str]:
+        """The findings' kinds, in order (handy in asserts)."""
+        return [f.kind for f in self.findings]
+
     def raise_if_problems(self) -> None:
-        """Raise ValueError listing every finding (no-op when ok)."""
-        raise NotImplementedError
+        """Raise ValueError listing every finding and its fix (no-op when ok)."""
+        if self.findings:
+            raise ValueError(str(self))
 
     def __str__(self) -> str:
-        raise NotImplementedError
+        used = ", ".join(f"{_label(d)} {_size(b)}" for d, b in self.bytes_per_device.items())
+        if self.ok:
+            return f"pre-flight check: OK ({used})"
+        lines = [f"pre-flight check: {len(self.findings)} problem(s)"]
+        for i, f in enumerate(self.findings, 1):
+            lines += [f"{i}. [{f.kind}] {f.message}", f"   fix: {f.fix}"]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# small pieces
+
+
+def _device(value):
+    """Canonical form of a map value: int GPU id, "cpu", "disk"; None if not a place to load weights.
+
+    Never builds a torch.device from an int (that needs CUDA).
+    """
+    if isinstance(value, torch.device):
+        value = str(value)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("cpu", "disk"):
+            return v
+        m = re.fullmatch(r"cuda(?::(\d+))?", v)
+        if m:
+            return int(m.group(1) or 0)
+    return None
+
+
+def _label(dev) -> str:
+    return f"GPU {dev}" if isinstance(dev, int) else str(dev)
+
+
+def _sort_key(dev):
+    return (0, dev, "") if isinstance(dev, int) else (_ORDER.get(dev, 3), 0, str(dev))
+
+
+def _size(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def _owner(name: str, device_map: dict):
+    """The map key that covers a tensor/module name (longest prefix), or None."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        key = ".".join(parts[:i])
+        if key in device_map:
+            return key
+    return "" if "" in device_map else None
+
+
+def parse_budget(max_memory: dict | None) -> dict:
+    """Turn a ``max_memory``-style dict into {device: bytes}.
+
+    Keys: GPU ids (int or "cuda:N"), "cpu", "disk". Values: bytes (int or
+    float) or size strings read by accelerate's ``convert_file_size_to_int``:
+    "35GiB" is 35 * 2**30 bytes, "500MB" is 500 * 10**6.
+
+    Raises:
+        ValueError: a key that is not a device, or a value that is not a size.
+    """
+    out = {}
+    for key, value in (max_memory or {}).items():
+        dev = _device(key)
+        if dev is None:
+            raise ValueError(f"max_memory key {key!r} is not a device: use GPU ids (0, 1, ...), 'cpu' or 'disk'.")
+        try:
+            out[dev] = int(value) if isinstance(value, (int, float)) else convert_file_size_to_int(value)
+        except (ValueError, AttributeError, TypeError):
+            raise ValueError(
+                f"max_memory[{key!r}] = {value!r} is not a size: give bytes (an int) or a string such as "
+                f"'35GiB' (2**30 bytes each) or '500MB' (10**6 bytes each)."
+            ) from None
+    return out
+
+
+def _tensor_sizes(model, dtype=None, hf_quantizer=None) -> dict[str, int]:
+    """Bytes of each parameter and buffer, by full name (tied parameters once)."""
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    if hf_quantizer is not None:
+        from transformers.integrations.accelerate import compute_module_sizes as hf_sizes
+
+        sizes, _ = hf_sizes(model, hf_quantizer, only_modules=False)
+    else:
+        sizes = compute_module_sizes(model, dtype=dtype)
+    return {n: int(sizes[n]) for n in names if n in sizes}
+
+
+def declared_ties(model) -> list[tuple[str, str]]:
+    """Tied parameter pairs (target, source) as the model declares them.
+
+    From transformers' ``all_tied_weights_keys`` (set by ``from_pretrained``
+    and ``post_init``) or ``get_expanded_tied_weights_keys`` (read from the
+    config's ``tie_word_embeddings`` and the class's ``_tied_weights_keys``),
+    plus parameters that already share storage (accelerate's
+    ``find_tied_parameters``). On the meta device after
+    ``init_empty_weights`` sharing is lost, so the declaration is what counts.
+    """
+    declared = getattr(model, "all_tied_weights_keys", None)
+    if declared is None and hasattr(model, "get_expanded_tied_weights_keys"):
+        declared = model.get_expanded_tied_weights_keys(all_submodels=True)
+    pairs = list((declared or {}).items())
+    seen = {frozenset(p) for p in pairs}
+    for group in find_tied_parameters(model):
+        for other in group[1:]:
+            if frozenset((other, group[0])) not in seen:
+                pairs.append((other, group[0]))
+                seen.add(frozenset((other, group[0])))
+    return pairs
+
+
+def checkpoint_keys(checkpoint) -> set[str]:
+    """The tensor names stored in a checkpoint directory (or one .safetensors file).
+
+    Reads ``*.safetensors.index.json`` / ``*.bin.index.json`` or the header of
+    ``model.safetensors``; no tensor is loaded.
+
+    Raises:
+        FileNotFoundError: no index or safetensors file there.
+    """
+    p = Path(checkpoint).expanduser()
+    if p.is_file() and p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            return set(f.keys())
+    for index in sorted(p.glob("*.index.json")) if p.is_dir() else []:
+        return set(json.loads(index.read_text())["weight_map"])
+    if (p / "model.safetensors").is_file():
+        return checkpoint_keys(p / "model.safetensors")
+    raise FileNotFoundError(
+        f"{p} holds no checkpoint index (*.index.json) or model.safetensors: pass the directory "
+        f"written by save_pretrained, or checkpoint=None to skip the checkpoint checks."
+    )
+
+
+def _quant_config(model, hf_quantizer):
+    if hf_quantizer is not None:
+        return hf_quantizer.quantization_config
+    q = getattr(model, "hf_quantizer", None)
+    if q is not None:
+        return q.quantization_config
+    if getattr(model, "is_quantized", False):
+        return getattr(getattr(model, "config", None), "quantization_config", None)
+    return None
+
+
+# --------------------------------------------------------------------------
+# the check
 
 
 def preflight(model, device_map: dict, max_memory: dict | None = None, *, mode: str = "plan",
-              checkpoint=None, no_split_module_classes=None, dtype=None) -> Report:
-    """Check a device map against a model (meta or real) before loading. See module doc."""
-    raise NotImplementedError
+              checkpoint=None, no_split_module_classes=None, dtype=None, hf_quantizer=None) -> Report:
+    """Check a device map against a model (meta or real) before anything loads.
+
+    Args:
+        model: a ``torch.nn.Module`` (usually a transformers model on the meta device).
+        device_map: {module-name prefix: device}; devices are GPU ids (int or
+            "cuda:N"), "cpu" or "disk". "" covers the whole model.
+        max_memory: optional budget per device, as for ``max_memory`` in
+            accelerate: bytes or size strings ("35GiB", "500MB").
+        mode: "plan" (devices may be hypothetical: GPU 3 on a laptop is fine)
+            or "run" (every device must exist on this machine).
+        checkpoint: optional checkpoint directory; parameters whose keys it
+            lacks (e.g. a tied ``lm_head.weight``) are checked against the map.
+        no_split_module_classes: class names that must stay whole on one
+            device; the model's own ``_no_split_modules`` are always added.
+        dtype: count floating-point tensors in this dtype (e.g.
+            ``torch.bfloat16``) instead of their current one.
+        hf_quantizer: a transformers quantizer the meta model was prepared
+            with; sizes then follow transformers' accounting (0.5 byte per
+            4-bit weight, 1 per 8-bit weight, without the block scales).
+
+    Returns:
+        A :class:`Report`; ``str(report)`` lists each finding with its fix.
+
+    Finds: tensors with no device; map keys that match no module; devices
+    that are not devices (e.g. "meta") or, in run mode, absent here; tied
+    parameters whose tie was lost on the meta device, placed on different
+    devices, or absent from the checkpoint while mapped to "disk"; other
+    parameters absent from the checkpoint; a no-split module cut across
+    devices or a no-split class name that matches no module; a device over
+    its budget or without one; bitsandbytes-quantized modules offloaded.
+
+    Raises:
+        ValueError: ``mode`` is not "plan"/"run", ``device_map`` is not a dict
+            (plan a string such as "auto" first with ``infer_auto_device_map``),
+            or ``max_memory`` is malformed.
+        FileNotFoundError: ``checkpoint`` holds no index or safetensors file.
+    """
+    if mode not in ("plan", "run"):
+        raise ValueError(f"mode must be 'plan' or 'run', not {mode!r}.")
+    if not isinstance(device_map, dict):
+        raise ValueError(
+            f"preflight checks a concrete map (a dict), not {device_map!r}: plan one first, e.g. "
+            f"accelerate.infer_auto_device_map(model, max_memory=..., no_split_module_classes=model._no_split_modules)."
+        )
+    budget = parse_budget(max_memory)
+    report = Report(budget=budget)
+    add = lambda kind, message, fix: report.findings.append(Finding(kind, message, fix))  # noqa: E731
+
+    # devices
+    where = {}  # map key -> canonical device
+    for key, value in device_map.items():
+        dev = _device(value)
+        if dev is None:
+            why = "the meta device holds no data" if str(value).startswith("meta") else "not a device accelerate loads to"
+            add("unknown-device", f"device_map[{key!r}] = {value!r}: {why}.",
+                f"map {key!r} to a GPU id (0, 1, ...), 'cpu' or 'disk'.")
+        where[key] = dev
+    if mode == "run":
+        n_gpu = torch.cuda.device_count()
+        for dev in sorted({d for d in where.values() if isinstance(d, int) and d >= n_gpu}):
+            keys = [k for k, d in where.items() if d == dev]
+            add("absent-device",
+                f"the map puts {len(keys)} module(s) (e.g. {keys[0]!r}) on GPU {dev}, but this machine has "
+                f"{n_gpu} CUDA GPU(s) (torch.cuda.device_count() = {n_gpu}).",
+                f"move them to a device that exists here ({', '.join(['cpu', 'disk'] + [str(i) for i in range(n_gpu)])}), "
+                f"re-plan with a max_memory that names only this machine's devices, or use mode='plan' for a "
+                f"machine you don't have.")
+
+    modules = dict(model.named_modules())
+    unknown = [k for k in device_map if k != "" and k not in modules]
+    if unknown:
+        add("unknown-module", f"{len(unknown)} map key(s) match no module of the model: {', '.join(map(repr, unknown[:5]))}.",
+            "use names from model.named_modules() (print(model) shows them); check for a missing 'model.' prefix.")
+
+    # tensors -> devices, sizes
+    sizes = _tensor_sizes(model, dtype, hf_quantizer)
+    all_names = [n for n, _ in model.named_parameters(remove_duplicate=False)] + \
+                [n for n, _ in model.named_buffers(remove_duplicate=False)]
+    device_of = {}
+    for name in all_names:
+        key = _owner(name, device_map)
+        device_of[name] = where.get(key) if key is not None else None
+    unplaced = [n for n in all_names if _owner(n, device_map) is None]
+    if unplaced:
+        roots = sorted({n.rsplit(".", 1)[0] for n in unplaced})
+        add("unplaced", f"{len(unplaced)} tensor(s) have no device, in module(s): {', '.join(roots[:6])}"
+            + (" ..." if len(roots) > 6 else "") + ".",
+            f"add entries for them, e.g. device_map[{roots[0]!r}] = 'cpu', or a catch-all key \"\".")
+    for name, n in sizes.items():
+        dev = device_of.get(name)
+        if dev is not None:
+            report.bytes_per_device[dev] = report.bytes_per_device.get(dev, 0) + n
+    report.bytes_per_device = dict(sorted(report.bytes_per_device.items(), key=lambda kv: _sort_key(kv[0])))
+
+    # ties
+    ckpt = checkpoint_keys(checkpoint) if checkpoint is not None else None
+    params = dict(model.named_parameters(remove_duplicate=False))
+    mem = lambda d: d if d != "disk" else "cpu"  # noqa: E731
+    for target, source in declared_ties(model):
+        if target not in params or source not in params:
+            continue
+        t, s = params[target], params[source]
+        td, sd = device_of.get(target), device_of.get(source)
+        if t is not s and t.device.type == "meta" and s.device.type == "meta":
+            extra = ""
+            if ckpt is not None and (target not in ckpt or source not in ckpt):
+                absent = target if target not in ckpt else source
+                extra = (f" The checkpoint has no {absent!r}, so it would stay on the meta device "
+                         f"('Cannot copy out of meta tensor; no data!').")
+            add("tie-lost", f"{target} and {source} are declared tied but are separate parameters "
+                f"(the tie is lost, e.g. by init_empty_weights): sizes count the pair twice and a map may split it.{extra}",
+                "call model.tie_weights() after building the empty model (or build it under torch.device('meta')), "
+                "then plan the map again.")
+        if td is not None and sd is not None and td != sd:
+            add("tied-split", f"tied parameters {target} ({_label(td)}) and {source} ({_label(sd)}) are on different devices.",
+                f"map the modules of both to one device that holds weights in memory, e.g. "
+                f"{_owner(target, device_map)!r} and {_owner(source, device_map)!r} both to {mem(sd)!r}; "
+                f"offload decoder layers instead.")
+        if ckpt is not None:
+            for name, dev in ((target, td), (source, sd)):
+                if name not in ckpt and dev == "disk":
+                    other = source if name == target else target
+                    add("tied-missing", f"{name} is not in the checkpoint (it is filled from {other} by the tie) and the "
+                        f"map puts it on disk: the offload index gets no entry for it and the forward pass fails "
+                        f"with KeyError: {name!r}.",
+                        f"keep {_owner(name, device_map)!r} and {_owner(other, device_map)!r} in memory (a GPU or 'cpu'); "
+                        f"offload decoder layers instead.")
+            if target not in ckpt and source not in ckpt:
+                add("tied-missing", f"neither {target} nor {source} is in the checkpoint.",
+                    "check that the checkpoint matches the model (its config and class).")
+    if ckpt is not None:
+        tied_names = {n for pair in declared_ties(model) for n in pair}
+        missing = [n for n, _ in model.named_parameters() if n not in ckpt and n not in tied_names]
+        if missing:
+            add("missing", f"{len(missing)} parameter(s) are not in the checkpoint, e.g. {missing[0]}: they would "
+                f"stay on the meta device (or keep random values).",
+                "check that the checkpoint matches the model class and config, or initialise those weights yourself.")
+
+    # no-split modules
+    declared_ns = list(getattr(model, "_no_split_modules", None) or [])
+    given = list(no_split_module_classes or [])
+    classes = {type(m).__name__ for m in modules.values()}
+    for name in given:
+        if name not in classes:
+            close = difflib.get_close_matches(name, sorted(classes), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            add("no-split-unknown", f"no module of the model has the class {name!r} named in no_split_module_classes; "
+                f"it protects nothing.{hint}",
+                f"use the model's own list: no_split_module_classes=model._no_split_modules ({sorted(declared_ns)}).")
+    keep_whole = {c for c in set(declared_ns) | set(given) if c in classes}
+    cut_roots = []
+    for mname, module in modules.items():
+        if type(module).__name__ not in keep_whole or any(mname.startswith(r + ".") for r in cut_roots):
+            continue
+        inside = {device_of.get(n) for n in all_names if n.startswith(mname + ".")} if mname else set(device_of.values())
+        inside.discard(None)
+        if len(inside) > 1:
+            cut_roots.append(mname)
+            devs = ", ".join(_label(d) for d in sorted(inside, key=_sort_key))
+            add("no-split-cut", f"{mname} ({type(module).__name__}) must stay whole but is cut across {devs}: "
+                f"its residual connection would mix tensors from different devices "
+                f"('Expected all tensors to be on the same device').",
+                f"map the whole module to one device (one entry {mname!r}, no sub-entries), or plan with "
+                f"no_split_module_classes=model._no_split_modules ({sorted(declared_ns)}).")
+
+    # budget
+    if budget:
+        for dev, n in report.bytes_per_device.items():
+            if dev not in budget:
+                if dev != "disk":
+                    add("no-budget", f"the map uses {_label(dev)} ({_size(n)}) but max_memory gives it no budget.",
+                        f"add {dev!r} to max_memory or move its modules to a budgeted device.")
+            elif n > budget[dev]:
+                add("over-budget", f"{_label(dev)} gets {_size(n)} of weights but its budget is {_size(budget[dev])} "
+                    f"(over by {_size(n - budget[dev])}).",
+                    f"move about {_size(n - budget[dev])} of modules (e.g. whole decoder layers) from {_label(dev)} to "
+                    f"another device, or raise max_memory[{dev!r}].")
+
+    # quantized models (bitsandbytes): transformers refuses offload unless llm_int8_enable_fp32_cpu_offload
+    qc = _quant_config(model, hf_quantizer)
+    get = (lambda k: qc.get(k)) if isinstance(qc, dict) else (lambda k: getattr(qc, k, None))  # noqa: E731
+    if qc is not None and str(getattr(get("quant_method"), "value", get("quant_method"))).startswith("bitsandbytes"):
+        values = {d for d in where.values() if d is not None}
+        has_gpu = any(isinstance(d, int) for d in values)
+        fp32_offload = bool(get("llm_int8_enable_fp32_cpu_offload"))
+        if not fp32_offload and values != {"cpu"} and ({"cpu", "disk"} & values):
+            add("quantized-offload", "the model is quantized with bitsandbytes and the map sends modules to "
+                f"{' and '.join(sorted({'cpu', 'disk'} & values))}: from_pretrained refuses ('Some modules are "
+                "dispatched on the CPU or the disk...').",
+                "give it room: a budget that holds the whole quantized model on the GPU(s), or on a machine "
+                "without a GPU everything on the CPU (device_map={'': 'cpu'} with enough max_memory['cpu']).")
+        elif fp32_offload and not has_gpu and "disk" in values:
+            add("quantized-offload", "llm_int8_enable_fp32_cpu_offload is set but the map has no GPU and puts modules "
+                "on disk: loading succeeds, generate fails ('Cannot access accelerator device when none is available').",
+                "on a machine without a GPU keep the quantized model whole on the CPU (device_map={'': 'cpu'}) "
+                "with enough max_memory['cpu'], and drop llm_int8_enable_fp32_cpu_offload.")
+    return report
 
 
-def map_table(model, device_map: dict, dtype=None):
-    """A pandas DataFrame: one row per device with modules, parameters and bytes."""
-    raise NotImplementedError
+# --------------------------------------------------------------------------
+# table and plot
 
 
-def plot_device_map(model, device_map: dict, max_memory: dict | None = None, title: str | None = None, ax=None):
-    """Draw which layers sit on which device, and bytes per device against its budget."""
-    raise NotImplementedError
+def _units(model, device_map):
+    """Ordered units of the model: (label, list_prefix or None, index or None, [(tensor, device)])."""
+    units = {}  # a tied parameter appears under each of its names (its bytes count once, under the first)
+    for name, _ in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        parts = name.split(".")
+        idx = next((i for i, p in enumerate(parts[:-1]) if p.isdigit()), None)
+        if idx is not None:
+            uid = (".".join(parts[:idx]), int(parts[idx]))
+        else:
+            key = _owner(name, device_map)
+            uid = (key if key else ".".join(parts[:-1]) or name, None)
+        key = _owner(name, device_map)
+        dev = _device(device_map[key]) if key is not None else None
+        units.setdefault(uid, []).append((name, dev))
+    return units
+
+
+def _short(prefix: str) -> str:
+    return prefix.rsplit(".", 1)[-1] if prefix else "(whole model)"
+
+
+def _ranges(nums: list[int]) -> str:
+    nums, out = sorted(nums), []
+    for n in nums:
+        if out and n == out[-1][1] + 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in out)
+
+
+def map_table(model, device_map: dict, dtype=None, hf_quantizer=None):
+    """A pandas DataFrame with one row per device of a map.
+
+    Columns: ``device`` (GPU id, "cpu", "disk", or "(none)" for tensors the map
+    misses), ``modules`` (e.g. "embed_tokens, layers 0-14, layers 15 (part)"),
+    ``parameters`` (count of parameter elements, tied ones once), ``bytes``
+    (parameters + persistent buffers, in ``dtype`` if given) and ``GiB``
+    (bytes / 2**30, rounded to 3 places). Rows are sorted GPUs, cpu, disk.
+    """
+    import pandas as pd
+
+    sizes = _tensor_sizes(model, dtype, hf_quantizer)
+    numel = {n: p.numel() for n, p in model.named_parameters()}
+    rows = {}
+    for (prefix, idx), members in _units(model, device_map).items():
+        devs = {d for _, d in members}
+        for dev in devs:
+            r = rows.setdefault(dev, {"names": {}, "parameters": 0, "bytes": 0})
+            mine = [n for n, d in members if d == dev]
+            r["parameters"] += sum(numel.get(n, 0) for n in mine)
+            r["bytes"] += sum(sizes.get(n, 0) for n in mine)
+            if idx is None:
+                r["names"][_short(prefix) + (" (part)" if len(devs) > 1 else "")] = None
+            elif len(devs) > 1:
+                r["names"][f"{_short(prefix)} {idx} (part)"] = None
+            else:  # whole layers of one list collapse into ranges ("layers 0-14")
+                r["names"].setdefault(prefix, []).append(idx)
+    out = []
+    for dev in sorted(rows, key=lambda d: (9, 0, "") if d is None else _sort_key(d)):
+        r = rows[dev]
+        names = [k if ix is None else f"{_short(k)} {_ranges(ix)}" for k, ix in r["names"].items()]
+        out.append({"device": "(none)" if dev is None else dev, "modules": ", ".join(names),
+                    "parameters": r["parameters"], "bytes": r["bytes"], "GiB": round(r["bytes"] / GiB, 3)})
+    return pd.DataFrame(out, columns=["device", "modules", "parameters", "bytes", "GiB"])
+
+
+def _color(dev):
+    import matplotlib.pyplot as plt
+
+    if dev is None:
+        return "white"
+    if isinstance(dev, int):
+        return plt.get_cmap("tab10")(dev % 10)
+    return {"cpu": "0.6", "disk": "saddlebrown"}.get(dev, "black")
+
+
+def plot_device_map(model, device_map: dict, max_memory: dict | None = None, title: str | None = None, ax=None,
+                    dtype=None, hf_quantizer=None):
+    """Draw which parts of the model sit on which device, and bytes per device against its budget.
+
+    Top panel: a horizontal strip, one cell per unit in model order
+    (embedding, decoder layers 0..N-1, norm, head), coloured by device; a cell
+    split across devices is striped and hatched. Bottom panel: bytes per
+    device (GiB, or MiB below 1 GiB) with its ``max_memory`` budget as a
+    black outline (red bar when over budget).
+
+    Args:
+        ax: None (a new figure with both panels), a pair of Axes (strip, bars),
+            or one Axes (strip only; the legend then states bytes and budgets).
+        dtype, hf_quantizer: as in :func:`preflight`.
+
+    Returns:
+        The matplotlib Figure. Call ``plt.show()`` after it.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    budget = parse_budget(max_memory)
+    table = map_table(model, device_map, dtype, hf_quantizer)
+    devices = [None if d == "(none)" else d for d in table["device"]]
+    used = dict(zip(devices, table["bytes"]))
+    if ax is None:
+        fig, (ax_strip, ax_bar) = plt.subplots(2, 1, figsize=(10, 4.2), gridspec_kw={"height_ratios": [1, 2]})
+    elif isinstance(ax, (list, tuple)):
+        ax_strip, ax_bar = ax
+        fig = ax_strip.figure
+    else:
+        ax_strip, ax_bar, fig = ax, None, ax.figure
+
+    units = list(_units(model, device_map).items())
+    labels = []
+    for x, ((prefix, idx), members) in enumerate(units):
+        devs = sorted({d for _, d in members}, key=lambda d: (9, 0, "") if d is None else _sort_key(d))
+        h = 1 / len(devs)
+        for j, dev in enumerate(devs):
+            ax_strip.bar(x, h, bottom=j * h, width=1.0, color=_color(dev), edgecolor="black", linewidth=0.3,
+                         hatch="//" if len(devs) > 1 else None)
+        labels.append(str(idx) if idx is not None else _short(prefix))
+    step = max(1, len(units) // 24)
+    ticks = [i for i in range(len(units)) if units[i][0][1] is None or i % step == 0]
+    ax_strip.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=7)
+    ax_strip.set_yticks([])
+    ax_strip.set_xlim(-0.5, len(units) - 0.5)
+    ax_strip.set_xlabel("module, in model order (numbers: decoder layers; hatched: cut across devices)")
+    ax_strip.set_title(title or "Device map: where each part of the model sits")
+
+    def legend_label(d):
+        s = f"{_label(d) if d is not None else 'no device'}: {_size(used.get(d, 0))}"
+        return s + (f" / {_size(budget[d])}" if d in budget else "")
+
+    ax_strip.legend(handles=[Patch(facecolor=_color(d), edgecolor="black", label=legend_label(d)) for d in devices],
+                    loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False,
+                    title="device: weights" + (" / budget" if budget else ""), title_fontsize=8)
+    if ax_bar is not None:
+        shown = [d for d in devices if d is not None] + [d for d in budget if d not in devices]
+        big = max([used.get(d, 0) for d in shown] + [budget.get(d, 0) for d in shown] + [1])
+        unit, uname = (GiB, "GiB") if big >= GiB else (MiB, "MiB")
+        xs = range(len(shown))
+        ax_bar.bar(xs, [used.get(d, 0) / unit for d in shown], width=0.6,
+                   color=["red" if d in budget and used.get(d, 0) > budget[d] else _color(d) for d in shown])
+        ax_bar.bar([x for x, d in zip(xs, shown) if d in budget], [budget[d] / unit for d in shown if d in budget],
+                   width=0.6, fill=False, edgecolor="black", linewidth=1.2, label="budget (max_memory)")
+        ax_bar.set_xticks(list(xs), [_label(d) for d in shown])
+        ax_bar.set_ylabel(f"weights ({uname})")
+        ax_bar.set_xlabel("device")
+        ax_bar.set_title("Bytes of weights per device" + (" against its budget (red: over)" if budget else ""))
+        if budget:
+            ax_bar.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def device_map_of(model) -> dict:
+    """The map a loaded model was dispatched with: ``model.hf_device_map`` when set.
+
+    transformers sets ``hf_device_map`` only when the map spans several
+    devices or offloads; a model loaded whole onto one device has none
+    (``AttributeError``). Then this returns ``{"": device}`` with the device
+    of its parameters (e.g. ``{"": "cpu"}``).
+    """
+    dm = getattr(model, "hf_device_map", None)
+    if dm is not None:
+        return dict(dm)
+    p = next(model.parameters(), None)
+    if p is None:
+        return {"": "cpu"}
+    return {"": p.device.index if p.device.type == "cuda" else p.device.type}

@@ -34,6 +34,9 @@ def bnb_backend() -> str:
     and multiplies in the compute dtype); on a CUDA machine it loads its CUDA
     library. Returns ``"not installed"`` without bitsandbytes.
     """
+    from .logs import silence_known_warnings
+
+    silence_known_warnings()
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:

@@ -105,6 +105,9 @@ def main() -> int:
         if args.in_place:
             if status == "ok":
                 nbformat.write(nb, path)
+            else:  # keep the failed run for inspection; the committed notebook stays as it was
+                (ROOT / "build").mkdir(exist_ok=True)
+                nbformat.write(nb, ROOT / "build" / f"failed-{path.name}")
         else:
             from nbconvert import HTMLExporter
 

