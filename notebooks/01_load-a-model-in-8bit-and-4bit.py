@@ -1,0 +1,397 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Load a model in 8-bit and 4-bit
+#
+# Quantization is the cheapest way to fit a model into less memory: store each weight of the big
+# matrices in 8 or 4 bits instead of 16 or 32. With bitsandbytes and transformers it is one argument
+# to `from_pretrained`. This notebook loads the same model in fp32, LLM.int8, NF4 and FP4, looks at
+# what changed inside, measures the memory saved against the prediction of notebook 00, and measures
+# (not describes) what the rounding costs in output quality.
+#
+# **What you'll learn**
+# 1. How to write a `BitsAndBytesConfig` for LLM.int8 (outlier threshold, skipped modules), NF4 and FP4,
+#    double quantization and the compute dtype.
+# 2. Which modules become `Linear8bitLt` / `Linear4bit`, and which stay as they are.
+# 3. How `get_memory_footprint()` compares with the predicted bytes, and what it leaves out.
+# 4. How to measure the quality cost: perplexity and next-token KL divergence against fp32.
+# 5. What changed in transformers 5 (`load_in_4bit=True` is gone as a keyword), and how to save and
+#    reload a 4-bit model.
+#
+# **What you'll need**: notebook 00 done (it sets up the bundled model). A CPU is enough: bitsandbytes
+# 0.50 runs 8-bit and 4-bit layers on the CPU. About 2 minutes on a 2-core CPU. On a GPU the same cells
+# run the CUDA kernels (and the compute dtype switches to bf16).
+
+# %% tags=["parameters"]
+# The model: "bundled" (SmolLM2-135M-Instruct, offline), a local checkpoint directory, or a hub id.
+MODEL = "bundled"
+
+# %%
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+import helpers
+from helpers import resolve_model
+from helpers.memory import mib, predict_footprint
+
+helpers.silence_known_warnings()  # two routine bitsandbytes messages on CPU: see helpers/logs.py
+
+path = resolve_model(MODEL)
+tokenizer = AutoTokenizer.from_pretrained(path)
+ON_GPU = torch.cuda.is_available()
+DEVICE_MAP = {"": 0} if ON_GPU else {"": "cpu"}
+# The compute dtype: what a 4-bit layer dequantizes its weights to before the matrix product.
+# bf16 on a GPU (the float32 default is slow there); float32 on a CPU, where this notebook's
+# reference model is float32 too.
+COMPUTE_DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+print("device map:", DEVICE_MAP, "| compute dtype:", COMPUTE_DTYPE)
+
+# %% [markdown]
+# One fact about *this* CPU matters below. On a CPU with AVX-512 BF16 instructions, bitsandbytes 0.50
+# repacks each 4-bit weight into a CPU-friendly layout at its first forward pass, storing the block
+# scales in bf16; other CPUs use its plain kernels. So 4-bit outputs differ a little from one CPU to
+# another, and cells that print them are not compared by the test suite.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# the instruction set differs between machines
+from bitsandbytes.functional import has_avx512bf16
+
+CPU_REPACKS_4BIT = (not ON_GPU) and bool(has_avx512bf16())
+print("4-bit weights are repacked for AVX-512 BF16 at first use:", CPU_REPACKS_4BIT)
+
+# %% [markdown]
+# ## 1. The reference: the model in fp32
+#
+# Remember from notebook 00: the bundled model's matrices were shipped in 4-bit Q4_1 and dequantized.
+# Our "full precision" reference is that float32 model, and every error below measures how much
+# *re-quantizing* those weights changes the outputs.
+
+# %%
+models = {"fp32": AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=DEVICE_MAP)}
+print(f"fp32 footprint: {mib(models['fp32'].get_memory_footprint()):.1f} MiB")
+
+# %% [markdown]
+# ## 2. Describe the quantization with `BitsAndBytesConfig`
+#
+# - **LLM.int8** (`load_in_8bit=True`): weights in int8 with one scale per row; activations with a
+#   column above `llm_int8_threshold` (default 6.0) are *outliers* and go through an fp16 matrix
+#   product instead. `llm_int8_skip_modules` names modules to keep in full precision (for a causal
+#   LM transformers always keeps the output head).
+# - **NF4 / FP4** (`load_in_4bit=True`, `bnb_4bit_quant_type="nf4"` or `"fp4"`): 4-bit weights in
+#   blocks of 64, each with an fp32 scale (`absmax`). NF4's 16 levels follow a normal distribution,
+#   which fits trained weights better than FP4's.
+# - **Double quantization** (`bnb_4bit_use_double_quant=True`): quantizes the `absmax` scales too.
+# - **Compute dtype** (`bnb_4bit_compute_dtype`): the dtype the 4-bit weights are dequantized to for
+#   each matrix product.
+
+# %%
+configs = {
+    "int8": BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0),
+    "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=COMPUTE_DTYPE),
+    "nf4-dq": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=COMPUTE_DTYPE),
+    "fp4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=COMPUTE_DTYPE),
+}
+for name, cfg in configs.items():
+    models[name] = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map=DEVICE_MAP)
+print("loaded:", ", ".join(models))
+
+# %% [markdown]
+# ## 3. Look inside: which modules were replaced?
+
+# %%
+from collections import Counter
+
+
+def module_types(model):
+    """Count the leaf modules that hold weights, by class name and device type."""
+    counts = Counter()
+    for _, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.nn.Parameter) and not list(module.children()):
+            counts[f"{type(module).__name__} on {w.device.type}"] += 1
+    return dict(sorted(counts.items()))
+
+
+for name, model in models.items():
+    print(f"{name:<7}", module_types(model))
+
+# %%
+layer = models["nf4"].model.layers[0].self_attn.q_proj
+w = layer.weight
+print(type(layer).__name__, "| weight:", type(w).__name__, tuple(w.shape), w.dtype)
+print("  logical shape", tuple(w.quant_state.shape), "| blocksize", w.quant_state.blocksize,
+      "| absmax per block:", tuple(w.quant_state.absmax.shape), w.quant_state.absmax.dtype)
+assert w.numel() * 2 == w.quant_state.shape.numel(), "two 4-bit weights per byte"
+
+# %% [markdown]
+# Every `nn.Linear` inside the 30 decoder blocks (7 per block: q, k, v, o, gate, up, down) became a
+# `Linear8bitLt` or `Linear4bit`; the output head stayed an `nn.Linear` (it is tied to the embedding,
+# which stays an `nn.Embedding`), and the norms stayed as they were. A 576 x 576 weight is stored as
+# 165,888 bytes of packed 4-bit values plus one scale per block of 64 weights.
+#
+# `llm_int8_skip_modules` lets you keep more modules in full precision, for example the MLP's
+# down projection, often the most sensitive layer:
+
+# %%
+skip_cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head", "down_proj"])
+skipped = AutoModelForCausalLM.from_pretrained(path, quantization_config=skip_cfg, device_map=DEVICE_MAP)
+print(module_types(skipped))
+n_int8 = sum(isinstance(m, __import__("bitsandbytes").nn.Linear8bitLt) for m in skipped.modules())
+assert n_int8 == 30 * 6, "down_proj of each of the 30 blocks should stay in full precision"
+del skipped
+
+# %% [markdown]
+# ## 4. Footprint: measured against predicted
+#
+# `get_memory_footprint()` sums the bytes of parameters and buffers. Compare it with notebook 00's
+# predictor, which charges the real cost of each format (int8: one fp32 scale per row;
+# NF4: one fp32 `absmax` per 64 weights).
+
+# %%
+def true_quant_bytes(model):
+    """Bytes of the quantization scales that are not parameters or buffers (absmax, SCB)."""
+    total = 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        qs = getattr(w, "quant_state", None)
+        if qs is not None:
+            total += qs.absmax.numel() * qs.absmax.element_size()
+            if qs.nested:
+                total += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+        scb = getattr(w, "SCB", None)
+        if scb is not None:
+            total += scb.numel() * scb.element_size()
+    return total
+
+
+fmt_of = {"fp32": "fp32", "int8": "int8", "nf4": "nf4", "nf4-dq": "nf4-dq", "fp4": "nf4"}
+print(f"{'model':<7} {'predicted':>10} {'footprint':>10} {'+ scales':>10}   (MiB)   saved vs fp32")
+footprints = {}
+for name, model in models.items():
+    predicted = predict_footprint(models["fp32"], fmt_of[name], dtype_bytes=4)
+    footprints[name] = model.get_memory_footprint()
+    with_scales = footprints[name] + true_quant_bytes(model)
+    saved = 1 - with_scales / models["fp32"].get_memory_footprint()
+    print(f"{name:<7} {mib(predicted):>10.1f} {mib(footprints[name]):>10.1f} {mib(with_scales):>10.1f}   {100 * saved:10.0f}%")
+
+# %% [markdown]
+# Two things to read here:
+# - The non-quantized parts stay in the load dtype (float32 here): the tied embedding alone is
+#   28.3 M parameters x 4 bytes = 108 MiB, which is why the savings in the last column are far
+#   from the 75% (int8) and 87% (4-bit) that the bytes per weight alone would suggest. With `dtype=torch.bfloat16` on a GPU, those parts halve.
+# - `get_memory_footprint()` misses the quantization scales: bitsandbytes keeps them in the weight's
+#   `quant_state` (4-bit) or `SCB` attribute (int8), not as parameters or buffers. Adding them back
+#   ("+ scales") gives the prediction to within a few hundred bytes. For 4-bit without double
+#   quantization that is 4/64 = 0.0625 byte per weight, 11% on top of the 0.5 byte that the footprint counts.
+
+# %%
+for name in ("int8", "nf4", "nf4-dq"):
+    predicted = predict_footprint(models["fp32"], fmt_of[name], dtype_bytes=4)
+    measured = footprints[name] + true_quant_bytes(models[name])
+    assert abs(predicted - measured) < 4096, f"{name}: prediction and measurement disagree"
+print("predictions match the measured bytes, scales included, to within 4 KiB")
+
+# %% [markdown]
+# ## 5. Same prompt, four formats
+#
+# Greedy decoding (`do_sample=False`) makes each model's answer deterministic, so differences come
+# from the weights alone.
+
+# %%
+messages = [{"role": "user", "content": "Give me three tips for staying focused while studying."}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                       return_dict=True).to(models["fp32"].device)
+answers = {}
+with torch.inference_mode():
+    for name in ("fp32", "int8", "nf4", "fp4"):
+        out = models[name].generate(**inputs, max_new_tokens=32, do_sample=False)
+        answers[name] = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+print("fp32:", answers["fp32"].strip())
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# quantized generations depend on the CPU's bitsandbytes kernel (see above); fp32 is checked below
+for name, text in answers.items():
+    print(f"--- {name}\n{text.strip()}\n")
+
+# %% [markdown]
+# The answers start alike and drift apart after a few tokens: one different token early changes
+# everything after it. That is why we measure quality on fixed text next, not on generations.
+#
+# ## 6. Measure the quality cost
+#
+# Two measures on the opening of *Alice's Adventures in Wonderland* (public domain, shipped in
+# `helpers/data/alice.txt`):
+# - **perplexity**: exp of the mean negative log-likelihood of each next token (lower is better);
+# - **KL divergence** of each position's next-token distribution from fp32's (0 means identical).
+
+# %%
+from importlib.resources import files
+
+text = files("helpers").joinpath("data/alice.txt").read_text()
+enc = tokenizer("\n\n".join(text.split("\n\n")[:2]), return_tensors="pt")  # the first two paragraphs
+enc = enc.to(models["fp32"].device)
+print("tokens in the text:", enc["input_ids"].shape[1])
+
+
+@torch.inference_mode()
+def log_probs(model):
+    logits = model(**enc).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+# NBVAL_IGNORE_OUTPUT
+# 4-bit figures depend on the CPU's bitsandbytes kernel; the ordering is checked in the next cell
+ref = log_probs(models["fp32"])
+targets = enc["input_ids"][0, 1:]
+quality = {}
+for name, model in models.items():
+    lp = ref if name == "fp32" else log_probs(model)
+    ppl = torch.exp(-lp.gather(1, targets[:, None]).mean()).item()
+    kl = torch.sum(ref.exp() * (ref - lp), dim=-1).mean().item()
+    top1 = (lp.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    quality[name] = dict(ppl=ppl, kl=kl, top1=top1)
+    print(f"{name:<7} perplexity {ppl:6.2f}   KL from fp32 {kl:.4f} nats   same top-1 token as fp32 {100 * top1:5.1f}%")
+
+# %%
+assert quality["int8"]["kl"] < quality["nf4"]["kl"], "8 bits should stay closer to fp32 than 4 bits"
+assert quality["nf4"]["kl"] < quality["fp4"]["kl"], "NF4 should fit trained weights better than FP4"
+print("int8 < NF4 < FP4 in KL divergence, as expected")
+
+# %%
+import matplotlib.pyplot as plt
+
+names = [n for n in models if n != "fp32"]
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+ax1.bar(names, [mib(footprints[n]) for n in names], color="tab:blue")
+ax1.axhline(mib(footprints["fp32"]), color="black", ls="--", label="fp32")
+ax1.set_ylabel("get_memory_footprint (MiB)")
+ax1.set_title("Memory")
+ax1.legend()
+ax2.bar(names, [quality[n]["kl"] for n in names], color="tab:red")
+ax2.set_ylabel("mean KL from fp32 (nats)")
+ax2.set_title("Quality cost (Alice, ch. 1)")
+fig.suptitle(f"{MODEL} model: memory vs quality by format ({'GPU' if ON_GPU else 'CPU'}, bitsandbytes)")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## 7. The removed keyword: `load_in_4bit=True`
+#
+# Older tutorials (and the material this workbook started from) pass `load_in_4bit=True` or
+# `load_in_8bit=True` straight to `from_pretrained`. transformers 5 removed those keywords: the
+# options live in `BitsAndBytesConfig` only.
+
+# %%
+try:
+    AutoModelForCausalLM.from_pretrained(path, load_in_4bit=True)
+    print("accepted (an older transformers)")
+except TypeError as e:
+    print(f"{type(e).__name__}: {e}")
+
+# %%
+# The working form: the same request through quantization_config.
+fixed = AutoModelForCausalLM.from_pretrained(
+    path, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map=DEVICE_MAP)
+print(type(fixed.model.layers[0].mlp.up_proj).__name__)
+del fixed
+
+# %% [markdown]
+# ## 8. Save a 4-bit model and load it back
+#
+# A 4-bit model saves its packed weights and scales, so the next load skips quantization and reads
+# fewer bytes (compare the sizes printed below). We save into a temporary folder inside the workbook's cache (ours to
+# delete), load it back *without* a `quantization_config` (it is stored in `config.json`), and check
+# that it answers exactly as before.
+#
+# **A trap found while writing this notebook** (bitsandbytes 0.50.2, transformers 5.24): on a CPU that
+# repacks 4-bit weights at first use (AVX-512 BF16, above), `save_pretrained` on a model that has
+# already run a forward pass wrote a checkpoint that generated garbage, and left the model in memory
+# broken too. Saving a freshly loaded model, before any forward pass, works everywhere; that is what
+# we do here. (A related fix for `.to()` on repacked weights is bitsandbytes pull request 2083.)
+
+# %%
+import tempfile
+from pathlib import Path
+
+from helpers import cache_dir
+
+fresh = AutoModelForCausalLM.from_pretrained(path, quantization_config=configs["nf4"], device_map=DEVICE_MAP)
+with tempfile.TemporaryDirectory(dir=cache_dir(), prefix="nf4-save-") as tmp:
+    fresh.save_pretrained(tmp)  # before any forward pass: see the trap above
+    del fresh
+    saved = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
+    original = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    print(f"saved NF4 weights: {mib(saved):.1f} MiB (fp32 checkpoint: {mib(original):.1f} MiB)")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp, device_map=DEVICE_MAP)
+    print("quantization read back from config.json:", reloaded.config.quantization_config.bnb_4bit_quant_type)
+    with torch.inference_mode():
+        out = reloaded.generate(**inputs, max_new_tokens=32, do_sample=False)
+    again = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    del reloaded
+print("same answer after reload:", again == answers["nf4"])
+assert again == answers["nf4"], "a reloaded 4-bit model should give the same greedy answer"
+
+# %% [markdown]
+# ## On a GPU
+#
+# The same cells run unchanged on a CUDA machine: `DEVICE_MAP` becomes `{"": 0}`, bitsandbytes runs
+# its CUDA kernels, and the compute dtype becomes bf16. Two things then differ from this CPU run:
+# speed (on a CPU, bitsandbytes dequantizes and multiplies in the compute dtype, so it is *slower*
+# than fp32; on a GPU, 4-bit shines when memory bandwidth is the limit) and the dtype of the
+# unquantized parts (load with `dtype=torch.bfloat16` to halve the embedding). Notebook 04 and
+# `gpu-reference/` carry GPU measurements.
+#
+# ## Summary
+# - One `BitsAndBytesConfig` describes the quantization: `load_in_8bit` (threshold, skipped modules)
+#   or `load_in_4bit` (NF4/FP4, double quantization, compute dtype).
+# - Only the Linear layers inside the blocks are replaced (`Linear8bitLt`, `Linear4bit`); the embedding,
+#   norms and output head stay in full precision.
+# - `get_memory_footprint()` leaves out the scales; with them, the bytes match the prediction.
+# - Quality, measured: int8 stays closest to fp32, NF4 beats FP4.
+# - transformers 5 accepts quantization options only through `quantization_config`; 4-bit models save
+#   and reload as they are.
+#
+# ## Exercises
+# 1. Load the model in NF4 with `bnb_4bit_compute_dtype=torch.bfloat16` and measure its KL from fp32.
+#    Is it larger or smaller than with float32? Store the value in `kl_bf16`.
+# 2. What fraction of the int8 model's footprint is the (unquantized) embedding? Store it in `frac`.
+
+# %%
+kl_bf16 = None  # e.g. reuse log_probs() on a new model
+frac = None     # a number between 0 and 1
+
+# %%
+emb = models["int8"].model.embed_tokens.weight
+expected_frac = emb.numel() * emb.element_size() / footprints["int8"]
+if kl_bf16 is None:
+    print("Exercise 1: not answered yet.")
+else:
+    print("Exercise 1:", "bf16 adds rounding on top of NF4" if kl_bf16 > quality["nf4"]["kl"] else
+          "bf16 did not add measurable error here", f"({kl_bf16:.4f} vs {quality['nf4']['kl']:.4f})")
+if frac is None:
+    print("Exercise 2: not answered yet. Hint: numel() x element_size() / get_memory_footprint().")
+else:
+    print("Exercise 2:", "correct!" if abs(frac - expected_frac) < 0.01 else "not quite: check the units.")
+
+# %% [markdown]
+# ## Further reading
+# - [transformers: bitsandbytes quantization](https://huggingface.co/docs/transformers/quantization/bitsandbytes) –
+#   every `BitsAndBytesConfig` option.
+# - [LLM.int8() blog post](https://huggingface.co/blog/hf-bitsandbytes-integration) – outliers and the
+#   mixed-precision decomposition.
+# - [4-bit and QLoRA blog post](https://huggingface.co/blog/4bit-transformers-bitsandbytes) – NF4,
+#   double quantization and compute dtype.
+# - [bitsandbytes documentation](https://huggingface.co/docs/bitsandbytes) – backends, including the CPU one.
