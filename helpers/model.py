@@ -216,11 +216,9 @@ def _convert(gguf: Path, target: Path, progress: bool) -> None:
     """Dequantize the GGUF with transformers and save it as sharded safetensors."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     if progress:
         print(f"Converting {gguf.name} once into {target.parent} (about a minute) ...", file=sys.stderr, flush=True)
-        hf_logging.enable_progress_bar()  # show the dequantization bar even in a quiet run
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # Known trap: a GGUF-loaded model keeps its GGUF quantizer and refuses

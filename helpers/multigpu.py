@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,8 +60,8 @@ def torchrun(script: str | os.PathLike, nproc: int, args: list[str], timeout: fl
         The ``CompletedProcess`` (stdout and stderr as text).
 
     Raises:
-        LaunchError: a non-zero exit or a timeout; the message ends with the
-            last 15 lines of the output.
+        LaunchError: a non-zero exit or a timeout; the message starts with the
+            processes' own error lines and ends with the last 15 lines of the output.
         ValueError: ``nproc`` < 1.
     """
     if nproc < 1:
@@ -73,7 +74,10 @@ def torchrun(script: str | os.PathLike, nproc: int, args: list[str], timeout: fl
     except subprocess.TimeoutExpired as e:
         raise LaunchError(f"{Path(script).name} with {nproc} processes ran past {timeout:.0f} s") from e
     if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        lines = (done.stdout + "\n" + done.stderr).strip().splitlines()
+        # the processes' own messages ("rank 0: expected ...", "ValueError: ...") before torchrun's summary
+        own = list(dict.fromkeys(l for l in lines if re.match(r"^(rank \d+:|[A-Za-z]*(Error|Exception): )", l)))
+        tail = "\n".join(own[:5] + ["..."] + lines[-15:])
         raise LaunchError(f"{Path(script).name} with {nproc} processes exited with {done.returncode}:\n{tail}")
     return done
 
@@ -97,6 +101,7 @@ def random_checkpoint(shape: str = "llama-1b", dtype=None, device: str | None = 
 
     Raises:
         ValueError: unknown shape.
+        FileExistsError: a folder the workbook did not make stands at that path (left untouched).
         CacheError: the cache cannot be used.
     """
     import shutil

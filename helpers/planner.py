@@ -312,6 +312,7 @@ def plan(shape: str, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24
     Raises:
         ValueError: unknown shape, format or strategy, ``n_gpus`` outside
             1..64, or a non-positive ``gib_per_gpu``/``cpu_gib``.
+        ImportError: a quantized format without bitsandbytes installed.
     """
     from transformers.integrations.accelerate import get_balanced_memory, get_max_memory, infer_auto_device_map
 

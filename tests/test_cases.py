@@ -96,7 +96,7 @@ def test_case3_tied_head_on_disk(config, path, inputs, reference, tmp_path):
     assert report.kinds() == ["tied-missing"] and "KeyError: 'lm_head.weight'" in report.findings[0].message
     assert "tied-split" in preflight(empty_model(config, tie=True), hand_map("cpu", "disk"), checkpoint=path).kinds()
     # fixed: the tied pair stays in memory; decoder layers go to disk instead
-    fixed = hand_map("cpu", "cpu", disk_from=15)
+    fixed = hand_map("cpu", "cpu", disk_from=25)
     assert preflight(empty_model(config, tie=True), fixed, checkpoint=path).ok
     model = load_checkpoint_and_dispatch(empty_model(config, tie=True), path, device_map=fixed, offload_folder=tmp_path)
     index = json.loads((tmp_path / "index.json").read_text())
@@ -107,7 +107,7 @@ def test_case3_tied_head_on_disk(config, path, inputs, reference, tmp_path):
 def test_case4_tied_pair_split_the_other_way(config, path, inputs, reference, tmp_path):
     report = preflight(empty_model(config, tie=True), hand_map("disk", "cpu"), checkpoint=path)
     assert report.kinds() == ["tied-split"]
-    fixed = hand_map("cpu", "cpu", disk_from=20)
+    fixed = hand_map("cpu", "cpu", disk_from=25)
     model = AutoModelForCausalLM.from_pretrained(path, device_map=fixed, offload_folder=tmp_path, dtype=torch.float32)
     assert torch.equal(greedy(model, inputs), reference)
 
@@ -122,7 +122,7 @@ def test_case5_no_hf_device_map_on_one_device(path):
 
 
 def test_case6_moving_an_offloaded_model(path, inputs, tmp_path):
-    dm = hand_map("cpu", "cpu", disk_from=20)
+    dm = hand_map("cpu", "cpu", disk_from=25)
     model = AutoModelForCausalLM.from_pretrained(path, device_map=dm, offload_folder=tmp_path, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="offloaded to cpu or disk"):
         model.to(torch.bfloat16)

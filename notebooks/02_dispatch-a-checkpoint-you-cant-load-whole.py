@@ -1,0 +1,491 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Dispatch a checkpoint you can't load whole
+#
+# The usual way to load a model (build it with random weights, then copy the checkpoint in) needs the
+# memory for the model at least once, often twice. For a model bigger than your GPU, or your RAM, that
+# is a dead end. accelerate's big-model inference avoids it: build the model **empty** on the meta
+# device, decide where each part goes (GPUs, CPU RAM, disk), then stream the checkpoint straight
+# there. Parts that live on the CPU or disk are brought to the main device layer by layer, at every
+# forward pass, by hooks. This notebook does all of it on the bundled model, watches the hooks at work,
+# checks that the result generates exactly what the model loaded whole does, and measures what
+# offload costs.
+#
+# **What you'll learn**
+# 1. What the meta device is, and how `init_empty_weights` builds a model that takes almost no memory.
+# 2. Why a model with tied embeddings needs `tie_weights()` after that.
+# 3. How `load_checkpoint_and_dispatch` loads with `device_map="auto"` and with an explicit
+#    `max_memory`, offloading part of the model to disk, and how to read the map it used.
+# 4. Which hooks accelerate adds and what they do at each forward pass.
+# 5. What offload costs: tokens/s with none, half and all of the decoder layers on disk.
+#
+# **What you'll need**: notebook 00 done (it builds the bundled model). A CPU is enough. On a machine
+# without a GPU the main device is the CPU, so "offload" here means **disk** offload; offloading to
+# CPU RAM only exists when a GPU is the main device (notebook 04 measures its cost on GPUs). About 2
+# to 3 minutes on a 2-core CPU, most of it in section 7's timings.
+
+# %% tags=["parameters"]
+# The model: "bundled" (SmolLM2-135M-Instruct, offline), a local checkpoint directory, or a hub id.
+MODEL = "bundled"
+# The dtype the model is loaded in.
+DTYPE = "bfloat16"
+
+# %%
+import functools
+import gc
+import json
+import os
+import shutil
+import tempfile
+
+import matplotlib.pyplot as plt
+import torch
+from accelerate import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import helpers
+from helpers import cache_dir, resolve_model
+from helpers.devicemap import device_map_of, map_table, plot_device_map, preflight
+from helpers.hardware import print_report
+from helpers.memory import mib, rss_bytes
+
+helpers.silence_known_warnings()
+if os.environ.get("TQDM_DISABLE"):
+    # accelerate's weight-loading bar passes disable=False, so TQDM_DISABLE does not reach it; in the
+    # quiet run that stores this notebook's outputs, switch it off too (interactively you see it).
+    import accelerate.utils.modeling
+
+    accelerate.utils.modeling.tqdm = functools.partial(accelerate.utils.modeling.tqdm, disable=True)
+
+path = resolve_model(MODEL)
+dtype = getattr(torch, DTYPE)
+N_GPUS = torch.cuda.device_count()
+MAIN = 0 if N_GPUS else "cpu"  # the main device: where layers run and inputs go
+print("main device:", MAIN, "| offload to:", "CPU RAM or disk" if N_GPUS else "disk (the CPU is the main device)")
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# the machine and versions behind this notebook's timings
+print_report()
+
+# %% [markdown]
+# ## 1. The meta device: shapes without bytes
+#
+# A tensor on the `meta` device has a shape and a dtype but no storage. Operations on it compute the
+# result's shape (so a whole model can be "run" for its shapes), but there is nothing to read:
+
+# %%
+big = torch.empty(50_000, 50_000, device="meta")
+print(big.shape, big.dtype, f"| would take {big.numel() * big.element_size() / 2**30:.1f} GiB")
+print("a product on meta:", (big @ big).shape)
+try:
+    big.cpu()
+except NotImplementedError as e:
+    print(f"{type(e).__name__}: {e}")
+
+# %% [markdown]
+# `init_empty_weights()` makes every parameter created inside it a meta tensor. Build the bundled model
+# from its config that way, and measure the process's resident memory (RSS) before and after. The
+# first build imports the model's code, so we build once before measuring.
+
+# %%
+config = AutoConfig.from_pretrained(path)
+with init_empty_weights():
+    AutoModelForCausalLM.from_config(config, dtype=dtype)  # warm-up: imports the model code
+gc.collect()
+
+rss_before = rss_bytes()
+with init_empty_weights():
+    empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
+rss_empty = rss_bytes() - rss_before
+would_take = sum(p.numel() * p.element_size() for p in empty.parameters())
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# RSS depends on the machine and the allocator
+print(f"empty model: +{mib(rss_empty)} MiB of RSS; its weights would take {mib(would_take)} MiB in {DTYPE}")
+
+# %%
+print("parameters on the meta device:", sum(p.device.type == "meta" for p in empty.parameters()),
+      "of", len(list(empty.parameters())))
+print("buffers stay real:", {n: str(b.device) for n, b in empty.named_buffers()})
+assert rss_empty < 0.05 * would_take, "the empty model should cost almost nothing"
+
+# %% [markdown]
+# `init_empty_weights()` leaves buffers on the CPU (`include_buffers=False`): the rotary embedding's
+# `inv_freq` is computed from the config, not read from the checkpoint, and is tiny.
+#
+# For comparison, the same model loaded whole with `from_pretrained`. We keep it: it is the reference
+# that every dispatched model below must match token for token.
+
+# %%
+rss_before = rss_bytes()
+whole = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto")
+rss_whole = rss_bytes() - rss_before
+tokenizer = AutoTokenizer.from_pretrained(path)
+messages = [{"role": "user", "content": "What is the capital of France?"}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                       return_dict=True).to(MAIN)
+NEW_TOKENS = 16
+with torch.inference_mode():
+    reference = whole.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+print(repr(tokenizer.decode(reference[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)))
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# RSS (and, on a GPU, where the weights went) depends on the machine
+print(f"loaded whole: +{mib(rss_whole)} MiB of RSS (weights: {mib(would_take)} MiB); empty: +{mib(rss_empty)} MiB")
+
+# %% [markdown]
+# **Self-check.** What does `empty.model.embed_tokens.weight.sum()` return, and why can't you print its
+# values? (It returns a meta tensor: the sum's shape, with no value to show.)
+
+# %% [markdown]
+# ## 2. Tied weights: why `tie_weights()` matters
+#
+# SmolLM2 uses the same matrix for its input embedding and its output head (`tie_word_embeddings`).
+# Its checkpoint stores it once, under `model.embed_tokens.weight`: there is no `lm_head.weight` key.
+# `from_pretrained` ties the two parameters; a model built inside `init_empty_weights()` is not tied:
+
+# %%
+with open(os.path.join(path, "model.safetensors.index.json")) as f:
+    keys = set(json.load(f)["weight_map"])
+print("config.tie_word_embeddings:", config.tie_word_embeddings)
+print("'lm_head.weight' in the checkpoint:", "lm_head.weight" in keys)
+print("the model declares the tie:", empty.all_tied_weights_keys)
+print("empty model tied:", empty.lm_head.weight is empty.model.embed_tokens.weight,
+      "| loaded whole tied:", whole.lm_head.weight is whole.model.embed_tokens.weight)
+
+# %% [markdown]
+# Untied, the head is a second, separate meta tensor. Three things then go wrong: accelerate counts
+# the head twice when sizing the model, a device map may put the two on different devices, and, since
+# the checkpoint has no key for the head, nothing ever fills it. The pre-flight check sees it before
+# anything loads, from what the model declares:
+
+# %%
+from accelerate.utils import compute_module_sizes
+
+print(f"size as accelerate counts it: {mib(compute_module_sizes(empty)[''])} MiB")
+print(preflight(empty, {"": MAIN}, checkpoint=path, mode="run"))
+
+# %% [markdown]
+# And loading anyway fails at the end, when accelerate moves the model to its device and finds a head
+# with no data:
+
+# %%
+try:
+    load_checkpoint_and_dispatch(empty, path, device_map={"": MAIN}, dtype=dtype)
+except NotImplementedError as e:
+    print(f"{type(e).__name__}: {str(e).split('!')[0]}!")
+del empty
+_ = gc.collect()
+
+# %% [markdown]
+# The fix is one call after building the empty model. It makes the head the embedding's parameter
+# again, so it is counted, placed and loaded once:
+
+# %%
+with init_empty_weights():
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+model.tie_weights()
+print("tied:", model.lm_head.weight is model.model.embed_tokens.weight,
+      f"| size as accelerate counts it: {mib(compute_module_sizes(model)[''])} MiB")
+assert preflight(model, {"": MAIN}, checkpoint=path, mode="run").ok
+
+# %% [markdown]
+# ## 3. `load_checkpoint_and_dispatch` with `device_map="auto"`
+#
+# With `device_map="auto"`, accelerate measures the free memory of each device (GPUs first, then CPU
+# RAM, then disk), computes a map, loads each shard of the checkpoint straight onto its device, and
+# dispatches the model. `no_split_module_classes` names the blocks it must keep whole (the decoder
+# layers: notebook 03 explains why).
+
+# %%
+model = load_checkpoint_and_dispatch(model, path, device_map="auto", no_split_module_classes=model._no_split_modules,
+                                     dtype=dtype)
+print("hf_device_map:", model.hf_device_map)
+with torch.inference_mode():
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+assert torch.equal(out, reference), "the dispatched model should generate the reference tokens"
+print("same tokens as the model loaded whole")
+del model
+_ = gc.collect()
+
+# %% [markdown]
+# Here the whole model fits on the main device, so the map is a single entry and no hooks are needed.
+#
+# **Reading the map where there is no `hf_device_map`.** accelerate's `dispatch_model` always sets
+# `model.hf_device_map`. `from_pretrained` sets it only when the map spans several devices or offloads;
+# our `whole` model went to one device, so it has none. Read the device of its parameters instead
+# (`helpers.devicemap.device_map_of` does that):
+
+# %%
+print("whole has hf_device_map:", hasattr(whole, "hf_device_map"))
+print("its parameters are on:", {str(p.device) for p in whole.parameters()})
+print("device_map_of(whole):", device_map_of(whole))
+
+# %% [markdown]
+# ## 4. An explicit `max_memory`: part of the model goes to disk
+#
+# Now pretend the main device has room for only about half of the model: give it a budget with
+# `max_memory`. What does not fit goes to `"disk"`: into an **offload folder**, which must be given.
+# This folder is the notebook's own, made fresh under the workbook's cache and removed at the end.
+#
+# First compute the map the same way `load_checkpoint_and_dispatch` will, and check it before loading
+# (run mode: every device in it must exist here).
+
+# %%
+# On a GPU: GPU 0 gets 150 MiB, CPU RAM 60 MiB (CPU offload), the rest goes to disk.
+# Without a GPU: the CPU (the main device) gets 150 MiB, the rest goes to disk.
+MAX_MEMORY = {0: "150MiB", "cpu": "60MiB"} if N_GPUS else {"cpu": "150MiB"}
+
+offload_root = cache_dir() / "offload"
+offload_root.mkdir(exist_ok=True)
+OFFLOAD = tempfile.mkdtemp(prefix="02-dispatch-", dir=offload_root)  # ours: removed at the end
+
+with init_empty_weights():
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+model.tie_weights()
+# accelerate converts the size strings of the dict it is given in place: pass it a copy
+planned = infer_auto_device_map(model, max_memory=dict(MAX_MEMORY), no_split_module_classes=model._no_split_modules)
+print(preflight(model, planned, MAX_MEMORY, mode="run", checkpoint=path))
+
+# %%
+model = load_checkpoint_and_dispatch(model, path, device_map="auto", max_memory=dict(MAX_MEMORY),
+                                     no_split_module_classes=model._no_split_modules, dtype=dtype,
+                                     offload_folder=os.path.join(OFFLOAD, "max-memory"))
+assert model.hf_device_map == dict(planned), "load_checkpoint_and_dispatch used the map we checked"
+map_table(model, model.hf_device_map)
+
+# %%
+plot_device_map(model, model.hf_device_map, max_memory=MAX_MEMORY,
+                title=f"Bundled model, {DTYPE}, max_memory={MAX_MEMORY}")
+plt.show()
+
+# %% [markdown]
+# What is in the offload folder: one `.dat` file per offloaded tensor (a raw array, read with numpy's
+# memory map) and an `index.json` with each tensor's dtype and shape. Note the dtype: accelerate writes
+# the tensors **as the checkpoint stores them** (float32 here), not in the `dtype` we asked for; they
+# are converted each time they are read back. So the disk holds, and every forward reads, twice the
+# bytes of the bf16 weights:
+
+# %%
+folder = os.path.join(OFFLOAD, "max-memory")
+with open(os.path.join(folder, "index.json")) as f:
+    index = json.load(f)
+on_disk = sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".dat"))
+table = map_table(model, model.hf_device_map).set_index("device")
+print(f"{len(index)} tensors offloaded, dtypes in the index: {sorted({v['dtype'] for v in index.values()})}")
+print(f".dat files: {mib(on_disk)} MiB | the same tensors in {DTYPE}: {mib(table.loc['disk', 'bytes'])} MiB")
+
+# %% [markdown]
+# ## 5. The hooks: what happens at each forward pass
+#
+# `dispatch_model` wraps the `forward` of modules with an `AlignDevicesHook` (the original is kept as
+# `module._old_forward`; the hook is `module._hf_hook`). Which module gets which hook:
+
+# %%
+def describe_hook(name):
+    hook = getattr(model.get_submodule(name), "_hf_hook", None)
+    if hook is None:
+        return f"{name or '(the model)':<34} no hook"
+    return (f"{name or '(the model)':<34} {type(hook).__name__}: execution_device={hook.execution_device!r}, "
+            f"offload={hook.offload}, io_same_device={hook.io_same_device}")
+
+
+first_disk = next(k for k, v in model.hf_device_map.items() if v == "disk" and k.split(".")[-1].isdigit())
+for name in ["", "model.embed_tokens", "model.layers.0", first_disk, first_disk + ".self_attn.q_proj", "lm_head"]:
+    print(describe_hook(name))
+
+# %% [markdown]
+# - **The model** gets a hook with `io_same_device=True`: outputs go back to the device the inputs came from.
+# - **Modules in memory**, and each offloaded decoder layer as a whole, get a hook that moves their
+#   inputs to their execution device (on several GPUs, this is what carries activations from GPU 0 to
+#   GPU 1). Their weights stay where they are.
+# - **Offloaded modules** get a hook on each leaf module with `offload=True`. At every forward it
+#   1. `pre_forward`: reads the leaf's weights from the offload folder (its `weights_map`) and puts them on
+#      the execution device;
+#   2. runs the original `forward`;
+#   3. `post_forward`: puts the weights back on the meta device, freeing their memory.
+#
+# Calling the hook's two steps by hand shows the weight appear and vanish:
+
+# %%
+leaf = model.get_submodule(first_disk + ".self_attn.q_proj")
+hook = leaf._hf_hook
+x = torch.randn(1, 1, leaf.in_features, dtype=dtype, device=MAIN)
+print("before pre_forward: ", leaf.weight.device, tuple(leaf.weight.shape))
+args, kwargs = hook.pre_forward(leaf, x)
+print("after pre_forward:  ", leaf.weight.device, leaf.weight.dtype)
+y = leaf._old_forward(*args, **kwargs)
+hook.post_forward(leaf, y)
+print("after post_forward: ", leaf.weight.device)
+assert leaf.weight.device.type == "meta"
+
+# %% [markdown]
+# The same happens for every offloaded leaf at every forward pass of every generated token: that is the
+# cost we measure in section 7.
+#
+# **Self-check.** Why must an offloaded module's weights go back to `meta` after its forward? (Otherwise
+# after one pass every offloaded layer would be in memory, and the model would no longer fit.)
+
+# %% [markdown]
+# ## 6. The dispatched model generates the same tokens
+#
+# Offload moves bytes, it does not change the arithmetic: greedy decoding must give exactly the tokens
+# of the model loaded whole.
+
+# %%
+with torch.inference_mode():
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+print(repr(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)))
+assert torch.equal(out, reference), "offloaded and whole models should generate the same tokens"
+print(f"same {NEW_TOKENS} tokens as the model loaded whole, with {sum(v == 'disk' for v in model.hf_device_map.values())} "
+      "modules on disk")
+del model
+_ = gc.collect()
+
+# %% [markdown]
+# ## 7. What offload costs
+#
+# Same model, three maps: none, half and all of the decoder layers on disk; the embedding (tied to
+# the head), the final norm and the rotary embedding stay on the main device. We write these maps by
+# hand: a map is just a dict. Each is checked, loaded, and timed with `helpers.bench.time_generate`
+# (greedy, batch 1, decode speed after a warm-up). One timed run each keeps the notebook short: on a
+# busy machine the figures vary from run to run, so run the cell again to see the spread.
+
+# %%
+def map_with_layers_on_disk(model, n_on_disk, main=MAIN):
+    """Decoder layers: the last n_on_disk on disk, the others on main. Every other module on main."""
+    layers = [n for n, m in model.named_modules() if type(m).__name__ in model._no_split_modules]
+    layer_list = layers[0].rsplit(".", 1)[0]  # "model.layers"
+    parent = layer_list.rsplit(".", 1)[0]  # "model"
+    device_map = {c: main for c, _ in model.named_children() if c != parent}  # "lm_head"
+    device_map.update({f"{parent}.{c}": main for c, _ in model.get_submodule(parent).named_children()
+                       if f"{parent}.{c}" != layer_list})  # "model.embed_tokens", "model.norm", ...
+    device_map.update({n: "disk" if i >= len(layers) - n_on_disk else main for i, n in enumerate(layers)})
+    return device_map
+
+
+with init_empty_weights():
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+model.tie_weights()
+N_LAYERS = config.num_hidden_layers
+maps = {k: map_with_layers_on_disk(model, k) for k in (0, N_LAYERS // 2, N_LAYERS)}
+for k, dm in maps.items():
+    report = preflight(model, dm, mode="run", checkpoint=path)
+    assert report.ok, report
+    gib_disk = report.bytes_per_device.get("disk", 0)
+    print(f"{k:>2} layers on disk: {mib(gib_disk):6.1f} MiB of weights read from disk per forward pass "
+          f"({DTYPE}; the .dat files hold float32, twice that)")
+print("entries of the all-on-disk map:", len(maps[N_LAYERS]), "| e.g.", dict(list(maps[N_LAYERS].items())[:4]))
+
+# %%
+from helpers.bench import time_generate
+
+TIMED_TOKENS = 6
+timings = {}
+for k, dm in maps.items():
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    model = load_checkpoint_and_dispatch(model, path, device_map=dm, dtype=dtype,
+                                         offload_folder=os.path.join(OFFLOAD, f"cost-{k}"))
+    timings[k] = time_generate(model, inputs, new_tokens=TIMED_TOKENS, repeats=1, warmup=1)
+    del model
+    gc.collect()
+print("timed:", sorted(timings))
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# timings depend on the machine, its load and its disk cache
+for k, t in timings.items():
+    print(f"{k:>2} of {N_LAYERS} layers on disk: {t['tokens_per_s']:5.2f} tokens/s, "
+          f"time to first token {t['ttft_s']:.2f} s")
+base = timings[0]["tokens_per_s"]
+print(f"slowdown with all layers on disk: {base / timings[N_LAYERS]['tokens_per_s']:.1f} x")
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# a plot of the timings above (machine-dependent)
+ks = list(timings)
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+ax1.bar([str(k) for k in ks], [timings[k]["tokens_per_s"] for k in ks], color="tab:blue")
+ax1.set_xlabel(f"decoder layers on disk (of {N_LAYERS})")
+ax1.set_ylabel("decode speed (tokens/s)")
+ax1.set_title("Generation speed vs layers on disk")
+ax2.plot(ks, [1000 / timings[k]["tokens_per_s"] for k in ks], "o-")
+ax2.set_xlabel(f"decoder layers on disk (of {N_LAYERS})")
+ax2.set_ylabel("time per token (ms)")
+ax2.set_title("Time per token vs layers on disk")
+fig.suptitle(f"Disk offload, bundled model in {DTYPE}, batch 1, {TIMED_TOKENS} new tokens, main device: {MAIN}")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Each layer on disk adds time to every token, because every token reads every offloaded weight again
+# (from the page cache if the files fit in RAM, as here, otherwise from the disk itself) and converts
+# it to the model's dtype. Nothing is kept between tokens. On a real big
+# model the bytes per token are gigabytes: disk offload makes a model *run*, not run fast. Prefer, in
+# order: a smaller format (notebook 01), more GPUs (notebook 04), CPU offload on a GPU machine, and
+# disk offload last.
+#
+# **Self-check.** From your timings, estimate the cost of one layer on disk (ms per token) and
+# predict the speed with 10 layers on disk; then measure it with `map_with_layers_on_disk(model, 10)`.
+
+# %% [markdown]
+# ## Clean up
+#
+# Remove the offload folder this notebook made (nothing else is touched).
+
+# %%
+shutil.rmtree(OFFLOAD)
+print("offload folder removed:", not os.path.exists(OFFLOAD))
+
+# %% [markdown]
+# ## Summary
+#
+# 1. A meta tensor has a shape and dtype but no bytes; `init_empty_weights()` builds a whole model that
+#    way for almost no memory.
+# 2. A model with tied embeddings built empty is not tied; call `model.tie_weights()` before planning or
+#    loading, or the head is counted twice, may be placed apart from the embedding, and is never loaded.
+# 3. `load_checkpoint_and_dispatch` loads shard by shard onto a map: `device_map="auto"` fills the free
+#    memory; `max_memory` caps each device; what does not fit goes to an offload folder on disk. Read the
+#    map from `hf_device_map`, or from the parameters' devices where `from_pretrained` set none.
+# 4. accelerate's `AlignDevicesHook`s move inputs to each module's device and, for offloaded modules, load
+#    the weights before each forward and drop them after.
+# 5. Offload is exact (same tokens) but every token pays for every offloaded byte again.
+#
+# ## Exercises
+#
+# 1. Lower `MAX_MEMORY` to `"80MiB"` in section 4. How many decoder layers stay in memory? *Self-check:*
+#    count the entries of `model.hf_device_map` whose value is not `"disk"`.
+# 2. Build the empty model with `with torch.device("meta"):` instead of `init_empty_weights()`. Is the
+#    head tied without calling `tie_weights()`? *Self-check:* `model.lm_head.weight is
+#    model.model.embed_tokens.weight`.
+# 3. Time 10 layers on disk (section 7) and compare with your prediction from the slope. *Self-check:*
+#    within about 20% of a straight line between the 0 and 15 layer points.
+# 4. Load with `dtype=torch.float32` instead. How does the offload folder's size compare with the disk
+#    part of the map now? *Self-check:* equal, since the checkpoint is float32.
+#
+# ## Further reading
+#
+# - [accelerate: big model inference](https://huggingface.co/docs/accelerate/usage_guides/big_modeling):
+#   the guide to `init_empty_weights`, `load_checkpoint_and_dispatch` and device maps.
+# - [accelerate: hooks reference](https://huggingface.co/docs/accelerate/package_reference/big_modeling):
+#   `dispatch_model`, `AlignDevicesHook`, `cpu_offload` and `disk_offload`.
+# - [PyTorch: the meta device](https://pytorch.org/docs/stable/meta.html): what works on meta tensors and
+#   `to_empty()`.
+# - [transformers: big model loading](https://huggingface.co/docs/transformers/main/en/big_models):
+#   `device_map`, `max_memory` and `offload_folder` in `from_pretrained`.

@@ -1,0 +1,585 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Design the device map yourself
+#
+# `device_map="auto"` decides for you which layers go to which GPU, which to the CPU and which to
+# disk. When a model barely fits, when you share a GPU, or when you are about to rent eight GPUs
+# for a 70B model, you want to make that decision yourself, and before anything loads. This
+# notebook walks the manual route that accelerate's big-model inference documents (an empty model
+# from its config, a map computed from a memory budget, the checkpoint loaded into the map, the
+# model dispatched), makes it work on current versions, and then plans maps for GPUs this machine
+# does not have, in bf16 and in 4-bit, exactly as `from_pretrained` would.
+#
+# **What you'll learn**
+# 1. The manual recipe, step by step: config, an empty model on the meta device with a dtype,
+#    `_no_split_modules`, `infer_auto_device_map` with a budget per device, `load_checkpoint_in_model`,
+#    `dispatch_model`, then `generate`.
+# 2. What `max_memory`'s keys mean (GPU ids, `"cpu"`, `"disk"`) and how its size strings are read.
+# 3. How `balanced`, `balanced_low_0` and `sequential` differ on the same budget.
+# 4. How to plan for GPUs you don't have (2 x 24 GiB, 4 x 80 GiB, 8 x 80 GiB) in bf16 and NF4, with
+#    transformers' own quantizer and sizing, and where that sizing differs from the real bytes.
+# 5. How to check a map before loading (`helpers.devicemap.preflight`), and explore plans live.
+#
+# **What you'll need**: notebook 02 (the meta device, `init_empty_weights`, offload hooks). A CPU
+# is enough: the recipe runs on the bundled model, and every plan for big GPUs is computed on the
+# meta device, without allocating its weights. About 1 to 2 minutes on a 2-core CPU. On a GPU
+# machine section 1 puts part of the model on GPU 0 and offloads the rest to the CPU.
+
+# %% tags=["parameters"]
+# The model: "bundled" (SmolLM2-135M-Instruct, offline), a local checkpoint directory, or a hub id.
+MODEL = "bundled"
+# The dtype the recipe loads the model in.
+DTYPE = "bfloat16"
+
+# %%
+import functools
+import json
+import os
+import shutil
+import tempfile
+
+import matplotlib.pyplot as plt
+import torch
+import transformers
+from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights, load_checkpoint_in_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import helpers
+from helpers import cache_dir, resolve_model
+from helpers.devicemap import map_table, plot_device_map, preflight
+
+helpers.silence_known_warnings()  # routine bitsandbytes messages on CPU: see helpers/logs.py
+if os.environ.get("TQDM_DISABLE"):
+    # accelerate's weight-loading bar passes disable=False, so TQDM_DISABLE does not reach it; in the
+    # quiet run that stores this notebook's outputs, switch it off too (interactively you see it).
+    import accelerate.utils.modeling
+
+    accelerate.utils.modeling.tqdm = functools.partial(accelerate.utils.modeling.tqdm, disable=True)
+
+path = resolve_model(MODEL)
+dtype = getattr(torch, DTYPE)
+N_GPUS = torch.cuda.device_count()
+print(f"transformers {transformers.__version__}, torch {torch.__version__}, GPUs here: {N_GPUS}")
+
+# %% [markdown]
+# ## 1. The recipe, on the bundled model
+#
+# ### 1.1 An empty model from the config
+#
+# The config is a few kilobytes of JSON; the model class comes from its `architectures` field. Built
+# inside `init_empty_weights()`, every parameter lands on the meta device: shapes and dtypes, no data.
+# `_from_config` takes the dtype (transformers 5 calls it `dtype`; `torch_dtype` is deprecated).
+
+# %%
+config = AutoConfig.from_pretrained(path)
+model_class = getattr(transformers, config.architectures[0])
+with init_empty_weights():
+    model = model_class._from_config(config, dtype=dtype)
+model.tie_weights()  # init_empty_weights loses the tie between embedding and head (notebook 02): restore it
+
+print(model_class.__name__, "| parameters on:", {p.device.type for p in model.parameters()},
+      "| dtype:", {p.dtype for p in model.parameters()})
+print("head tied to the embedding:", model.lm_head.weight is model.model.embed_tokens.weight)
+
+# %% [markdown]
+# ### 1.2 What must never be split
+#
+# A decoder layer adds its input back to its output (the residual connection). If its attention sat on
+# one device and its MLP on another, those tensors would meet on different devices. The model class
+# names the blocks that must stay whole:
+
+# %%
+print("_no_split_modules:", model._no_split_modules)
+print("model.model.layers[0] is a", type(model.model.layers[0]).__name__)
+assert type(model.model.layers[0]).__name__ in model._no_split_modules, "the decoder layer class must be protected"
+
+# %% [markdown]
+# ### 1.3 A budget per device, and the map it gives
+#
+# `max_memory` caps the bytes of **weights** each device may take. On this machine there is no GPU,
+# so the CPU is the main device and we give it less room than the model needs: what does not fit
+# goes to `"disk"` (an offload folder). With a GPU, GPU 0 gets the small budget and the rest is
+# offloaded to CPU RAM instead.
+
+# %%
+if N_GPUS:
+    MAX_MEMORY = {0: "160MiB", "cpu": "4GiB"}  # part on GPU 0, the rest offloaded to CPU RAM
+else:
+    MAX_MEMORY = {"cpu": "160MiB"}  # the CPU is the main device; the rest goes to disk
+
+device_map = infer_auto_device_map(model, max_memory=dict(MAX_MEMORY), no_split_module_classes=model._no_split_modules)
+print(f"{len(device_map)} map entries, e.g.", dict(list(device_map.items())[:3]))
+map_table(model, device_map)
+
+# %% [markdown]
+# Read the table: the embedding (tied to the head) and the first layers stay in memory, the rest of the
+# layers go to disk, whole. The memory device holds less than 160 MiB: accelerate keeps room on the
+# main device for the largest offloaded layer, which is brought there at each forward pass.
+#
+# Before loading, check the map against the model, the budget and the checkpoint. `mode="run"` also
+# checks that every device in the map exists on this machine.
+
+# %%
+report = preflight(model, device_map, MAX_MEMORY, mode="run", checkpoint=path)
+print(report)
+assert report.ok, "fix the map before loading"
+
+# %% [markdown]
+# ### 1.4 Load the checkpoint into the map, then dispatch
+#
+# `load_checkpoint_in_model` reads the checkpoint shard by shard: weights for the CPU or a GPU go
+# straight there, weights for `"disk"` are written to the offload folder (one `.dat` file per tensor
+# plus an `index.json`). `dispatch_model` then adds the hooks that move inputs and offloaded weights
+# at each forward pass. The offload folder is this notebook's own, made fresh under the workbook's
+# cache and removed at the end.
+
+# %%
+offload_root = cache_dir() / "offload"
+offload_root.mkdir(exist_ok=True)
+OFFLOAD = tempfile.mkdtemp(prefix="03-recipe-", dir=offload_root)  # ours: removed at the end
+
+load_checkpoint_in_model(model, path, device_map=device_map, offload_folder=OFFLOAD, dtype=dtype)
+model = dispatch_model(model, device_map=device_map, offload_dir=OFFLOAD)
+n_files = sum(1 for f in os.listdir(OFFLOAD) if f.endswith(".dat"))
+print(f"offload folder: {n_files} .dat files + index.json")
+print("still on the meta device (offloaded):", sum(p.device.type == "meta" for p in model.parameters()), "parameters")
+
+# %% [markdown]
+# ### 1.5 Generate, and compare with the model loaded whole
+#
+# Greedy decoding (`do_sample=False`) is deterministic, so the dispatched model must produce exactly
+# the tokens of the same model loaded in one piece with `from_pretrained`.
+
+# %%
+tokenizer = AutoTokenizer.from_pretrained(path)
+messages = [{"role": "user", "content": "What is the capital of France?"}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                       return_dict=True).to(0 if N_GPUS else "cpu")
+NEW_TOKENS = 16
+with torch.inference_mode():
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    whole = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": 0 if N_GPUS else "cpu"})
+    ref = whole.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+del whole
+answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+print(repr(answer))
+assert torch.equal(out.cpu(), ref.cpu()), "the dispatched model should generate the same tokens"
+print(f"same {NEW_TOKENS} tokens as the model loaded whole")
+
+# %% [markdown]
+# **Self-check.** Why did we call `model.tie_weights()` in 1.1? (Hint: the checkpoint has no
+# `lm_head.weight`; without the tie the head would stay on the meta device, and the map could place
+# it on another device than the embedding. Notebook 05 shows both failures.)
+#
+# **What changed since the recipe was first written** (accelerate's 2022 guide): `torch_dtype=` is
+# now `dtype=`; `_no_split_modules` is a set read from the class (no need to type `"LlamaDecoderLayer"`);
+# `init_empty_weights` needs `tie_weights()` afterwards; a multi-device map must be loaded with the
+# same `offload_folder` it was planned with.
+
+# %% [markdown]
+# ## 2. How `max_memory` is read
+#
+# **Keys** are devices:
+# - an integer is a GPU (accelerator) id, as torch numbers them after `CUDA_VISIBLE_DEVICES`;
+# - `"cpu"` is RAM: for offloaded weights on a GPU machine, for the whole model on a CPU-only one;
+# - `"disk"` needs no size: it is always added at the end, without limit, and used only for what does
+#   not fit elsewhere (an `offload_folder` must then be given).
+#
+# GPUs are filled first (in id order), then the CPU, then disk, whatever order you write the keys in.
+# Note that accelerate converts the size strings **in the dict you pass, in place**: pass a copy
+# (`dict(MAX_MEMORY)`) if you reuse it. Anything else than these keys is refused:
+
+# %%
+from accelerate.utils import convert_file_size_to_int, get_max_memory
+
+from helpers.planner import quiet_planning
+
+with quiet_planning():  # accelerate warns "Device 0 is not available" on this machine: known, silenced
+    print(get_max_memory({"cpu": "30GiB", 1: "24GiB", 0: "24GiB"}))
+mine = {"cpu": "160MiB"}
+get_max_memory(mine)
+print("the dict passed in, afterwards:", mine)
+try:
+    get_max_memory({"cuda:0": "24GiB"})
+except ValueError as e:
+    print(f"{type(e).__name__}: {e}")
+
+# %% [markdown]
+# **Values** are bytes (an int) or strings read by `accelerate.utils.convert_file_size_to_int`:
+# `GiB`/`MiB`/`KiB` are powers of 2, `GB`/`MB`/`KB` powers of 10, and a string that **ends in a
+# lowercase `b`** is read as **bits** (divided by 8), so `"24gb"` is 3 GB, not 24.
+
+# %%
+for size in ["24GiB", "24GB", "24Gb", "24gb", "1.5GiB", "160MiB", "160MB", 10**9]:
+    n = convert_file_size_to_int(size)
+    print(f"{size!r:>10} -> {n:>14,} bytes = {n / 2**30:7.3f} GiB")
+for bad in ["24G", "24 GiB!"]:
+    try:
+        convert_file_size_to_int(bad)
+    except ValueError as e:
+        print(f"{bad!r:>10} -> {type(e).__name__}: {e}")
+
+# %%
+# Self-check: how many bytes is "80GB", and is it more or less than "80GiB"?
+assert convert_file_size_to_int("80GB") == 80 * 10**9 < convert_file_size_to_int("80GiB") == 80 * 2**30
+assert convert_file_size_to_int("8Gb") == 10**9, "a lowercase b means bits"
+
+# %% [markdown]
+# ## 3. `balanced`, `balanced_low_0` and `sequential` on the same budget
+#
+# Take the Llama-2-7B shape (built on the meta device from its published config: no weights, no
+# download) in bf16, and four 24 GiB GPUs. `from_pretrained(device_map=...)` accepts three strategies;
+# with accelerate's functions the same three are:
+# - **sequential**: `infer_auto_device_map` with the full budgets: fill GPU 0, then GPU 1, ...
+# - **balanced** (what `"auto"` means): first `get_balanced_memory` lowers each GPU's cap to about
+#   model size / number of GPUs plus a margin (1.25 x the largest layer or leaf tensor); the last GPU
+#   keeps its full budget in case the margin was not enough.
+# - **balanced_low_0**: the same, but GPU 0 gets as little as possible, leaving it room for what
+#   `generate` puts there (inputs, logits, the sampling).
+
+# %%
+from accelerate.utils import get_balanced_memory
+
+from helpers.shapes import meta_model
+
+llama7 = meta_model("llama-2-7b", dtype=torch.bfloat16)
+budget = {i: "24GiB" for i in range(4)}
+no_split = llama7._no_split_modules
+
+strategies = {}
+with quiet_planning():
+    for name in ("balanced", "balanced_low_0", "sequential"):
+        caps = dict(budget) if name == "sequential" else get_balanced_memory(
+            llama7, max_memory=dict(budget), no_split_module_classes=no_split, low_zero=(name == "balanced_low_0"))
+        strategies[name] = infer_auto_device_map(llama7, max_memory=caps, no_split_module_classes=no_split)
+        caps = {k: convert_file_size_to_int(v) if isinstance(v, str) else v for k, v in caps.items()}
+        print(f"{name:>15}: caps (GiB) {[round(v / 2**30, 2) for v in caps.values()]}")
+
+for name, dm in strategies.items():
+    table = map_table(llama7, dm)
+    print(f"{name:>15}: " + " | ".join(f"GPU {r.device}: {r.GiB:.2f} GiB" for r in table.itertuples()))
+
+# %%
+fig, axes = plt.subplots(3, 1, figsize=(10, 6))
+for ax, (name, dm) in zip(axes, strategies.items()):
+    plot_device_map(llama7, dm, max_memory=budget, title=f"llama-2-7b bf16 on 4 x 24 GiB: {name}", ax=ax)
+plt.show()
+
+# %%
+# Self-check: which strategy left GPU 0 empty, and which used a single GPU?
+used = {name: sorted(set(dm.values())) for name, dm in strategies.items()}
+print(used)
+assert used["sequential"] == [0] and 0 not in used["balanced_low_0"] and used["balanced"] == [0, 1, 2, 3]
+
+# %% [markdown]
+# `sequential` keeps the whole model on one GPU when it fits: fewest transfers between GPUs, but one GPU
+# does all the work and holds all the memory. `balanced` spreads the weights (and so the KV cache, which
+# lives beside each layer); it does not make a single sequence faster (notebook 04: the layers still run
+# one GPU at a time).
+
+# %% [markdown]
+# ## 4. Plan for GPUs you don't have
+#
+# The same calls work for any budget, because the model is on the meta device and no GPU is touched.
+# `helpers.planner.plan` runs them for a named shape and format and returns the map, the bytes per
+# device and a verdict: *fits* when every module is on a GPU. (For NF4 it prepares the model with
+# transformers' quantizer; section 5 shows those steps.) Nine setups per format:
+
+# %%
+from helpers.planner import plan
+
+SHAPES = ("bloom-1b7", "llama-2-7b", "llama-2-70b")
+SETUPS = ((2, 24), (4, 80), (8, 80))
+FORMATS = ("bf16", "nf4")
+plans = {(s, f, n, g): plan(s, f, n, g) for s in SHAPES for f in FORMATS for n, g in SETUPS}
+
+print(f"{'model':<12} {'format':<6} {'GPUs':>10}  {'weights':>10}  {'max on a GPU':>12}  {'GPUs used':>9}  verdict")
+for (s, f, n, g), p in plans.items():
+    gpus = [d for d in p.bytes_per_device if isinstance(d, int)]
+    on_gpu = max(p.bytes_per_device[d] for d in gpus)
+    verdict = "fits" if p.fits else "does not fit: " + ", ".join(d for d in p.bytes_per_device if d in ("cpu", "disk"))
+    print(f"{s:<12} {f:<6} {n:>2} x {g:>2} GiB  {p.total_bytes / 2**30:6.2f} GiB  {on_gpu / 2**30:9.2f} GiB  "
+          f"{len(gpus):>5} of {n}  {verdict}")
+
+# %% [markdown]
+# Two things stand out. The 70B shape in bf16 does not fit 2 x 24 GiB (its remaining layers go to
+# disk). And `balanced` often uses fewer GPUs than you have ("GPUs used"): its per-GPU cap is the model
+# size / number of GPUs plus a margin of 1.25 x the largest tensor, and for a small model with a big
+# vocabulary that margin (1.25 x the embedding) is larger than the share itself.
+#
+# Each plan drawn: one figure per model and format, one strip per setup, one cell per module in
+# model order, coloured by device (the legend gives each device's weights against its budget).
+
+# %%
+for fmt in FORMATS:
+    for shape in SHAPES:
+        fig, axes = plt.subplots(len(SETUPS), 1, figsize=(11, 2.5 * len(SETUPS)), dpi=80)
+        for ax, (n, g) in zip(axes, SETUPS):
+            p = plans[(shape, fmt, n, g)]
+            plot_device_map(p.model, p.device_map, max_memory=p.max_memory, ax=ax, hf_quantizer=p.hf_quantizer,
+                            title=f"{shape} in {fmt} on {n} x {g} GiB: {'fits' if p.fits else 'does not fit'}")
+        plt.show()
+
+# %% [markdown]
+# Check every plan before you rent the GPUs: the pre-flight check in planning mode accepts GPU ids this
+# machine does not have. It passes the maps that fit; the one that spills to disk is flagged only if
+# the disk part breaks a rule (here it does not: whole layers on disk are legal, just slow).
+
+# %%
+passed = 0
+for key, p in plans.items():
+    r = preflight(p.model, p.device_map, p.max_memory, mode="plan", hf_quantizer=p.hf_quantizer)
+    passed += r.ok
+    if not r.ok:
+        print(key, r)
+print(f"plans checked: {len(plans)} | passed: {passed}")
+big = plans[("llama-2-70b", "bf16", 2, 24)]
+print("70B bf16 on 2 x 24 GiB:", preflight(big.model, big.device_map, big.max_memory, mode="plan"))
+
+# %% [markdown]
+# ## 5. A 4-bit plan is transformers' plan
+#
+# A 4-bit model is not a bf16 model divided by four. `from_pretrained(quantization_config=...)`
+# replaces only the `nn.Linear` layers inside the blocks with bitsandbytes layers; the embedding, the
+# norms and the output head stay in the compute dtype. To plan what it will do, prepare the meta model
+# with transformers' own quantizer, then size it with the quantizer. These are the steps
+# `from_pretrained` runs (transformers 5.24, `modeling_utils.py`):
+
+# %%
+from transformers import BitsAndBytesConfig
+from transformers.integrations.accelerate import compute_module_sizes
+from transformers.quantizers import AutoHfQuantizer
+
+from helpers.shapes import shape_config
+
+qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)  # the checkpoint is bf16, quantized while loading
+with torch.device("meta"):
+    llama70 = AutoModelForCausalLM.from_config(shape_config("llama-2-70b"), dtype=torch.bfloat16)
+quantizer.preprocess_model(model=llama70, dtype=torch.bfloat16, device_map="auto", checkpoint_files=None,
+                           use_kernels=False)
+
+print("q_proj:", type(llama70.model.layers[0].self_attn.q_proj).__name__,
+      "| embed_tokens:", type(llama70.model.embed_tokens).__name__, "| lm_head:", type(llama70.lm_head).__name__)
+sizes, _ = compute_module_sizes(llama70, quantizer)
+bf16_sizes, _ = compute_module_sizes(meta_model("llama-2-70b", dtype=torch.bfloat16))
+for name in ("model.embed_tokens", "model.layers.0", "lm_head", ""):
+    print(f"{name or '(whole model)':<20} bf16 {bf16_sizes[name] / 2**30:7.3f} GiB -> NF4 {sizes[name] / 2**30:7.3f} GiB"
+          f"  ({sizes[name] / bf16_sizes[name]:.3f} x)")
+print(f"a global 0.25 x would predict {0.25 * bf16_sizes[''] / 2**30:.2f} GiB for the whole model")
+for s in SHAPES:  # the smaller the model, the more its (unshrunk) embedding weighs
+    nf4, bf16 = plans[(s, "nf4", 2, 24)].total_bytes, plans[(s, "bf16", 2, 24)].total_bytes
+    print(f"{s:<12} NF4 / bf16 = {nf4 / bf16:.3f} (a global multiplier would say 0.250)")
+
+# %% [markdown]
+# A decoder layer shrinks to 0.25 x (0.5 byte instead of 2 per weight); the embedding and head do not
+# shrink at all. Planning then follows `transformers.integrations.accelerate._get_device_map`:
+# balance the budget, let the quantizer adjust it, place the modules. Here it is inline, checked
+# against transformers' (private) function and against `helpers.planner.plan`:
+
+# %%
+from transformers.integrations.accelerate import _get_device_map, get_balanced_memory as hf_balanced_memory
+from transformers.integrations.accelerate import infer_auto_device_map as hf_infer_auto_device_map
+
+
+def plan_like_from_pretrained(model, quantizer, max_memory, strategy="auto"):
+    """The map from_pretrained(device_map=strategy, max_memory=...) computes (without its final check)."""
+    with quiet_planning():
+        if strategy == "sequential":
+            caps = transformers.integrations.accelerate.get_max_memory(dict(max_memory))
+        else:
+            caps = hf_balanced_memory(model, max_memory=dict(max_memory), no_split_module_classes=model._no_split_modules,
+                                      hf_quantizer=quantizer, low_zero=(strategy == "balanced_low_0"))
+        if quantizer is not None:
+            caps = quantizer.adjust_max_memory(caps)  # bitsandbytes: 90% of each cap
+        return hf_infer_auto_device_map(model, max_memory=caps, no_split_module_classes=model._no_split_modules,
+                                        hf_quantizer=quantizer)
+
+
+two_24 = {0: 24 * 2**30, 1: 24 * 2**30}
+mine = plan_like_from_pretrained(llama70, quantizer, two_24)
+with quiet_planning():
+    theirs = _get_device_map(llama70, "auto", dict(two_24), quantizer)
+print("same as transformers' _get_device_map:", mine == theirs)
+print("same as helpers.planner.plan:", mine == plans[("llama-2-70b", "nf4", 2, 24)].device_map)
+assert mine == theirs == plans[("llama-2-70b", "nf4", 2, 24)].device_map
+
+# %% [markdown]
+# And against `from_pretrained` itself, on the real bundled checkpoint: we wrap the function it calls
+# to place modules, so we can read the map it computed. With a budget too small for the whole model,
+# `from_pretrained` then refuses to load a bitsandbytes model with modules on the CPU or disk
+# (notebook 05, case 9), after it has computed its map, and before loading any weight.
+
+# %%
+import transformers.integrations.accelerate as hf_accelerate
+
+SMALL = {0: "40MiB", "cpu": "40MiB"} if N_GPUS else {"cpu": "40MiB"}
+seen = {}
+original = hf_accelerate.infer_auto_device_map
+
+
+def recording_infer_auto_device_map(*args, **kwargs):
+    seen["map"] = original(*args, **kwargs)
+    return seen["map"]
+
+
+hf_accelerate.infer_auto_device_map = recording_infer_auto_device_map
+try:
+    with quiet_planning():
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig, dtype=torch.bfloat16,
+                                             device_map="auto", max_memory=dict(SMALL))
+except ValueError as e:
+    print(f"{type(e).__name__}: {str(e)[:95]}...")
+finally:
+    hf_accelerate.infer_auto_device_map = original
+
+qsmall = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)
+with torch.device("meta"):
+    small_model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+qsmall.preprocess_model(model=small_model, dtype=torch.bfloat16, device_map="auto", checkpoint_files=None,
+                        use_kernels=False)
+planned = plan_like_from_pretrained(small_model, qsmall, {k: convert_file_size_to_int(v) for k, v in SMALL.items()})
+print("devices in from_pretrained's map:", sorted(set(map(str, seen["map"].values()))))
+print("our plan equals from_pretrained's map:", planned == seen["map"])
+assert planned == seen["map"]
+
+# %% [markdown]
+# ### Where transformers' accounting differs from the real bytes
+#
+# 1. **It counts 0.5 byte per 4-bit weight.** bitsandbytes also stores one float32 scale (`absmax`)
+#    per block of 64 weights: 4/64 = 0.0625 byte more per weight (about 0.016 with double
+#    quantization, which quantizes the scales too). Measured on one real weight matrix of the bundled
+#    model:
+
+# %%
+import bitsandbytes.functional as bnbF
+from safetensors import safe_open
+
+from helpers.memory import linear_bytes_per_weight
+
+name = "model.layers.0.mlp.down_proj.weight"
+with open(os.path.join(path, "model.safetensors.index.json")) as f:
+    shard = json.load(f)["weight_map"][name]  # which shard holds this tensor
+with safe_open(os.path.join(path, shard), framework="pt") as f:
+    w = f.get_tensor(name).to(torch.bfloat16)
+for double in (False, True):
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double)
+    scales = state.absmax.numel() * state.absmax.element_size()
+    if double:
+        scales += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    real = (packed.numel() * packed.element_size() + scales) / w.numel()
+    print(f"{name} {tuple(w.shape)}, double quant {double!s:<5}: {real:.4f} bytes/weight "
+          f"(transformers counts 0.5000; helpers.memory predicts {linear_bytes_per_weight('nf4-dq' if double else 'nf4'):.4f})")
+
+# %% [markdown]
+# On the whole 70B plan that is a couple of GiB per GPU:
+
+# %%
+p70 = plans[("llama-2-70b", "nf4", 2, 24)]
+for dev, n in p70.bytes_per_device.items():
+    print(f"GPU {dev}: transformers counts {n / 2**30:.2f} GiB, with the scales {p70.true_bytes_per_device[dev] / 2**30:.2f} GiB")
+
+# %% [markdown]
+# 2. **It cuts each budget to 90%** (`adjust_max_memory`: room for buffers made while quantizing). This
+#    hides the first error on big GPUs, but it also means a model can be refused although its bytes
+#    fit:
+
+# %%
+print({k: f"{v / 2**30:.1f} GiB" for k, v in quantizer.adjust_max_memory({0: 24 * 2**30, 1: 80 * 2**30}).items()})
+
+total7 = plan("llama-2-7b", "nf4", 1, 80).total_bytes
+gpu_gib = round(total7 / 2**30 + 0.2, 1)
+tight = plan("llama-2-7b", "nf4", 1, gpu_gib, "sequential")
+print(f"llama-2-7b NF4: {total7 / 2**30:.2f} GiB of weights (transformers' count) on one {gpu_gib} GiB GPU: "
+      f"bytes fit: {total7 < gpu_gib * 2**30}, plan fits: {tight.fits}")
+
+# %% [markdown]
+# Neither figure includes the KV cache, activations or the CUDA context (several hundred MiB per
+# GPU): leave headroom beyond the plan.
+#
+# **Self-check.** Using the table in section 4, which setups would let you serve the 70B shape in
+# NF4, and how much room per GPU is left for the KV cache on 2 x 24 GiB?
+
+# %% [markdown]
+# ## 6. An interactive planner
+#
+# `helpers.planner.show_plan` prints a plan and draws it; this is the plain view the widget below
+# shows (widget output is not stored or checked, so the same view is called here in a checked cell):
+
+# %%
+from helpers.planner import planner_widget, show_plan
+
+show_plan("llama-2-70b", "nf4", n_gpus=2, gib_per_gpu=24)
+plt.show()
+
+# %% [markdown]
+# Pick a model shape, a format, the number of GPUs and the memory per GPU; the map and the verdict
+# update as you change them (run the notebook yourself: a stored copy shows no widget).
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# widget output lives in widget state, which is not stored nor compared; show_plan above is its checked twin
+planner_widget()
+
+# %% [markdown]
+# ## Clean up
+#
+# Remove the offload folder this notebook made (and nothing else).
+
+# %%
+del model
+shutil.rmtree(OFFLOAD)
+print("offload folder removed:", not os.path.exists(OFFLOAD))
+
+# %% [markdown]
+# ## Summary
+#
+# 1. The manual recipe works on transformers 5 with two changes: `dtype=` instead of `torch_dtype=`,
+#    and `tie_weights()` after `init_empty_weights()`. `infer_auto_device_map` with per-device
+#    `max_memory` and the model's `_no_split_modules` gives the map; `load_checkpoint_in_model` and
+#    `dispatch_model` load and hook it; the dispatched model generates the same tokens as the whole one.
+# 2. `max_memory` keys are GPU ids, `"cpu"` and `"disk"` (unlimited, always last); `GiB` is 2^30,
+#    `GB` 10^9, and a trailing lowercase `b` means bits.
+# 3. `sequential` fills GPU 0 first; `balanced` (= `"auto"`) spreads the model with a margin;
+#    `balanced_low_0` keeps GPU 0 light.
+# 4. Plans for any GPUs run on the meta device in a fraction of a second; for 4-bit, prepare the meta
+#    model with transformers' quantizer: only the Linear layers in the blocks shrink.
+# 5. transformers counts 0.5 byte per 4-bit weight (the real cost is 0.5625, or about 0.516 with
+#    double quantization) and plans with 90% of each budget; check maps with the pre-flight check.
+#
+# ## Exercises
+#
+# 1. Plan `llama-2-13b` in bf16 on 2 x 24 GiB. Does it fit? What is the smallest GPU memory (in whole
+#    GiB) at which it fits on two GPUs? *Self-check:* `plan("llama-2-13b", "bf16", 2, g).fits` flips
+#    from False to True at your answer.
+# 2. In section 1.3, give the CPU `"400MiB"` instead. What does the map look like, and does
+#    `dispatch_model` still add hooks? *Self-check:* `set(device_map.values()) == {"cpu"}` and
+#    `hasattr(model.model.layers[0], "_hf_hook")` is False.
+# 3. Plan `llama-2-70b` in `int8` on 4 x 24 GiB and compare it with NF4. *Self-check:* the int8 plan's
+#    `total_bytes` is about twice the NF4 one minus the (unchanged) embedding and head.
+# 4. Write a map by hand that puts `model.layers.5.mlp` on another device than `model.layers.5.self_attn`
+#    and run `preflight` on it. *Self-check:* its report has a `no-split-cut` finding.
+#
+# ## Further reading
+#
+# - [accelerate: big model inference](https://huggingface.co/docs/accelerate/usage_guides/big_modeling):
+#   the guide this recipe comes from (`init_empty_weights`, `load_checkpoint_and_dispatch`, device maps).
+# - [accelerate: the `infer_auto_device_map` / `dispatch_model` reference](https://huggingface.co/docs/accelerate/package_reference/big_modeling):
+#   every argument of the functions used here.
+# - [transformers: big model loading](https://huggingface.co/docs/transformers/main/en/big_models):
+#   `device_map`, `max_memory` and offload in `from_pretrained`.
+# - [transformers: bitsandbytes quantization](https://huggingface.co/docs/transformers/main/en/quantization/bitsandbytes):
+#   `BitsAndBytesConfig`, CPU offload of quantized models.
+# - [QLoRA paper (Dettmers et al., 2023)](https://arxiv.org/abs/2305.14314): NF4, blocks of 64 and
+#   double quantization, the source of the 0.5625 and 0.516 bytes per weight.

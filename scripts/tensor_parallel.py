@@ -1,0 +1,219 @@
+"""Tensor parallelism with transformers' own support: every layer split across the GPUs.
+
+Launch one process per GPU with torchrun (at least two CUDA GPUs; ``--cpu`` runs the same steps on CPU
+processes with gloo, for a tiny checkpoint on a machine without GPUs, as notebook 04 does there)::
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+    python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/tensor_parallel.py \\
+        --checkpoint DIR --out tp.json [--bench]
+
+DIR is a checkpoint whose attention and key/value head counts divide by the
+number of processes: the workbook uses a RANDOM-weight Llama of the llama-1b
+shape (hidden 2048, 22 layers, 32 heads, 4 key/value heads; built once by
+``helpers.multigpu.random_checkpoint``). The bundled SmolLM2 (9 heads, 3
+key/value heads) does not split over 2.
+
+What it does, in every process:
+1. checks the world size (``--expect-world-size``) and that CUDA has a GPU per process;
+2. loads the checkpoint tensor-parallel in float32 (the API moved between
+   transformers releases, see :func:`tp_load_kwargs`) and computes the logits
+   of fixed random token ids; rank 0 then loads the same checkpoint whole on
+   its GPU and compares: the largest absolute difference must be at most
+   ``--atol`` (default 1e-3) times max(1, largest |logit|) -- the shards only
+   change the order in which partial sums are added;
+3. with ``--bench``: loads it again in bfloat16 and times greedy ``generate`` at
+   each batch size of ``--batches`` (warm-up, medians of 3), records the memory
+   per GPU.
+Rank 0 writes the JSON report; the process group is torn down at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def tp_load_kwargs(world_size: int) -> dict:
+    """The ``from_pretrained`` keywords that ask transformers for tensor parallelism.
+
+    transformers 5.24 and 5.17 (the GPU machines' own release; checked there)
+    take ``distributed_config=DistributedConfig(tp_size=N)``; 5.24 still takes
+    ``tp_plan="auto"`` but warns that it is deprecated. Releases whose
+    ``DistributedConfig`` has no ``tp_size`` field get ``tp_plan="auto"``. All
+    use the model's own ``base_model_tp_plan`` (q/k/v/gate/up column-wise,
+    o/down row-wise).
+    """
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        return {"tp_plan": "auto"}
+    fields = {f.name for f in dataclasses.fields(DistributedConfig)}
+    if "tp_size" in fields:
+        return {"distributed_config": DistributedConfig(tp_size=world_size)}
+    return {"tp_plan": "auto"}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="checkpoint directory (random llama-1b weights)")
+    ap.add_argument("--expect-world-size", type=int, default=2)
+    ap.add_argument("--out", required=True, help="JSON report written by rank 0")
+    ap.add_argument("--atol", type=float, default=1e-3, help="tolerance of the float32 logits check (x max(1, |logit|))")
+    ap.add_argument("--bench", action="store_true", help="also time bfloat16 generation")
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 16])
+    ap.add_argument("--bench-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--cpu", action="store_true",
+                    help="machines without GPUs: the same steps with gloo on CPU processes (tiny checkpoints only)")
+    return ap.parse_args(argv)
+
+
+def local(t):
+    """A plain tensor from what a TP model returns (a DTensor in some releases)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world != args.expect_world_size:
+        raise SystemExit(f"rank {rank}: expected {args.expect_world_size} processes, torchrun started {world}.")
+    if args.cpu:
+        dist.init_process_group("gloo")
+        try:
+            return run(args, world, rank, torch.device("cpu"))
+        finally:
+            dist.barrier()
+            dist.destroy_process_group()
+    if not torch.cuda.is_available() or torch.cuda.device_count() < world:
+        raise SystemExit(
+            f"rank {rank}: tensor parallelism here needs one CUDA GPU per process; "
+            f"found {torch.cuda.device_count() if torch.cuda.is_available() else 0} for {world} processes."
+        )
+    torch.cuda.set_device(local_rank)
+    dev = torch.device("cuda", local_rank)
+    dist.init_process_group("nccl", device_id=dev)
+    try:
+        return run(args, world, rank, dev)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run(args, world, rank, dev) -> int:
+    import torch
+    import torch.distributed as dist
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cuda = dev.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False  # keep the float32 check in float32
+    torch.backends.cudnn.allow_tf32 = False
+    cfg = AutoConfig.from_pretrained(args.checkpoint)
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        n = getattr(cfg, name)
+        if n % world:
+            raise SystemExit(f"{name}={n} does not divide by {world} GPUs: pick a shape whose head counts do.")
+    kwargs = tp_load_kwargs(world)
+    api = (f"distributed_config=DistributedConfig(tp_size={world})" if "distributed_config" in kwargs
+           else "tp_plan='auto'")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (2, args.prompt_len), generator=gen)
+
+    # 1. logits, tensor-parallel, float32
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32, **kwargs)
+    model.eval()
+    shard = model.model.layers[0].self_attn.q_proj.weight
+    shard_shape = list((shard.to_local() if hasattr(shard, "to_local") else shard).shape)
+    with torch.inference_mode():
+        tp_logits = local(model(ids.to(dev)).logits).float().cpu()
+    del model
+    gc.collect()  # accelerate/transformers hooks hold reference cycles: free the float32 shards now
+    torch.cuda.empty_cache() if cuda else None
+    check = None
+    if rank == 0:
+        ref = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32,
+                                                   device_map={"": dev if cuda else "cpu"})
+        with torch.inference_mode():
+            ref_logits = ref(ids.to(dev)).logits.float().cpu()
+        del ref
+        gc.collect()
+        torch.cuda.empty_cache() if cuda else None
+        diff = (tp_logits - ref_logits).abs().max().item()
+        scale = max(1.0, ref_logits.abs().max().item())
+        check = {"dtype": "float32", "max_abs_diff": diff, "max_abs_logit": ref_logits.abs().max().item(),
+                 "atol": args.atol, "tolerance": args.atol * scale, "ok": diff <= args.atol * scale,
+                 "top1_agreement": (tp_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()}
+    dist.barrier()
+
+    # 2. speed and memory, bfloat16
+    bench = []
+    mem = {}
+    if args.bench:
+        torch.cuda.reset_peak_memory_stats(dev) if cuda else None
+        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16, **kwargs)
+        model.eval()
+        mem["after_load_bytes"] = torch.cuda.memory_allocated(dev) if cuda else 0
+        for b in args.batches:
+            enc = {"input_ids": torch.randint(0, cfg.vocab_size, (b, args.prompt_len), generator=gen).to(dev)}
+            enc["attention_mask"] = torch.ones_like(enc["input_ids"])
+
+            def timed(n):
+                dist.barrier()
+                torch.cuda.synchronize(dev) if cuda else None
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                torch.cuda.synchronize(dev) if cuda else None
+                dist.barrier()
+                return time.perf_counter() - t
+
+            timed(args.bench_tokens)  # warm-up
+            first = statistics.median(timed(1) for _ in range(3))
+            full = statistics.median(timed(args.bench_tokens) for _ in range(3))
+            tps = (args.bench_tokens - 1) / max(full - first, 1e-9)
+            bench.append({"batch": b, "ttft_s": first, "tokens_per_s_per_sequence": tps, "total_tokens_per_s": tps * b})
+        mem["peak_bytes"] = torch.cuda.max_memory_allocated(dev) if cuda else 0
+        del model
+    mine = {"rank": rank, "device": str(dev), "q_proj_shard_shape": shard_shape, **mem}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    if rank == 0:
+        report = {
+            "model": f"random weights ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}; meaningless text)",
+            "random_weights": True,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "api": api,
+            "world_size": world,
+            "heads": [cfg.num_attention_heads, cfg.num_key_value_heads],
+            "q_proj_full_shape": [cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads), cfg.hidden_size],
+            "logits_check": check,
+            "bench_tokens": args.bench_tokens,
+            "bench": bench,
+            "per_rank": everyone,
+        }
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        if not check["ok"]:
+            print(f"logits differ by {check['max_abs_diff']:.3g} > {check['tolerance']:.3g}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
