@@ -20,7 +20,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from helpers import resolve_model
 from helpers.devicemap import device_map_of, preflight
 
-logging.getLogger("accelerate").setLevel(logging.ERROR)  # "Device 0 is not available" when planning GPUs
+
+
+@pytest.fixture(autouse=True)
+def _quiet_accelerate():
+    """Planning for absent GPUs logs "Device 0 is not available": expected here; restored after each test."""
+    logger = logging.getLogger("accelerate")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
 NEW = 4
 
 

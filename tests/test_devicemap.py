@@ -26,7 +26,16 @@ from helpers.devicemap import (
     preflight,
 )
 
-logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_accelerate():
+    """Planning for absent GPUs logs "Device 0 is not available": expected here; restored after each test."""
+    logger = logging.getLogger("accelerate")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
 
 
 def tiny_config(tie=True, layers=4):
