@@ -18,6 +18,28 @@ KNOWN = {
 
 
 def silence_known_warnings() -> None:
-    """Raise the level of the loggers in ``KNOWN`` so their routine messages are not shown."""
+    """Raise the level of the loggers in ``KNOWN`` so their routine messages are not shown.
+
+    Also calls :func:`quiet_accelerate_progress` (a no-op outside quiet runs).
+    """
     for name, level in KNOWN.items():
         logging.getLogger(name).setLevel(level)
+    quiet_accelerate_progress()
+
+
+def quiet_accelerate_progress() -> None:
+    """In a quiet run (``TQDM_DISABLE`` set), switch off accelerate's weight-loading bar too.
+
+    accelerate creates that bar with ``disable=False``, so ``TQDM_DISABLE`` never reaches it, and in a
+    kernel with ipywidgets it stores one widget per loading step in the notebook. Interactively
+    (no ``TQDM_DISABLE``) nothing changes: you see the bar.
+    """
+    import functools
+    import os
+
+    if not os.environ.get("TQDM_DISABLE"):
+        return
+    import accelerate.utils.modeling as modeling
+
+    if not isinstance(modeling.tqdm, functools.partial):
+        modeling.tqdm = functools.partial(modeling.tqdm, disable=True)

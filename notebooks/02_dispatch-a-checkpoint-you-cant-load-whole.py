@@ -361,9 +361,10 @@ _ = gc.collect()
 #
 # Same model, three maps: none, half and all of the decoder layers on disk; the embedding (tied to
 # the head), the final norm and the rotary embedding stay on the main device. We write these maps by
-# hand: a map is just a dict. Each is checked, loaded, and timed with `helpers.bench.time_generate`
-# (greedy, batch 1, decode speed after a warm-up). One timed run each keeps the notebook short: on a
-# busy machine the figures vary from run to run, so run the cell again to see the spread.
+# hand: a map is just a dict. Each is checked, loaded, and timed: we time single decoding steps (one
+# forward pass with the KV cache, batch 1: one new token each) and take the median of a few, which is
+# cheap and robust to a busy machine. (`helpers.bench.time_generate` times whole `generate` calls
+# instead, with the time to first token; with layers on disk it takes much longer to run.)
 
 # %%
 def map_with_layers_on_disk(model, n_on_disk, main=MAIN):
@@ -383,60 +384,88 @@ with init_empty_weights():
 model.tie_weights()
 N_LAYERS = config.num_hidden_layers
 maps = {k: map_with_layers_on_disk(model, k) for k in (0, N_LAYERS // 2, N_LAYERS)}
+disk_bytes = {}
 for k, dm in maps.items():
     report = preflight(model, dm, mode="run", checkpoint=path)
     assert report.ok, report
-    gib_disk = report.bytes_per_device.get("disk", 0)
-    print(f"{k:>2} layers on disk: {mib(gib_disk):6.1f} MiB of weights read from disk per forward pass "
+    disk_bytes[k] = report.bytes_per_device.get("disk", 0)
+    print(f"{k:>2} layers on disk: {mib(disk_bytes[k]):6.1f} MiB of weights read from disk per forward pass "
           f"({DTYPE}; the .dat files hold float32, twice that)")
 print("entries of the all-on-disk map:", len(maps[N_LAYERS]), "| e.g.", dict(list(maps[N_LAYERS].items())[:4]))
 
 # %%
-from helpers.bench import time_generate
+import inspect
+import statistics
+import time
 
-TIMED_TOKENS = 6
-timings = {}
+
+@torch.inference_mode()
+def decode_step_seconds(model, inputs, steps=5):
+    """Median seconds of one decoding step (one forward pass with the KV cache = one new token)."""
+    # the KV cache argument is `cache` in transformers 5.24 (`past_key_values`, deprecated, before)
+    kv = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    out = model(**inputs, use_cache=True)  # the prefill; it also warms the caches
+    times = []
+    for _ in range(steps):
+        token = out.logits[:, -1:].argmax(-1)
+        if N_GPUS:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model(input_ids=token, use_cache=True, **{kv: out[kv]})
+        if N_GPUS:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+STEPS = 5
+step_s, file_bytes = {}, {}
 for k, dm in maps.items():
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
     model = load_checkpoint_and_dispatch(model, path, device_map=dm, dtype=dtype,
                                          offload_folder=os.path.join(OFFLOAD, f"cost-{k}"))
-    timings[k] = time_generate(model, inputs, new_tokens=TIMED_TOKENS, repeats=1, warmup=1)
+    step_s[k] = decode_step_seconds(model, inputs, steps=STEPS)
+    folder = os.path.join(OFFLOAD, f"cost-{k}")
+    files = os.listdir(folder) if os.path.isdir(folder) else []  # no folder when nothing is on disk
+    file_bytes[k] = sum(os.path.getsize(os.path.join(folder, n)) for n in files if n.endswith(".dat"))
     del model
-    gc.collect()
-print("timed:", sorted(timings))
+    _ = gc.collect()
+print("timed:", sorted(step_s))
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 # timings depend on the machine, its load and its disk cache
-for k, t in timings.items():
-    print(f"{k:>2} of {N_LAYERS} layers on disk: {t['tokens_per_s']:5.2f} tokens/s, "
-          f"time to first token {t['ttft_s']:.2f} s")
-base = timings[0]["tokens_per_s"]
-print(f"slowdown with all layers on disk: {base / timings[N_LAYERS]['tokens_per_s']:.1f} x")
+for k, t in step_s.items():
+    extra = t - step_s[0]
+    rate = f", {file_bytes[k] / extra / 1e9:.2f} GB/s of offload files read and converted" if k and extra > 0 else ""
+    print(f"{k:>2} of {N_LAYERS} layers on disk: {1 / t:6.2f} tokens/s ({1000 * t:7.1f} ms per token{rate})")
+print(f"slowdown with all layers on disk: {step_s[N_LAYERS] / step_s[0]:.1f} x")
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 # a plot of the timings above (machine-dependent)
-ks = list(timings)
+ks = list(step_s)
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-ax1.bar([str(k) for k in ks], [timings[k]["tokens_per_s"] for k in ks], color="tab:blue")
+ax1.bar([str(k) for k in ks], [1 / step_s[k] for k in ks], color="tab:blue")
 ax1.set_xlabel(f"decoder layers on disk (of {N_LAYERS})")
 ax1.set_ylabel("decode speed (tokens/s)")
 ax1.set_title("Generation speed vs layers on disk")
-ax2.plot(ks, [1000 / timings[k]["tokens_per_s"] for k in ks], "o-")
-ax2.set_xlabel(f"decoder layers on disk (of {N_LAYERS})")
+ax2.plot([disk_bytes[k] / 2**20 for k in ks], [1000 * step_s[k] for k in ks], "o-")
+ax2.set_xlabel(f"weights offloaded to disk (MiB, {DTYPE})")
 ax2.set_ylabel("time per token (ms)")
-ax2.set_title("Time per token vs layers on disk")
-fig.suptitle(f"Disk offload, bundled model in {DTYPE}, batch 1, {TIMED_TOKENS} new tokens, main device: {MAIN}")
+ax2.set_title("Time per token vs bytes on disk")
+fig.suptitle(f"Disk offload, bundled model in {DTYPE}, batch 1, median of {STEPS} decoding steps, main device: {MAIN}")
 fig.tight_layout()
 plt.show()
 
 # %% [markdown]
 # Each layer on disk adds time to every token, because every token reads every offloaded weight again
 # (from the page cache if the files fit in RAM, as here, otherwise from the disk itself) and converts
-# it to the model's dtype. Nothing is kept between tokens. On a real big
+# it to the model's dtype. Nothing is kept between tokens. The slope of the right-hand plot is the
+# rate printed above (bytes of offload files per extra second): the cost per token is bytes on disk /
+# that rate. On a real big
 # model the bytes per token are gigabytes: disk offload makes a model *run*, not run fast. Prefer, in
 # order: a smaller format (notebook 01), more GPUs (notebook 04), CPU offload on a GPU machine, and
 # disk offload last.

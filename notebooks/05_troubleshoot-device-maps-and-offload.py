@@ -53,10 +53,8 @@ NEW_TOKENS = 5  # greedy tokens generated to compare a fixed recipe with the ref
 
 # %%
 import contextlib
-import functools
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -70,11 +68,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 import helpers
 from helpers.devicemap import device_map_of, map_table, plot_device_map, preflight
 
-helpers.silence_known_warnings()  # routine bitsandbytes messages on CPU: see helpers/logs.py
-if os.environ.get("TQDM_DISABLE"):  # a quiet run: accelerate's weight-loading bar passes disable=False,
-    import accelerate.utils.modeling  # so TQDM_DISABLE does not reach it; switch it off here too
-
-    accelerate.utils.modeling.tqdm = functools.partial(accelerate.utils.modeling.tqdm, disable=True)
+helpers.silence_known_warnings()  # routine library messages and, in quiet runs, accelerate's bar: helpers/logs.py
 path = helpers.resolve_model(MODEL)
 config = AutoConfig.from_pretrained(path)
 tokenizer = AutoTokenizer.from_pretrained(path)

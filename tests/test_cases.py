@@ -22,14 +22,7 @@ from helpers.devicemap import device_map_of, preflight
 
 
 
-@pytest.fixture(autouse=True)
-def _quiet_accelerate():
-    """Planning for absent GPUs logs "Device 0 is not available": expected here; restored after each test."""
-    logger = logging.getLogger("accelerate")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("quiet_accelerate")
 NEW = 4
 
 

@@ -28,14 +28,7 @@ from helpers.devicemap import (
 
 
 
-@pytest.fixture(autouse=True)
-def _quiet_accelerate():
-    """Planning for absent GPUs logs "Device 0 is not available": expected here; restored after each test."""
-    logger = logging.getLogger("accelerate")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("quiet_accelerate")
 
 
 def tiny_config(tie=True, layers=4):
