@@ -532,8 +532,8 @@ def _color(dev):
 
     if dev is None:
         return "white"
-    if isinstance(dev, int):
-        return plt.get_cmap("tab10")(dev % 10)
+    if isinstance(dev, int):  # tab10 without its grey (index 7), which reads as the CPU's
+        return plt.get_cmap("tab10")([0, 1, 2, 3, 4, 5, 6, 8, 9][dev % 9])
     return {"cpu": "0.6", "disk": "saddlebrown"}.get(dev, "black")
 
 

@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .devicemap import _owner as _owner_key
+from .devicemap import _ranges
 from .memory import GiB, linear_bytes_per_weight
 from .shapes import SHAPES, shape_config
 
@@ -233,23 +235,10 @@ def _count(device_map: dict, device) -> int:
     return sum(1 for d in device_map.values() if d == device)
 
 
-def _ranges(nums: list[int]) -> str:
-    out = []
-    for n in sorted(nums):
-        if out and n == out[-1][1] + 1:
-            out[-1][1] = n
-        else:
-            out.append([n, n])
-    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in out)
-
-
 def _owner(name: str, device_map: dict):
-    parts = name.split(".")
-    for i in range(len(parts), 0, -1):
-        key = ".".join(parts[:i])
-        if key in device_map:
-            return device_map[key]
-    return device_map.get("")
+    """The device of the map entry that covers ``name`` (longest prefix), or None."""
+    key = _owner_key(name, device_map)
+    return None if key is None else device_map[key]
 
 
 def bytes_per_device(model, device_map: dict, hf_quantizer=None, fmt: str | None = None) -> tuple[dict, dict]:

@@ -42,7 +42,6 @@ MODEL = "bundled"
 DTYPE = "bfloat16"
 
 # %%
-import functools
 import gc
 import json
 import os
@@ -60,13 +59,8 @@ from helpers.devicemap import device_map_of, map_table, plot_device_map, preflig
 from helpers.hardware import print_report
 from helpers.memory import mib, rss_bytes
 
+# routine library messages and, in quiet runs only, accelerate's loading bar: see helpers/logs.py
 helpers.silence_known_warnings()
-if os.environ.get("TQDM_DISABLE"):
-    # accelerate's weight-loading bar passes disable=False, so TQDM_DISABLE does not reach it; in the
-    # quiet run that stores this notebook's outputs, switch it off too (interactively you see it).
-    import accelerate.utils.modeling
-
-    accelerate.utils.modeling.tqdm = functools.partial(accelerate.utils.modeling.tqdm, disable=True)
 
 path = resolve_model(MODEL)
 dtype = getattr(torch, DTYPE)

@@ -43,7 +43,6 @@ MODEL = "bundled"
 DTYPE = "bfloat16"
 
 # %%
-import functools
 import json
 import os
 import shutil
@@ -59,13 +58,8 @@ import helpers
 from helpers import cache_dir, resolve_model
 from helpers.devicemap import map_table, plot_device_map, preflight
 
-helpers.silence_known_warnings()  # routine bitsandbytes messages on CPU: see helpers/logs.py
-if os.environ.get("TQDM_DISABLE"):
-    # accelerate's weight-loading bar passes disable=False, so TQDM_DISABLE does not reach it; in the
-    # quiet run that stores this notebook's outputs, switch it off too (interactively you see it).
-    import accelerate.utils.modeling
-
-    accelerate.utils.modeling.tqdm = functools.partial(accelerate.utils.modeling.tqdm, disable=True)
+# routine library messages and, in quiet runs only, accelerate's loading bar: see helpers/logs.py
+helpers.silence_known_warnings()
 
 path = resolve_model(MODEL)
 dtype = getattr(torch, DTYPE)

@@ -486,7 +486,10 @@ model = AutoModelForCausalLM.from_pretrained(path, quantization_config=int8_offl
 print("loaded; map:", device_map_of(model))
 try:
     generate(model)
-except RuntimeError as e:
+except (RuntimeError, AttributeError) as e:
+    # no GPU: RuntimeError "Cannot access accelerator device..."; with GPUs but a budget of only
+    # {"cpu": ...} (no GPU keys: 0 bytes each), the int8 weights sit on the CPU/disk and accelerate
+    # fails while moving them (AttributeError on the int8 scales, seen on 2x H200): another face of the same mistake
     print("generate ->", error(e))
 del model
 
