@@ -103,7 +103,9 @@ rss_before = rss_bytes()
 with init_empty_weights():
     empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
 rss_empty = rss_bytes() - rss_before
-would_take = sum(p.numel() * p.element_size() for p in empty.parameters())
+# bytes of the real (tied) weights: the empty model has lost its tie (section 2), so count the head once
+would_take = sum(p.numel() * p.element_size() for n, p in empty.named_parameters()
+                 if not (config.tie_word_embeddings and n == "lm_head.weight"))
 
 # %%
 # NBVAL_IGNORE_OUTPUT
