@@ -117,7 +117,8 @@ reply = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tok
 print(reply)
 
 # %%
-assert "Paris" in reply, "The model should know this one; if not, the checkpoint may be damaged."
+if MODEL == "bundled":  # another model may phrase it differently
+    assert "Paris" in reply, "The model should know this one; if not, the checkpoint may be damaged."
 
 # %% [markdown]
 # ## 3. Count the parameters, by kind

@@ -149,7 +149,8 @@ skip_cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head
 skipped = AutoModelForCausalLM.from_pretrained(path, quantization_config=skip_cfg, device_map=DEVICE_MAP)
 print(module_types(skipped))
 n_int8 = sum(isinstance(m, __import__("bitsandbytes").nn.Linear8bitLt) for m in skipped.modules())
-assert n_int8 == 30 * 6, "down_proj of each of the 30 blocks should stay in full precision"
+n_layers = skipped.config.num_hidden_layers
+assert n_int8 == n_layers * 6, f"down_proj of each of the {n_layers} blocks should stay in full precision"
 del skipped
 
 # %% [markdown]
