@@ -156,7 +156,7 @@ def verify_checkpoint(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise CheckpointError(
             f"No such model path: {p}. Pass an existing checkpoint directory, "
-            f"a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct' (needs internet), "
+            f"a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct' (needs internet and HF_HUB_OFFLINE=0), "
             f"or {BUNDLED!r} for the bundled model."
         )
     if not p.is_dir():

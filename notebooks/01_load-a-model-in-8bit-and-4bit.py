@@ -29,7 +29,7 @@
 #    reload a 4-bit model.
 #
 # **What you'll need**: notebook 00 done (it sets up the bundled model). A CPU is enough: bitsandbytes
-# 0.50 runs 8-bit and 4-bit layers on the CPU. About 2 minutes on a 2-core CPU. On a GPU the same cells
+# 0.50 runs 8-bit and 4-bit layers on the CPU. About 30 s on an idle 2-core CPU. On a GPU the same cells
 # run the CUDA kernels (and the compute dtype switches to bf16).
 
 # %% tags=["parameters"]

@@ -32,8 +32,8 @@
 #
 # **What you'll need**: notebook 00 done (it builds the bundled model). A CPU is enough. On a machine
 # without a GPU the main device is the CPU, so "offload" here means **disk** offload; offloading to
-# CPU RAM only exists when a GPU is the main device (notebook 04 measures its cost on GPUs). About 2
-# to 3 minutes on a 2-core CPU, most of it in section 7's timings.
+# CPU RAM only exists when a GPU is the main device (notebook 04 measures its cost on GPUs). About 30
+# s on an idle 2-core CPU, most of it in section 7's timings.
 
 # %% tags=["parameters"]
 # The model: "bundled" (SmolLM2-135M-Instruct, offline), a local checkpoint directory, or a hub id.

@@ -33,7 +33,7 @@
 #
 # **What you'll need**: notebook 02 (the meta device, `init_empty_weights`, offload hooks). A CPU
 # is enough: the recipe runs on the bundled model, and every plan for big GPUs is computed on the
-# meta device, without allocating its weights. About 1 to 2 minutes on a 2-core CPU. On a GPU
+# meta device, without allocating its weights. About 20 s on an idle 2-core CPU. On a GPU
 # machine section 1 puts part of the model on GPU 0 and offloads the rest to the CPU.
 
 # %% tags=["parameters"]

@@ -36,8 +36,8 @@
 #
 # **What you'll need**
 # - Notebooks 02 (dispatch a checkpoint) and 03 (design a device map) first.
-# - Two GPUs for the real thing. **Without GPUs the notebook still runs end to end** (about two minutes
-#   on a 2-core CPU): it plans for GPUs 0 and 1 on the meta device, lets the CPU and the disk play the two
+# - Two GPUs for the real thing. **Without GPUs the notebook still runs end to end** (about 30 s
+#   on an idle 2-core CPU): it plans for GPUs 0 and 1 on the meta device, lets the CPU and the disk play the two
 #   devices of the split, runs the replicas as two CPU processes, and runs tensor parallelism on a toy
 #   model with CPU processes. GPU figures come from the workbook's reference run (`gpu-reference/`).
 

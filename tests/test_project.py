@@ -75,3 +75,16 @@ def test_sanitize_file_pairs():
     assert len(body) % 2 == 0
     for regex, replace in zip(body[::2], body[1::2]):
         assert regex.startswith("regex: ") and replace.startswith("replace: ") and replace[len("replace: "):]
+
+
+def test_main_job_parameters_are_injected_after_the_parameters_cell():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from execute import parameterize
+
+    nb = parameterize(NOTEBOOKS[0], {"MODEL": "/tmp/other-model"})
+    tags = [c.metadata.get("tags", []) for c in nb.cells]
+    i = next(k for k, t in enumerate(tags) if "parameters" in t)
+    assert "injected-parameters" in tags[i + 1]
+    assert "MODEL = \"/tmp/other-model\"" in nb.cells[i + 1].source

@@ -14,6 +14,7 @@ was not expected to (nbclient honours the ``raises-exception`` cell tag).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -64,6 +65,18 @@ def strip_noise(nb: nbformat.NotebookNode) -> None:
         cell.outputs = kept
 
 
+def parameterize(path: Path, parameters: dict[str, str]) -> nbformat.NotebookNode:
+    """Read a notebook and inject ``parameters`` after its ``parameters`` cell (papermill's convention).
+
+    papermill's loader gives every cell a ``tags`` list and the notebook a ``papermill`` entry, which
+    ``parameterize_notebook`` needs; values are passed as strings (a path, a hub id).
+    """
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    return parameterize_notebook(load_notebook_node(str(path)), dict(parameters))
+
+
 def execute(nb: nbformat.NotebookNode, cwd: Path) -> tuple[str, str]:
     client = NotebookClient(
         nb, timeout=1800, kernel_name="python3", startup_timeout=300,
@@ -72,7 +85,8 @@ def execute(nb: nbformat.NotebookNode, cwd: Path) -> tuple[str, str]:
     try:
         client.execute()
     except CellExecutionError as e:
-        return "FAILED", str(e).splitlines()[-1] if str(e) else type(e).__name__
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        return "FAILED", re.sub(r"\x1b\[[0-9;]*m", "", last)  # no terminal colour codes in the summary
     return "ok", ""
 
 
@@ -92,11 +106,12 @@ def main() -> int:
         out.mkdir(parents=True, exist_ok=True)
     rows = []
     for path in notebook_paths(args.notebooks):
-        nb = from_source(path) if args.in_place else nbformat.read(path, as_version=4)
-        if args.parameter:
-            from papermill.parameterize import parameterize_notebook
-
-            nb = parameterize_notebook(nb, {k: v for k, v in args.parameter})
+        if args.in_place:
+            nb = from_source(path)
+        elif args.parameter:
+            nb = parameterize(path, dict(args.parameter))
+        else:
+            nb = nbformat.read(path, as_version=4)
         print(f"-- {path.name} ...", flush=True)
         t0 = time.perf_counter()
         status, why = execute(nb, path.parent)
