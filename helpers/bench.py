@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
 
 def _sync() -> None:
+    """Wait for every visible GPU (a split model runs on several)."""
     if torch.cuda.is_available():
-        torch.cuda.synchronize()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
 
 
 @torch.inference_mode()
-def time_generate(model, inputs: dict, new_tokens: int = 32, repeats: int = 3, warmup: int = 1) -> dict:
+def time_generate(model, inputs: dict | None, new_tokens: int = 32, repeats: int = 3, warmup: int = 1,
+                  barrier: Callable[[], None] | None = None, **generate_kwargs) -> dict:
     """Time greedy ``model.generate`` on ``inputs``.
 
     Each repeat runs ``generate`` twice: once for one new token (time to first
@@ -33,21 +37,33 @@ def time_generate(model, inputs: dict, new_tokens: int = 32, repeats: int = 3, w
         new_tokens: tokens generated per sequence (>= 2).
         repeats: timed runs; medians are returned.
         warmup: untimed runs first (the first run of a process is the slowest).
+        barrier: for several processes timed together (replicas, tensor
+            parallel), e.g. ``dist.barrier``: called before the clock starts
+            and again before it stops, so every process measures the slowest one. ``inputs=None`` then means this process has no share
+            of the batch: it only takes part in the barriers.
+        generate_kwargs: passed to ``generate`` (e.g. ``pad_token_id``).
 
     Returns:
         ``{"ttft_s": seconds, "tokens_per_s": new tokens per second per
         sequence during decoding, "batch": batch size,
-        "total_tokens_per_s": tokens_per_s * batch, "runs": repeats}``.
+        "total_tokens_per_s": tokens_per_s * batch, "wall_s": median seconds
+        of a whole ``new_tokens`` run, "runs": repeats}``.
     """
     if new_tokens < 2:
         raise ValueError("new_tokens must be at least 2")
     kw = dict(do_sample=False, pad_token_id=getattr(model.generation_config, "pad_token_id", None))
+    kw.update(generate_kwargs)
 
     def run(n: int) -> float:
+        if barrier:
+            barrier()
         _sync()
         t0 = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **kw)
+        if inputs is not None:
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **kw)
         _sync()
+        if barrier:
+            barrier()
         return time.perf_counter() - t0
 
     for _ in range(warmup):
@@ -57,7 +73,9 @@ def time_generate(model, inputs: dict, new_tokens: int = 32, repeats: int = 3, w
         firsts.append(run(1))
         fulls.append(run(new_tokens))
     ttft = statistics.median(firsts)
-    decode = max(statistics.median(fulls) - ttft, 1e-9)
-    batch = int(inputs["input_ids"].shape[0])
+    wall = statistics.median(fulls)
+    decode = max(wall - ttft, 1e-9)
+    batch = int(inputs["input_ids"].shape[0]) if inputs is not None else 0
     tps = (new_tokens - 1) / decode
-    return {"ttft_s": ttft, "tokens_per_s": tps, "batch": batch, "total_tokens_per_s": tps * batch, "runs": repeats}
+    return {"ttft_s": ttft, "tokens_per_s": tps, "batch": batch, "total_tokens_per_s": tps * batch, "wall_s": wall,
+            "runs": repeats}

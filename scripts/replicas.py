@@ -84,6 +84,7 @@ def run(args, state, use_cuda, gather_object) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from helpers.bench import time_generate
     from helpers.model import resolve_model
 
     if state.num_processes != args.expect_world_size:
@@ -148,30 +149,10 @@ def run(args, state, use_cuda, gather_object) -> int:
             with state.split_between_processes(share) as idx:
                 n_local = len(list(idx))
             row = {"batch_total": total, "batch_local": n_local}
-            if n_local:
-                enc = encode(list(range(n_local)))
-            kw = dict(do_sample=False, pad_token_id=pad_id)
-
-            def timed(n):
-                state.wait_for_everyone()
-                if use_cuda:
-                    torch.cuda.synchronize(device)
-                t = time.perf_counter()
-                if n_local:
-                    with torch.inference_mode():
-                        model.generate(**enc, max_new_tokens=n, min_new_tokens=n, **kw)
-                if use_cuda:
-                    torch.cuda.synchronize(device)
-                state.wait_for_everyone()
-                return time.perf_counter() - t
-
-            timed(args.bench_tokens)  # warm-up: the first run of a process is the slowest
-            firsts = sorted(timed(1) for _ in range(3))
-            fulls = sorted(timed(args.bench_tokens) for _ in range(3))
-            decode = max(fulls[1] - firsts[1], 1e-9)
-            row.update(ttft_s=firsts[1], wall_s=fulls[1],
-                       tokens_per_s_per_sequence=(args.bench_tokens - 1) / decode,
-                       total_tokens_per_s=total * (args.bench_tokens - 1) / decode,
+            r = time_generate(model, encode(list(range(n_local))) if n_local else None, new_tokens=args.bench_tokens,
+                              barrier=state.wait_for_everyone, pad_token_id=pad_id)
+            row.update(ttft_s=r["ttft_s"], wall_s=r["wall_s"], tokens_per_s_per_sequence=r["tokens_per_s"],
+                       total_tokens_per_s=total * r["tokens_per_s"],
                        peak_bytes=int(torch.cuda.max_memory_allocated(device)) if use_cuda else 0)
             bench.append(row)
         me["bench"] = bench

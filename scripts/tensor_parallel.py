@@ -34,9 +34,7 @@ import dataclasses
 import gc
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,6 +119,8 @@ def run(args, world, rank, dev) -> int:
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from helpers.bench import time_generate
+
     cuda = dev.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False  # keep the float32 check in float32
     torch.backends.cudnn.allow_tf32 = False
@@ -172,22 +172,9 @@ def run(args, world, rank, dev) -> int:
         for b in args.batches:
             enc = {"input_ids": torch.randint(0, cfg.vocab_size, (b, args.prompt_len), generator=gen).to(dev)}
             enc["attention_mask"] = torch.ones_like(enc["input_ids"])
-
-            def timed(n):
-                dist.barrier()
-                torch.cuda.synchronize(dev) if cuda else None
-                t = time.perf_counter()
-                with torch.inference_mode():
-                    model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-                torch.cuda.synchronize(dev) if cuda else None
-                dist.barrier()
-                return time.perf_counter() - t
-
-            timed(args.bench_tokens)  # warm-up
-            first = statistics.median(timed(1) for _ in range(3))
-            full = statistics.median(timed(args.bench_tokens) for _ in range(3))
-            tps = (args.bench_tokens - 1) / max(full - first, 1e-9)
-            bench.append({"batch": b, "ttft_s": first, "tokens_per_s_per_sequence": tps, "total_tokens_per_s": tps * b})
+            r = time_generate(model, enc, new_tokens=args.bench_tokens, barrier=dist.barrier, pad_token_id=0)
+            bench.append({"batch": b, "ttft_s": r["ttft_s"], "tokens_per_s_per_sequence": r["tokens_per_s"],
+                          "total_tokens_per_s": r["total_tokens_per_s"]})
         mem["peak_bytes"] = torch.cuda.max_memory_allocated(dev) if cuda else 0
         del model
     mine = {"rank": rank, "device": str(dev), "q_proj_shard_shape": shard_shape, **mem}
