@@ -1,28 +1,8 @@
-"""Thin helpers for the big-model workbook.
+"""Thin helpers for the big-model workbook: one idea a module (see helpers/README.md).
 
 They hide boilerplate (fetching the bundled model, reporting hardware,
 measuring memory and speed, drawing device maps, checking a map before a
-load); the notebooks call the library APIs they teach inline.
+load, launching processes); the notebooks call the library APIs they teach
+inline. Import names from the module that defines them, e.g.
+``from helpers.checkpoints import resolve_model``.
 """
-
-from .logs import silence_known_warnings
-from .model import (
-    BUNDLED,
-    CacheError,
-    CheckpointError,
-    bundled_checkpoint,
-    cache_dir,
-    resolve_model,
-    verify_checkpoint,
-)
-
-__all__ = [
-    "BUNDLED",
-    "CacheError",
-    "CheckpointError",
-    "bundled_checkpoint",
-    "cache_dir",
-    "resolve_model",
-    "silence_known_warnings",
-    "verify_checkpoint",
-]

@@ -2,7 +2,7 @@
 
 import sys
 
-from .model import CacheError, CheckpointError, bundled_checkpoint
+from .checkpoints import CacheError, CheckpointError, bundled_checkpoint
 
 
 def main(argv: list[str]) -> int:

@@ -1,16 +1,12 @@
-"""Device maps: a table and a plot of a map, and a pre-flight check before anything loads.
+"""Device maps: their vocabulary, and a table and a plot of a map.
 
 A *device map* sends module-name prefixes to devices, as accelerate and
 ``from_pretrained`` take it: ``{"model.embed_tokens": 0, "model.layers": "cpu",
 "lm_head": "disk"}``. A device is a GPU id (``0``, ``1``, ... or ``"cuda:N"``),
 ``"cpu"`` or ``"disk"``. A tensor goes where its longest matching prefix says
-(the key ``""`` covers the whole model).
-
-:func:`preflight` checks a map against a model (on the meta device or real)
-before anything loads and returns a :class:`Report` of :class:`Finding` s,
-each with what is wrong and what to change. It never builds a torch device
-from a GPU id in planning mode, so a CPU-only machine can check plans for
-GPUs it does not have.
+(the key ``""`` covers the whole model). Notebook 02 introduces maps; this
+module is used by notebooks 02, 03, 04 and 06, by :mod:`helpers.preflight`
+and :mod:`helpers.planner`.
 
 Sizes are bytes of parameters and persistent buffers only (no activations, no
 KV cache, no CUDA context), counted by accelerate's ``compute_module_sizes``
@@ -19,81 +15,21 @@ KV cache, no CUDA context), counted by accelerate's ``compute_module_sizes``
 
 from __future__ import annotations
 
-import difflib
-import json
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from accelerate.utils import compute_module_sizes, convert_file_size_to_int, find_tied_parameters
+from accelerate.utils import compute_module_sizes
 
-GiB = 1024**3
-MiB = 1024**2
+from .units import GiB, MiB, format_size
+
 _ORDER = {"cpu": 1, "disk": 2}
 
 
-@dataclass
-class Finding:
-    """One problem found by :func:`preflight`.
+def canonical_device(value):
+    """Canonical form of a map value: an int GPU id, "cpu" or "disk"; None if not a place to load weights.
 
-    kind: short code: "unplaced", "unknown-module", "unknown-device",
-          "absent-device", "tie-lost", "tied-split", "tied-missing", "missing",
-          "no-split-cut", "no-split-unknown", "over-budget", "no-budget",
-          "quantized-offload".
-    message: what is wrong, naming the parameters/modules/devices.
-    fix: what to change.
-    """
-
-    kind: str
-    message: str
-    fix: str
-
-
-@dataclass
-class Report:
-    """The result of :func:`preflight`: ``ok`` is True when there are no findings.
-
-    ``bytes_per_device`` maps each device of the map (GPU ids as int, "cpu",
-    "disk") to the bytes assigned to it; ``budget`` holds the parsed budget in
-    bytes (empty without one).
-    """
-
-    findings: list[Finding] = field(default_factory=list)
-    bytes_per_device: dict = field(default_factory=dict)
-    budget: dict = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.findings
-
-    def kinds(self) -> list[str]:
-        """The findings' kinds, in order (handy in asserts)."""
-        return [f.kind for f in self.findings]
-
-    def raise_if_problems(self) -> None:
-        """Raise ValueError listing every finding and its fix (no-op when ok)."""
-        if self.findings:
-            raise ValueError(str(self))
-
-    def __str__(self) -> str:
-        used = ", ".join(f"{_label(d)} {_size(b)}" for d, b in self.bytes_per_device.items())
-        if self.ok:
-            return "pre-flight check: OK" + (f" ({used})" if used else "")
-        lines = [f"pre-flight check: {len(self.findings)} problem(s)"]
-        for i, f in enumerate(self.findings, 1):
-            lines += [f"{i}. [{f.kind}] {f.message}", f"   fix: {f.fix}"]
-        return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------
-# small pieces
-
-
-def _device(value):
-    """Canonical form of a map value: int GPU id, "cpu", "disk"; None if not a place to load weights.
-
-    Never builds a torch.device from an int (that needs CUDA).
+    ``"cuda:1"`` and ``torch.device("cuda", 1)`` become ``1``. Never builds a
+    torch.device from an int (that needs CUDA).
     """
     if isinstance(value, torch.device):
         value = str(value)
@@ -111,20 +47,20 @@ def _device(value):
     return None
 
 
-def _label(dev) -> str:
+def device_label(dev) -> str:
+    """``"GPU 0"`` for a GPU id, else the device's name (``"cpu"``, ``"disk"``)."""
     return f"GPU {dev}" if isinstance(dev, int) else str(dev)
 
 
-def _sort_key(dev):
+def device_order(dev):
+    """Sort key of devices: GPUs by id, then cpu, then disk, then anything else (None last)."""
+    if dev is None:
+        return (9, 0, "")
     return (0, dev, "") if isinstance(dev, int) else (_ORDER.get(dev, 3), 0, str(dev))
 
 
-def _size(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
-
-
-def _owner(name: str, device_map: dict):
-    """The map key that covers a tensor/module name (longest prefix), or None."""
+def owner_key(name: str, device_map: dict):
+    """The map key that covers a tensor or module name (longest prefix; ``""`` covers all), or None."""
     parts = name.split(".")
     for i in range(len(parts), 0, -1):
         key = ".".join(parts[:i])
@@ -133,33 +69,19 @@ def _owner(name: str, device_map: dict):
     return "" if "" in device_map else None
 
 
-def parse_budget(max_memory: dict | None) -> dict:
-    """Turn a ``max_memory``-style dict into {device: bytes}.
+def device_of(name: str, device_map: dict):
+    """The canonical device of the map entry that covers ``name``, or None when no entry does."""
+    key = owner_key(name, device_map)
+    return None if key is None else canonical_device(device_map[key])
 
-    Keys: GPU ids (int or "cuda:N"), "cpu", "disk". Values: bytes (int or
-    float) or size strings read by accelerate's ``convert_file_size_to_int``:
-    "35GiB" is 35 * 2**30 bytes, "500MB" is 500 * 10**6.
 
-    Raises:
-        ValueError: a key that is not a device, or a value that is not a size.
+def tensor_sizes(model, dtype=None, hf_quantizer=None) -> dict[str, int]:
+    """Bytes of each parameter and buffer, by full name (tied parameters once).
+
+    With ``dtype``, floating-point tensors count in that dtype; with a
+    transformers quantizer, as transformers counts them (0.5 byte per 4-bit
+    weight, 1 per 8-bit weight, without the block scales).
     """
-    out = {}
-    for key, value in (max_memory or {}).items():
-        dev = _device(key)
-        if dev is None:
-            raise ValueError(f"max_memory key {key!r} is not a device: use GPU ids (0, 1, ...), 'cpu' or 'disk'.")
-        try:
-            out[dev] = int(value) if isinstance(value, (int, float)) else convert_file_size_to_int(value)
-        except (ValueError, AttributeError, TypeError):
-            raise ValueError(
-                f"max_memory[{key!r}] = {value!r} is not a size: give bytes (an int) or a string such as "
-                f"'35GiB' (2**30 bytes each) or '500MB' (10**6 bytes each)."
-            ) from None
-    return out
-
-
-def _tensor_sizes(model, dtype=None, hf_quantizer=None) -> dict[str, int]:
-    """Bytes of each parameter and buffer, by full name (tied parameters once)."""
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
     if hf_quantizer is not None:
         from transformers.integrations.accelerate import compute_module_sizes as hf_sizes
@@ -170,294 +92,33 @@ def _tensor_sizes(model, dtype=None, hf_quantizer=None) -> dict[str, int]:
     return {n: int(sizes[n]) for n in names if n in sizes}
 
 
-def declared_ties(model) -> list[tuple[str, str]]:
-    """Tied parameter pairs (target, source) as the model declares them.
+def bytes_per_device(model, device_map: dict, sizes: dict[str, float]) -> dict:
+    """Sum ``sizes`` ({tensor name: bytes}, e.g. :func:`tensor_sizes`) by the device each tensor is mapped to.
 
-    From transformers' ``all_tied_weights_keys`` (set by ``from_pretrained``
-    and ``post_init``) or ``get_expanded_tied_weights_keys`` (read from the
-    config's ``tie_word_embeddings`` and the class's ``_tied_weights_keys``),
-    plus parameters that already share storage (accelerate's
-    ``find_tied_parameters``). On the meta device after
-    ``init_empty_weights`` sharing is lost, so the declaration is what counts.
+    Tensors the map does not place are left out. Returns {device: bytes}
+    (ints), sorted GPUs, cpu, disk.
     """
-    declared = getattr(model, "all_tied_weights_keys", None)
-    if declared is None and hasattr(model, "get_expanded_tied_weights_keys"):
-        declared = model.get_expanded_tied_weights_keys(all_submodels=True)
-    pairs = list((declared or {}).items())
-    seen = {frozenset(p) for p in pairs}
-    for group in find_tied_parameters(model):
-        for other in group[1:]:
-            if frozenset((other, group[0])) not in seen:
-                pairs.append((other, group[0]))
-                seen.add(frozenset((other, group[0])))
-    return pairs
+    out: dict = {}
+    for name, n in sizes.items():
+        dev = device_of(name, device_map)
+        if dev is not None:
+            out[dev] = out.get(dev, 0) + n
+    return {d: int(round(b)) for d, b in sorted(out.items(), key=lambda kv: device_order(kv[0]))}
 
 
-def checkpoint_keys(checkpoint) -> set[str]:
-    """The tensor names stored in a checkpoint directory (or one .safetensors file).
-
-    Reads ``*.safetensors.index.json`` / ``*.bin.index.json`` or the header of
-    ``model.safetensors``; no tensor is loaded.
-
-    Raises:
-        FileNotFoundError: no index or safetensors file there.
-    """
-    p = Path(checkpoint).expanduser()
-    if p.is_file() and p.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(p), framework="pt") as f:
-            return set(f.keys())
-    for index in sorted(p.glob("*.index.json")) if p.is_dir() else []:
-        return set(json.loads(index.read_text())["weight_map"])
-    if (p / "model.safetensors").is_file():
-        return checkpoint_keys(p / "model.safetensors")
-    raise FileNotFoundError(
-        f"{p} holds no checkpoint index (*.index.json) or model.safetensors: pass the directory "
-        f"written by save_pretrained, or checkpoint=None to skip the checkpoint checks."
-    )
-
-
-def _quant_config(model, hf_quantizer):
-    if hf_quantizer is not None:
-        return hf_quantizer.quantization_config
-    q = getattr(model, "hf_quantizer", None)
-    if q is not None:
-        return q.quantization_config
-    if getattr(model, "is_quantized", False):
-        return getattr(getattr(model, "config", None), "quantization_config", None)
-    return None
+def layer_ranges(nums) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    nums, out = sorted(nums), []
+    for n in nums:
+        if out and n == out[-1][1] + 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in out)
 
 
 # --------------------------------------------------------------------------
-# the check
-
-
-def preflight(model, device_map: dict, max_memory: dict | None = None, *, mode: str = "plan",
-              checkpoint=None, no_split_module_classes=None, dtype=None, hf_quantizer=None) -> Report:
-    """Check a device map against a model (meta or real) before anything loads.
-
-    Args:
-        model: a ``torch.nn.Module`` (usually a transformers model on the meta device).
-        device_map: {module-name prefix: device}; devices are GPU ids (int or
-            "cuda:N"), "cpu" or "disk". "" covers the whole model.
-        max_memory: optional budget per device, as for ``max_memory`` in
-            accelerate: bytes or size strings ("35GiB", "500MB").
-        mode: "plan" (devices may be hypothetical: GPU 3 on a laptop is fine)
-            or "run" (every device must exist on this machine).
-        checkpoint: optional checkpoint directory; parameters whose keys it
-            lacks (e.g. a tied ``lm_head.weight``) are checked against the map.
-        no_split_module_classes: class names that must stay whole on one
-            device; the model's own ``_no_split_modules`` are always added.
-        dtype: count floating-point tensors in this dtype (e.g.
-            ``torch.bfloat16``) instead of their current one.
-        hf_quantizer: a transformers quantizer the meta model was prepared
-            with; sizes then follow transformers' accounting (0.5 byte per
-            4-bit weight, 1 per 8-bit weight, without the block scales).
-
-    Returns:
-        A :class:`Report`; ``str(report)`` lists each finding with its fix.
-
-    Finds: tensors with no device; map keys that match no module; devices
-    that are not devices (e.g. "meta") or, in run mode, absent here; tied
-    parameters whose tie was lost on the meta device, placed on different
-    devices, or absent from the checkpoint while mapped to "disk"; other
-    parameters absent from the checkpoint; a no-split module cut across
-    devices or a no-split class name that matches no module; a device over
-    its budget or without one; bitsandbytes-quantized modules offloaded.
-
-    Raises:
-        ValueError: ``mode`` is not "plan"/"run", ``device_map`` is not a dict
-            (plan a string such as "auto" first with ``infer_auto_device_map``),
-            or ``max_memory`` is malformed.
-        FileNotFoundError: ``checkpoint`` holds no index or safetensors file.
-    """
-    if mode not in ("plan", "run"):
-        raise ValueError(f"mode must be 'plan' or 'run', not {mode!r}.")
-    if not isinstance(device_map, dict):
-        raise ValueError(
-            f"preflight checks a concrete map (a dict), not {device_map!r}: plan one first, e.g. "
-            f"accelerate.infer_auto_device_map(model, max_memory=..., no_split_module_classes=model._no_split_modules)."
-        )
-    report = Report(budget=parse_budget(max_memory))
-    where = {key: _device(value) for key, value in device_map.items()}  # map key -> canonical device (None: bad)
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)] + \
-            [n for n, _ in model.named_buffers(remove_duplicate=False)]
-    owner = {n: _owner(n, device_map) for n in names}
-    device_of = {n: (where[k] if k is not None else None) for n, k in owner.items()}
-    for name, n in _tensor_sizes(model, dtype, hf_quantizer).items():
-        if device_of.get(name) is not None:
-            report.bytes_per_device[device_of[name]] = report.bytes_per_device.get(device_of[name], 0) + n
-    report.bytes_per_device = dict(sorted(report.bytes_per_device.items(), key=lambda kv: _sort_key(kv[0])))
-    ckpt = checkpoint_keys(checkpoint) if checkpoint is not None else None
-
-    report.findings += _check_devices(model, device_map, where, owner, mode)
-    report.findings += _check_ties(model, device_map, device_of, ckpt)
-    report.findings += _check_no_split(model, device_of, no_split_module_classes)
-    report.findings += _check_budget(report.bytes_per_device, report.budget)
-    report.findings += _check_quantized(model, where, hf_quantizer)
-    return report
-
-
-def _check_devices(model, device_map, where, owner, mode) -> list[Finding]:
-    """Bad device values, devices absent here (run mode), keys matching no module, tensors with no device."""
-    out = []
-    for key, value in device_map.items():
-        if where[key] is None:
-            why = "the meta device holds no data" if str(value).startswith("meta") else "not a device accelerate loads to"
-            out.append(Finding("unknown-device", f"device_map[{key!r}] = {value!r}: {why}.",
-                               f"map {key!r} to a GPU id (0, 1, ...), 'cpu' or 'disk'."))
-    if mode == "run":
-        n_gpu = torch.cuda.device_count()
-        here = ", ".join(["cpu", "disk"] + [str(i) for i in range(n_gpu)])
-        for dev in sorted({d for d in where.values() if isinstance(d, int) and d >= n_gpu}):
-            keys = [k for k, d in where.items() if d == dev]
-            out.append(Finding(
-                "absent-device",
-                f"the map puts {len(keys)} module(s) (e.g. {keys[0]!r}) on GPU {dev}, but this machine has "
-                f"{n_gpu} CUDA GPU(s) (torch.cuda.device_count() = {n_gpu}).",
-                f"move them to a device that exists here ({here}), re-plan with a max_memory that names only this "
-                f"machine's devices, or use mode='plan' for a machine you don't have."))
-    modules = dict(model.named_modules())
-    unknown = [k for k in device_map if k != "" and k not in modules]
-    if unknown:
-        out.append(Finding(
-            "unknown-module", f"{len(unknown)} map key(s) match no module of the model: {', '.join(map(repr, unknown[:5]))}.",
-            "use names from model.named_modules() (print(model) shows them); check for a missing 'model.' prefix."))
-    unplaced = [n for n, k in owner.items() if k is None]
-    if unplaced:
-        roots = sorted({n.rsplit(".", 1)[0] for n in unplaced})
-        out.append(Finding(
-            "unplaced", f"{len(unplaced)} tensor(s) have no device, in module(s): {', '.join(roots[:6])}"
-            + (" ..." if len(roots) > 6 else "") + ".",
-            f"add entries for them, e.g. device_map[{roots[0]!r}] = 'cpu', or a catch-all key \"\"."))
-    return out
-
-
-def _check_ties(model, device_map, device_of, ckpt) -> list[Finding]:
-    """Every declared tied pair: tie lost on meta, ends on different devices, keys absent from the checkpoint."""
-    out = []
-    params = dict(model.named_parameters(remove_duplicate=False))
-    pairs = [(t, s) for t, s in declared_ties(model) if t in params and s in params]
-    for target, source in pairs:
-        td, sd = device_of.get(target), device_of.get(source)
-        if params[target] is not params[source] and params[target].is_meta and params[source].is_meta:
-            extra = ""
-            if ckpt is not None and (target not in ckpt or source not in ckpt):
-                absent = target if target not in ckpt else source
-                extra = (f" The checkpoint has no {absent!r}, so it would stay on the meta device "
-                         f"('Cannot copy out of meta tensor; no data!').")
-            out.append(Finding(
-                "tie-lost", f"{target} and {source} are declared tied but are separate parameters (the tie is lost, "
-                f"e.g. by init_empty_weights): sizes count the pair twice and a map may split it.{extra}",
-                "call model.tie_weights() after building the empty model (or build it under torch.device('meta')), "
-                "then plan the map again."))
-        if td is not None and sd is not None and td != sd:
-            out.append(Finding(
-                "tied-split", f"tied parameters {target} ({_label(td)}) and {source} ({_label(sd)}) are on different devices.",
-                f"map the modules of both to one device that holds weights in memory, e.g. "
-                f"{_owner(target, device_map)!r} and {_owner(source, device_map)!r} both to "
-                f"{sd if sd != 'disk' else 'cpu'!r}; offload decoder layers instead."))
-        if ckpt is None:
-            continue
-        for name, dev, other in ((target, td, source), (source, sd, target)):
-            if name not in ckpt and other in ckpt and dev == "disk":
-                out.append(Finding(
-                    "tied-missing", f"{name} is not in the checkpoint (it is filled from {other} by the tie) and the map "
-                    f"puts it on disk: the offload index gets no entry for it and the forward pass fails with "
-                    f"KeyError: {name!r}.",
-                    f"keep {_owner(name, device_map)!r} and {_owner(other, device_map)!r} in memory (a GPU or 'cpu'); "
-                    f"offload decoder layers instead."))
-        if target not in ckpt and source not in ckpt:
-            out.append(Finding("tied-missing", f"neither {target} nor {source} is in the checkpoint.",
-                               "check that the checkpoint matches the model (its config and class)."))
-    if ckpt is not None:
-        tied = {n for pair in pairs for n in pair}
-        missing = [n for n, _ in model.named_parameters() if n not in ckpt and n not in tied]
-        if missing:
-            out.append(Finding(
-                "missing", f"{len(missing)} parameter(s) are not in the checkpoint, e.g. {missing[0]}: they would "
-                f"stay on the meta device (or keep random values).",
-                "check that the checkpoint matches the model class and config, or initialise those weights yourself."))
-    return out
-
-
-def _check_no_split(model, device_of, no_split_module_classes) -> list[Finding]:
-    """No-split class names that match nothing; no-split modules (the model's own always included) cut across devices."""
-    out = []
-    modules = dict(model.named_modules())
-    declared = sorted(getattr(model, "_no_split_modules", None) or [])
-    given = list(no_split_module_classes or [])
-    classes = {type(m).__name__ for m in modules.values()}
-    for name in given:
-        if name not in classes:
-            close = difflib.get_close_matches(name, sorted(classes), n=1)
-            out.append(Finding(
-                "no-split-unknown", f"no module of the model has the class {name!r} named in no_split_module_classes; "
-                f"it protects nothing." + (f" Did you mean {close[0]!r}?" if close else ""),
-                f"use the model's own list: no_split_module_classes=model._no_split_modules ({declared})."))
-    keep_whole = (set(declared) | set(given)) & classes
-    cut = []
-    for mname, module in modules.items():
-        if type(module).__name__ not in keep_whole or any(mname.startswith(c + ".") for c in cut):
-            continue
-        inside = {d for n, d in device_of.items() if d is not None and (not mname or n.startswith(mname + "."))}
-        if len(inside) > 1:
-            cut.append(mname)
-            devs = ", ".join(_label(d) for d in sorted(inside, key=_sort_key))
-            out.append(Finding(
-                "no-split-cut", f"{mname} ({type(module).__name__}) must stay whole but is cut across {devs}: its "
-                f"residual connection would mix tensors from different devices ('Expected all tensors to be on the "
-                f"same device').",
-                f"map the whole module to one device (one entry {mname!r}, no sub-entries), or plan with "
-                f"no_split_module_classes=model._no_split_modules ({declared})."))
-    return out
-
-
-def _check_budget(used: dict, budget: dict) -> list[Finding]:
-    """Bytes of weights per device against max_memory (disk without a budget is unlimited)."""
-    out = []
-    for dev, n in used.items() if budget else ():
-        if dev not in budget and dev != "disk":
-            out.append(Finding("no-budget", f"the map uses {_label(dev)} ({_size(n)}) but max_memory gives it no budget.",
-                               f"add {dev!r} to max_memory or move its modules to a budgeted device."))
-        elif dev in budget and n > budget[dev]:
-            over = _size(n - budget[dev])
-            out.append(Finding(
-                "over-budget", f"{_label(dev)} gets {_size(n)} of weights but its budget is {_size(budget[dev])} "
-                f"(over by {over}).",
-                f"move about {over} of modules (e.g. whole decoder layers) from {_label(dev)} to another device, "
-                f"or raise max_memory[{dev!r}]."))
-    return out
-
-
-def _check_quantized(model, where, hf_quantizer) -> list[Finding]:
-    """bitsandbytes: transformers refuses CPU/disk offload unless llm_int8_enable_fp32_cpu_offload, which needs a GPU."""
-    qc = _quant_config(model, hf_quantizer)
-    get = (lambda k: qc.get(k)) if isinstance(qc, dict) else (lambda k: getattr(qc, k, None))  # noqa: E731
-    method = get("quant_method") if qc is not None else None
-    if not str(getattr(method, "value", method)).startswith("bitsandbytes"):
-        return []
-    values = {d for d in where.values() if d is not None}
-    offloaded = {"cpu", "disk"} & values
-    if not get("llm_int8_enable_fp32_cpu_offload") and values != {"cpu"} and offloaded:
-        return [Finding(
-            "quantized-offload", f"the model is quantized with bitsandbytes and the map sends modules to "
-            f"{' and '.join(sorted(offloaded))}: from_pretrained refuses ('Some modules are dispatched on the CPU or "
-            f"the disk...').",
-            "give it room: a budget that holds the whole quantized model on the GPU(s), or on a machine without a "
-            "GPU everything on the CPU (device_map={'': 'cpu'} with enough max_memory['cpu']).")]
-    if get("llm_int8_enable_fp32_cpu_offload") and not any(isinstance(d, int) for d in values) and "disk" in values:
-        return [Finding(
-            "quantized-offload", "llm_int8_enable_fp32_cpu_offload is set but the map has no GPU and puts modules on "
-            "disk: loading succeeds, generate fails ('Cannot access accelerator device when none is available').",
-            "on a machine without a GPU keep the quantized model whole on the CPU (device_map={'': 'cpu'}) with "
-            "enough max_memory['cpu'], and drop llm_int8_enable_fp32_cpu_offload.")]
-    return []
-
-
-# --------------------------------------------------------------------------
-# table and plot
+# which parts sit where: the table and the plot
 
 
 def _units(model, device_map):
@@ -469,11 +130,9 @@ def _units(model, device_map):
         if idx is not None:
             uid = (".".join(parts[:idx]), int(parts[idx]))
         else:
-            key = _owner(name, device_map)
+            key = owner_key(name, device_map)
             uid = (key if key else ".".join(parts[:-1]) or name, None)
-        key = _owner(name, device_map)
-        dev = _device(device_map[key]) if key is not None else None
-        units.setdefault(uid, []).append((name, dev))
+        units.setdefault(uid, []).append((name, device_of(name, device_map)))
     return units
 
 
@@ -481,28 +140,8 @@ def _short(prefix: str) -> str:
     return prefix.rsplit(".", 1)[-1] if prefix else "(whole model)"
 
 
-def _ranges(nums: list[int]) -> str:
-    nums, out = sorted(nums), []
-    for n in nums:
-        if out and n == out[-1][1] + 1:
-            out[-1][1] = n
-        else:
-            out.append([n, n])
-    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in out)
-
-
-def map_table(model, device_map: dict, dtype=None, hf_quantizer=None):
-    """A pandas DataFrame with one row per device of a map.
-
-    Columns: ``device`` (GPU id, "cpu", "disk", or "(none)" for tensors the map
-    misses), ``modules`` (e.g. "embed_tokens, layers 0-14, layers 15 (part)"),
-    ``parameters`` (count of parameter elements, tied ones once), ``bytes``
-    (parameters + persistent buffers, in ``dtype`` if given) and ``GiB``
-    (bytes / 2**30, rounded to 3 places). Rows are sorted GPUs, cpu, disk.
-    """
-    import pandas as pd
-
-    sizes = _tensor_sizes(model, dtype, hf_quantizer)
+def _rows(model, device_map: dict, sizes: dict) -> list[dict]:
+    """One dict per device (sorted): device, modules (a readable list), parameters, bytes."""
     numel = {n: p.numel() for n, p in model.named_parameters()}
     rows = {}
     for (prefix, idx), members in _units(model, device_map).items():
@@ -519,12 +158,39 @@ def map_table(model, device_map: dict, dtype=None, hf_quantizer=None):
             else:  # whole layers of one list collapse into ranges ("layers 0-14")
                 r["names"].setdefault(prefix, []).append(idx)
     out = []
-    for dev in sorted(rows, key=lambda d: (9, 0, "") if d is None else _sort_key(d)):
+    for dev in sorted(rows, key=device_order):
         r = rows[dev]
-        names = [k if ix is None else f"{_short(k)} {_ranges(ix)}" for k, ix in r["names"].items()]
-        out.append({"device": "(none)" if dev is None else dev, "modules": ", ".join(names),
-                    "parameters": r["parameters"], "bytes": r["bytes"], "GiB": round(r["bytes"] / GiB, 3)})
-    return pd.DataFrame(out, columns=["device", "modules", "parameters", "bytes", "GiB"])
+        names = [k if ix is None else f"{_short(k)} {layer_ranges(ix)}" for k, ix in r["names"].items()]
+        out.append({"device": dev, "modules": ", ".join(names), "parameters": r["parameters"], "bytes": r["bytes"]})
+    return out
+
+
+def placement(model, device_map: dict) -> dict:
+    """Which parts of the model each device holds: {device: "embed_tokens, layers 0-14, norm"}.
+
+    Devices are canonical (GPU ids as ints, "cpu", "disk"; None for tensors the
+    map misses), sorted; ``{"": 1}`` gives ``{1: "(whole model)"}``. The
+    readable column of :func:`map_table`; notebooks 04 and 05 print it.
+    """
+    return {r["device"]: r["modules"] for r in _rows(model, device_map, {})}
+
+
+def map_table(model, device_map: dict, dtype=None, hf_quantizer=None):
+    """A pandas DataFrame with one row per device of a map (notebook 02).
+
+    Columns: ``device`` (GPU id, "cpu", "disk", or "(none)" for tensors the map
+    misses), ``modules`` (e.g. "embed_tokens, layers 0-14, layers 15 (part)"),
+    ``parameters`` (count of parameter elements, tied ones once), ``bytes``
+    (parameters + persistent buffers, in ``dtype`` if given) and ``GiB``
+    (bytes / 2**30, rounded to 3 places). Rows are sorted GPUs, cpu, disk.
+    """
+    import pandas as pd
+
+    rows = _rows(model, device_map, tensor_sizes(model, dtype, hf_quantizer))
+    for r in rows:
+        r["device"] = "(none)" if r["device"] is None else r["device"]
+        r["GiB"] = round(r["bytes"] / GiB, 3)
+    return pd.DataFrame(rows, columns=["device", "modules", "parameters", "bytes", "GiB"])
 
 
 def _color(dev):
@@ -553,10 +219,12 @@ def plot_device_map(model, device_map: dict, max_memory: dict | None = None, tit
         dtype, hf_quantizer: as in :func:`preflight`.
 
     Returns:
-        The matplotlib Figure. Call ``plt.show()`` after it.
+        The matplotlib Figure. Call ``plt.show()`` after it. Explained in notebook 02.
     """
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+
+    from .preflight import parse_budget
 
     budget = parse_budget(max_memory)
     table = map_table(model, device_map, dtype, hf_quantizer)
@@ -573,7 +241,7 @@ def plot_device_map(model, device_map: dict, max_memory: dict | None = None, tit
     units = list(_units(model, device_map).items())
     labels = []
     for x, ((prefix, idx), members) in enumerate(units):
-        devs = sorted({d for _, d in members}, key=lambda d: (9, 0, "") if d is None else _sort_key(d))
+        devs = sorted({d for _, d in members}, key=device_order)
         h = 1 / len(devs)
         for j, dev in enumerate(devs):
             ax_strip.bar(x, h, bottom=j * h, width=1.0, color=_color(dev), edgecolor="black", linewidth=0.3,
@@ -588,8 +256,8 @@ def plot_device_map(model, device_map: dict, max_memory: dict | None = None, tit
     ax_strip.set_title(title or "Device map: where each part of the model sits")
 
     def legend_label(d):
-        s = f"{_label(d) if d is not None else 'no device'}: {_size(used.get(d, 0))}"
-        return s + (f" / {_size(budget[d])}" if d in budget else "")
+        s = f"{device_label(d) if d is not None else 'no device'}: {format_size(used.get(d, 0))}"
+        return s + (f" / {format_size(budget[d])}" if d in budget else "")
 
     listed = devices + [d for d in budget if isinstance(d, int) and d not in devices]  # empty GPUs too
     ax_strip.legend(handles=[Patch(facecolor=_color(d), edgecolor="black", label=legend_label(d)) for d in listed],
@@ -605,7 +273,7 @@ def plot_device_map(model, device_map: dict, max_memory: dict | None = None, tit
                    color=["red" if d in budget and used.get(d, 0) > budget[d] else _color(d) for d in shown])
         ax_bar.bar([x for x, d in zip(xs, shown) if d in budget], [budget[d] / unit for d in shown if d in budget],
                    width=0.6, fill=False, edgecolor="black", linewidth=1.2, label="budget (max_memory)")
-        ax_bar.set_xticks(list(xs), [_label(d) for d in shown])
+        ax_bar.set_xticks(list(xs), [device_label(d) for d in shown])
         ax_bar.set_ylabel(f"weights ({uname})")
         ax_bar.set_xlabel("device")
         ax_bar.set_title("Bytes of weights per device" + (" against its budget (red: over)" if budget else ""))
@@ -621,7 +289,7 @@ def device_map_of(model) -> dict:
     transformers sets ``hf_device_map`` only when the map spans several
     devices or offloads; a model loaded whole onto one device has none
     (``AttributeError``). Then this returns ``{"": device}`` with the device
-    of its parameters (e.g. ``{"": "cpu"}``).
+    of its parameters (e.g. ``{"": "cpu"}``). Explained in notebook 02; case 5 of notebook 06.
     """
     dm = getattr(model, "hf_device_map", None)
     if dm is not None:

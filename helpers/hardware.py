@@ -1,19 +1,20 @@
-"""A report of this machine: versions, devices, memory, disk, the bitsandbytes backend."""
+"""A report of this machine: versions, devices, memory, disk, and the bitsandbytes library actually loaded (notebook 00)."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import platform
+import re
 import shutil
 from pathlib import Path
 
-GiB = 1024**3
+from .units import GiB
 
 PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "gguf")
 
 
 def version(name: str) -> str:
-    """Installed version of a distribution, or ``"not installed"``."""
+    """Installed version of a distribution, or ``"not installed"`` (notebook 00)."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -21,27 +22,49 @@ def version(name: str) -> str:
 
 
 def gpu_count() -> int:
-    """Number of CUDA devices torch can use (0 on a CPU-only build or machine)."""
+    """Number of CUDA devices torch can use (0 on a CPU-only build or machine). Notebooks 00, 04 and 05."""
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def bnb_backend() -> str:
-    """Which bitsandbytes backend will run the quantized layers: ``"cuda"`` or ``"cpu"``.
+def bnb_library() -> dict:
+    """Which native library bitsandbytes loaded, read from bitsandbytes itself.
 
-    bitsandbytes 0.50 runs LLM.int8 and 4-bit on the CPU too (it dequantizes
-    and multiplies in the compute dtype); on a CUDA machine it loads its CUDA
-    library. Returns ``"not installed"`` without bitsandbytes.
+    bitsandbytes 0.50 picks its library at import: ``libbitsandbytes_cpu.so``
+    without CUDA, else the CUDA build matching torch's CUDA version (e.g.
+    ``libbitsandbytes_cuda130.so`` for CUDA 13.0). It runs LLM.int8 and 4-bit
+    on the CPU too (dequantize, then multiply in the compute dtype).
+
+    Returns:
+        ``{"backend": "cuda" | "cpu" | "xpu" | "none", "library": file name or
+        None, "cuda": "13.0" or None}``; ``backend`` is ``"not installed"``
+        without bitsandbytes, and ``"none"`` when it loaded no native library
+        (it then runs its pure-torch fallbacks on the CPU).
     """
-    from .logs import silence_known_warnings
+    from .quiet import silence_known_warnings
 
     silence_known_warnings()
     try:
-        import bitsandbytes  # noqa: F401
+        from bitsandbytes import cextension
     except ImportError:
-        return "not installed"
-    return "cuda" if gpu_count() else "cpu"
+        return {"backend": "not installed", "library": None, "cuda": None}
+    dll = getattr(cextension.lib, "_lib", None)
+    name = Path(getattr(dll, "_name", "") or "").name or None
+    if name is None:
+        return {"backend": "none", "library": None, "cuda": None}
+    m = re.search(r"cuda(\d+)(\d)\b", name)
+    cuda = f"{m.group(1)}.{m.group(2)}" if m else None
+    backend = "cuda" if getattr(cextension.lib, "compiled_with_cuda", False) else ("xpu" if "xpu" in name else "cpu")
+    return {"backend": backend, "library": name, "cuda": cuda}
+
+
+def bnb_backend() -> str:
+    """One line for :func:`report`: e.g. ``"cuda (libbitsandbytes_cuda130.so, CUDA 13.0)"`` or ``"cpu (libbitsandbytes_cpu.so)"``."""
+    lib = bnb_library()
+    if lib["library"] is None:
+        return lib["backend"]
+    return f"{lib['backend']} ({lib['library']}" + (f", CUDA {lib['cuda']})" if lib["cuda"] else ")")
 
 
 def report(cache: str | Path | None = None) -> dict:
@@ -53,7 +76,8 @@ def report(cache: str | Path | None = None) -> dict:
 
     Returns:
         A dict: ``python``, one key per package in ``PACKAGES``, ``cuda``
-        (torch's CUDA version or ``None``), ``bnb_backend``, ``gpus`` (list of
+        (torch's CUDA version or ``None``), ``bnb_backend`` (see
+        :func:`bnb_backend`), ``gpus`` (list of
         ``(name, total GiB)``), ``cpu_cores``, ``ram_total_gib``,
         ``ram_available_gib``, ``disk_free_gib`` (all GiB = 2**30 bytes,
         rounded to 0.1).
@@ -61,7 +85,7 @@ def report(cache: str | Path | None = None) -> dict:
     import psutil
     import torch
 
-    from .model import cache_dir
+    from .checkpoints import cache_dir
 
     gpus = []
     for i in range(gpu_count()):
@@ -84,7 +108,7 @@ def report(cache: str | Path | None = None) -> dict:
 
 
 def print_report(info: dict | None = None) -> None:
-    """Print :func:`report` as aligned lines."""
+    """Print :func:`report` as aligned lines (the first cell of every notebook)."""
     info = info or report()
     for key, value in info.items():
         if key == "gpus":

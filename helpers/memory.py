@@ -1,4 +1,4 @@
-"""Memory arithmetic: bytes per parameter per format, a footprint predictor, measuring.
+"""Memory arithmetic: bytes per parameter per format and a footprint predictor (notebook 00).
 
 Figures (bytes per weight of a quantized Linear layer):
 - fp32 4, bf16/fp16 2.
@@ -18,15 +18,11 @@ blocks: embeddings, norms and the output head stay in the compute dtype.
 
 from __future__ import annotations
 
-import os
-
 import torch
-
-GiB = 1024**3
-MiB = 1024**2
 
 BYTES_PER_PARAM = {
     "fp32": 4.0,
+    "fp16": 2.0,
     "bf16": 2.0,
     "int8": 1.0,  # + 4 / in_features for the per-row scale: see linear_bytes_per_weight
     "nf4": 0.5 + 4 / 64,
@@ -35,6 +31,11 @@ BYTES_PER_PARAM = {
 """Bytes per weight of a Linear layer in each format (nf4 stands for FP4 too)."""
 
 FORMATS = tuple(BYTES_PER_PARAM)
+"""Storage formats the workbook knows: fp32, fp16 and bf16 unquantized; int8 (LLM.int8), nf4 and nf4-dq
+(NF4 with double quantization) through bitsandbytes."""
+
+QUANTIZED = ("int8", "nf4", "nf4-dq")
+"""The formats of :data:`FORMATS` that bitsandbytes quantizes."""
 
 
 def linear_bytes_per_weight(fmt: str, in_features: int = 4096) -> float:
@@ -47,6 +48,8 @@ def linear_bytes_per_weight(fmt: str, in_features: int = 4096) -> float:
 
     Raises:
         ValueError: unknown format.
+
+    Explained in notebook 00; notebook 03's planner adds these bytes back to transformers' accounting.
     """
     if fmt not in BYTES_PER_PARAM:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -56,6 +59,7 @@ def linear_bytes_per_weight(fmt: str, in_features: int = 4096) -> float:
 
 
 def _unique_params(model: torch.nn.Module):
+    """(name, parameter) pairs, a tied parameter once (under its first name)."""
     seen = set()
     for name, p in model.named_parameters(remove_duplicate=False):
         key = id(p)
@@ -81,7 +85,7 @@ def param_groups(model: torch.nn.Module) -> dict[str, int]:
     Returns:
         ``{"linear (in blocks)": n, "embedding": n, "norm": n, "lm_head": n,
         "other": n}`` in parameters. ``lm_head`` is 0 when it is tied to the
-        embedding.
+        embedding. Explained in notebook 00.
     """
     quant = _quantizable(model)
     groups = {"linear (in blocks)": 0, "embedding": 0, "norm": 0, "lm_head": 0, "other": 0}
@@ -109,38 +113,16 @@ def predict_footprint(model: torch.nn.Module, fmt: str, dtype_bytes: float | Non
 
     Returns:
         Bytes (int). Raises ValueError for an unknown format.
+
+    Explained in notebook 00 (predicted against measured) and used again in notebook 01.
     """
     if dtype_bytes is None:
         dtype_bytes = 4.0 if fmt == "fp32" else 2.0
     quant = _quantizable(model)
     total = 0.0
     for name, p in _unique_params(model):
-        if name in quant and fmt not in ("fp32", "bf16"):
+        if name in quant:
             total += p.numel() * linear_bytes_per_weight(fmt, p.shape[-1])
-        elif name in quant:
-            total += p.numel() * BYTES_PER_PARAM[fmt]
         else:
             total += p.numel() * dtype_bytes
     return int(round(total))
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process in bytes (psutil)."""
-    import psutil
-
-    return psutil.Process(os.getpid()).memory_info().rss
-
-
-def cuda_peak_bytes(device: int | None = None) -> int:
-    """``torch.cuda.max_memory_allocated`` in bytes, or 0 without CUDA."""
-    return torch.cuda.max_memory_allocated(device) if torch.cuda.is_available() else 0
-
-
-def gib(n_bytes: float, digits: int = 2) -> float:
-    """Bytes to GiB (2**30), rounded."""
-    return round(n_bytes / GiB, digits)
-
-
-def mib(n_bytes: float, digits: int = 1) -> float:
-    """Bytes to MiB (2**20), rounded."""
-    return round(n_bytes / MiB, digits)

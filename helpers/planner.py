@@ -1,4 +1,4 @@
-"""Plan a device map for GPUs you don't have: the plain-function view of notebook 03's planner.
+"""Plan a device map for GPUs you don't have, as ``from_pretrained`` would (notebook 03).
 
 :func:`plan` takes a model shape (a name from :data:`helpers.shapes.SHAPES`),
 a storage format, a number of GPUs and their memory, and returns the map
@@ -13,7 +13,9 @@ a machine without one.
 
 The steps are transformers' own (5.24, ``from_pretrained`` ->
 ``transformers.integrations.accelerate._get_device_map``), not a global
-multiplier:
+multiplier; they live in :func:`prepare_meta_model` (step 1) and
+:func:`plan_device_map` (steps 2 to 4), which notebook 03 prints and checks
+against transformers:
 
 1. The model is built on the meta device in the compute dtype; for a
    quantized format transformers' quantizer (``AutoHfQuantizer``) replaces the
@@ -41,54 +43,23 @@ cache and the CUDA context are in neither figure.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from .devicemap import _owner as _owner_key
-from .devicemap import _ranges
-from .memory import GiB, linear_bytes_per_weight
+from .devicemap import bytes_per_device, placement, tensor_sizes
+from .memory import FORMATS, QUANTIZED, linear_bytes_per_weight
+from .quiet import quiet_planning
 from .shapes import SHAPES, shape_config
-
-FORMATS = ("bf16", "fp16", "fp32", "int8", "nf4", "nf4-dq")
-"""Storage formats :func:`plan` knows: bf16/fp16/fp32 unquantized; int8 (LLM.int8),
-nf4, nf4-dq (NF4 with double quantization) through bitsandbytes, with a bf16
-compute dtype for the parts that stay unquantized."""
+from .units import GiB
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 """The string values of ``device_map`` that make transformers plan ("auto" is "balanced")."""
 
-# Loggers that speak while planning for devices that are not here. Their messages are known and
-# expected on a machine without those GPUs; the plan's verdict carries what matters.
-_PLANNING_LOGGERS = (
-    "accelerate.utils.modeling",  # "Device 0 is not available, available devices are []"
-    "transformers.integrations.accelerate",  # "Current model requires N bytes of buffer for offloaded layers"
-)
 
-
-@contextlib.contextmanager
-def quiet_planning():
-    """Silence the known warnings of planning for absent GPUs, and restore the levels afterwards."""
-    loggers = [logging.getLogger(name) for name in _PLANNING_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def quantization_config(fmt: str):
-    """The ``BitsAndBytesConfig`` that ``from_pretrained`` would get for ``fmt``, or None (unquantized).
-
-    Raises:
-        ValueError: unknown format (the message lists :data:`FORMATS`).
-    """
+def _quantization_config(fmt: str):
+    """The ``BitsAndBytesConfig`` that ``from_pretrained`` would get for ``fmt`` (bf16 compute), or None."""
     from transformers import BitsAndBytesConfig
 
     if fmt not in FORMATS:
@@ -102,45 +73,77 @@ def quantization_config(fmt: str):
     return None
 
 
-def compute_dtype(fmt: str) -> torch.dtype:
-    """The dtype of the parts that are not quantized (and of everything for bf16/fp16/fp32)."""
-    return {"fp32": torch.float32, "fp16": torch.float16}.get(fmt, torch.bfloat16)
+def prepare_meta_model(config, quantization_config=None, dtype: torch.dtype = torch.bfloat16):
+    """Build ``config``'s causal LM on the meta device and prepare it as ``from_pretrained`` would.
+
+    With a quantization config, transformers' quantizer replaces the Linear
+    layers inside the blocks with bitsandbytes layers (``preprocess_model``),
+    exactly as ``from_pretrained`` does before it plans; embeddings, norms and
+    the output head keep ``dtype``. Notebook 03 prints this function.
+
+    Returns:
+        ``(model, hf_quantizer)``: every tensor on the meta device; the
+        quantizer is None without a quantization config, and is also set as
+        ``model.hf_quantizer``, as after ``from_pretrained``.
+
+    Raises:
+        ImportError: a bitsandbytes config without bitsandbytes installed.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers import AutoHfQuantizer
+
+    with torch.device("meta"):  # ties declared by the config are applied by post_init
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quantizer = None
+    if quantization_config is not None:
+        # pre_quantized=False: the checkpoint holds bf16 weights, quantized while loading
+        quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=False)
+        quantizer.preprocess_model(model=model, dtype=dtype, device_map="auto", checkpoint_files=None,
+                                   use_kernels=False)
+        model.hf_quantizer = quantizer
+    return model.eval(), quantizer
+
+
+def plan_device_map(model, quantizer, max_memory: dict, strategy: str = "auto") -> tuple[dict, dict]:
+    """The map ``from_pretrained(device_map=strategy, max_memory=...)`` computes, without its final check.
+
+    The steps of ``transformers.integrations.accelerate._get_device_map``
+    (5.24): balance the budget (or take it whole for "sequential"), let the
+    quantizer cut it (bitsandbytes: to 90%), place the modules without
+    splitting ``model._no_split_modules``. ``max_memory`` is not changed.
+    Notebook 03 prints this function and checks it against transformers.
+
+    Returns:
+        ``(device_map, caps)``: the map, and the per-device caps (bytes) the placement used.
+    """
+    from transformers.integrations.accelerate import get_balanced_memory, get_max_memory, infer_auto_device_map
+
+    no_split = model._no_split_modules
+    with quiet_planning():
+        if strategy == "sequential":
+            caps = get_max_memory(dict(max_memory))
+        else:
+            caps = get_balanced_memory(model, max_memory=dict(max_memory), no_split_module_classes=no_split,
+                                       hf_quantizer=quantizer, low_zero=(strategy == "balanced_low_0"))
+        if quantizer is not None:
+            caps = quantizer.adjust_max_memory(caps)
+        device_map = infer_auto_device_map(model, max_memory=caps, no_split_module_classes=no_split,
+                                           hf_quantizer=quantizer,
+                                           no_placement_params=getattr(model, "_no_placement_params", None))
+    return dict(device_map), {k: int(v) for k, v in caps.items()}
 
 
 @functools.lru_cache(maxsize=16)
 def prepared_model(shape: str, fmt: str):
-    """Build ``shape`` on the meta device as ``from_pretrained`` would for ``fmt``.
-
-    Returns:
-        ``(model, hf_quantizer)``: a transformers causal LM whose tensors are
-        all on the meta device (no bytes allocated), and the transformers
-        quantizer that prepared it (None for bf16/fp16/fp32). The quantizer is
-        also set as ``model.hf_quantizer``, as after ``from_pretrained``, so
-        :mod:`helpers.devicemap` sizes the model with it. Cached: do not modify
-        the returned model.
+    """:func:`prepare_meta_model` for a named shape and format, cached (do not modify the returned model).
 
     Raises:
         ValueError: unknown shape or format.
         ImportError: a quantized format without bitsandbytes installed.
     """
-    from transformers import AutoModelForCausalLM
-    from transformers.quantizers import AutoHfQuantizer
-
-    qconfig = quantization_config(fmt)
-    config = shape_config(shape)
-    dtype = compute_dtype(fmt)
-    with torch.device("meta"):  # ties declared by the config are applied by post_init
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    quantizer = None
-    if qconfig is not None:
-        # As from_pretrained (modeling_utils.py, 5.24): from_config on the quantizer, then
-        # preprocess_model on the meta model. pre_quantized=False: the checkpoint holds bf16
-        # weights that are quantized while loading.
-        quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)
-        quantizer.preprocess_model(model=model, dtype=dtype, device_map="auto", checkpoint_files=None,
-                                   use_kernels=False)
-        model.hf_quantizer = quantizer
-    return model.eval(), quantizer
+    qconfig = _quantization_config(fmt)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(fmt, torch.bfloat16)
+    return prepare_meta_model(shape_config(shape), qconfig, dtype)
 
 
 @dataclass
@@ -187,95 +190,35 @@ class Plan:
         """All weights with the quantization scales (bytes)."""
         return sum(self.true_bytes_per_device.values())
 
-    def layers_on(self, device) -> list[int]:
-        """Indices of the decoder layers (the no-split blocks) placed on ``device``."""
-        keep = set(getattr(self.model, "_no_split_modules", None) or [])
-        return sorted(int(name.rsplit(".", 1)[-1]) for name, m in self.model.named_modules()
-                      if type(m).__name__ in keep and name.rsplit(".", 1)[-1].isdigit()
-                      and _owner(name, self.device_map) == device)
-
-    def others_on(self, device) -> list[str]:
-        """Short names of the modules outside the decoder layers with weights on ``device`` (e.g. "embed_tokens")."""
-        keep = set(getattr(self.model, "_no_split_modules", None) or [])
-        blocks = tuple(name + "." for name, m in self.model.named_modules() if type(m).__name__ in keep)
-        out = []
-        for name, _ in self.model.named_parameters():
-            if name.startswith(blocks) or _owner(name, self.device_map) != device:
-                continue
-            short = name.rsplit(".", 2)[-2] if "." in name else name
-            if short not in out:
-                out.append(short)
-        return out
-
     def summary(self) -> str:
-        """A few lines: the question, the verdict, and each device's layers and bytes (GiB)."""
+        """A few lines: the question, the verdict, and each device's modules and bytes (GiB)."""
+        spilled = [d for d in ("cpu", "disk") if d in self.device_map.values()]
         verdict = "FITS on the GPUs" if self.fits else "DOES NOT FIT: " + ", ".join(
-            f"{_count(self.device_map, d)} module(s) on {d}" for d in ("cpu", "disk") if d in self.device_map.values())
+            f"{sum(1 for v in self.device_map.values() if v == d)} module(s) on {d}" for d in spilled)
         lines = [f"{self.shape}, {self.fmt}, {self.n_gpus} x {self.gib_per_gpu:g} GiB GPUs, "
                  f"device_map={self.strategy!r}: {verdict}"]
         if self.hf_quantizer is not None:
             lines.append(f"  bitsandbytes cuts each budget to 90%: {self.gib_per_gpu:g} GiB -> "
                          f"{0.9 * self.gib_per_gpu:.2f} GiB usable per GPU")
-        for dev in sorted(self.bytes_per_device, key=_order):
-            layers = self.layers_on(dev)
-            what = ", ".join(([f"layers {_ranges(layers)}"] if layers else []) + self.others_on(dev))
+        where = placement(self.model, self.device_map)
+        for dev, n in self.bytes_per_device.items():
             extra = ""
-            if self.true_bytes_per_device.get(dev, 0) != self.bytes_per_device[dev]:
+            if self.true_bytes_per_device.get(dev, 0) != n:
                 extra = f" ({self.true_bytes_per_device[dev] / GiB:.2f} GiB with the quantization scales)"
             name = f"GPU {dev}" if isinstance(dev, int) else dev
-            lines.append(f"  {name:>6}: {self.bytes_per_device[dev] / GiB:6.2f} GiB{extra}: {what}")
+            lines.append(f"  {name:>6}: {n / GiB:6.2f} GiB{extra}: {where.get(dev, '')}")
         return "\n".join(lines)
 
 
-def _order(dev):
-    return (0, dev) if isinstance(dev, int) else ({"cpu": 1, "disk": 2}.get(dev, 3), 0)
-
-
-def _count(device_map: dict, device) -> int:
-    return sum(1 for d in device_map.values() if d == device)
-
-
-def _owner(name: str, device_map: dict):
-    """The device of the map entry that covers ``name`` (longest prefix), or None."""
-    key = _owner_key(name, device_map)
-    return None if key is None else device_map[key]
-
-
-def bytes_per_device(model, device_map: dict, hf_quantizer=None, fmt: str | None = None) -> tuple[dict, dict]:
-    """Bytes of weights per device of a map: transformers' accounting, and with quantization scales.
-
-    Args:
-        model: the (meta) model the map was planned for.
-        device_map: {module or parameter name: device}.
-        hf_quantizer: the quantizer that prepared the model, or None.
-        fmt: the format (for the scales: "int8", "nf4", "nf4-dq"); ignored
-            without a quantizer.
-
-    Returns:
-        ``(planned, true)``: two {device: bytes} dicts. ``planned`` uses
-        transformers' ``compute_module_sizes`` (0.5 byte per 4-bit weight,
-        1 per 8-bit weight, tied parameters once); ``true`` charges each
-        quantized weight :func:`helpers.memory.linear_bytes_per_weight`
-        (scales included).
-    """
-    from transformers.integrations.accelerate import compute_module_sizes
-
-    sizes, _ = compute_module_sizes(model, hf_quantizer, only_modules=False)
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    planned, true = {}, {}
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    for name, t in tensors:
-        if name in tied or name not in sizes:
-            continue
-        dev = _owner(name, device_map)
-        planned[dev] = planned.get(dev, 0) + int(sizes[name])
-        if hf_quantizer is not None and fmt in ("int8", "nf4", "nf4-dq") and \
-                hf_quantizer.param_needs_quantization(model, name):
-            n = t.numel() * linear_bytes_per_weight(fmt, t.shape[-1])
-        else:
-            n = sizes[name]
-        true[dev] = true.get(dev, 0) + int(round(n))
-    return planned, true
+def _true_sizes(model, quantizer, fmt: str, sizes: dict) -> dict:
+    """``sizes`` with each quantized weight charged :func:`helpers.memory.linear_bytes_per_weight` (scales included)."""
+    if quantizer is None or fmt not in QUANTIZED:
+        return sizes
+    out = dict(sizes)
+    for name, t in model.named_parameters():
+        if name in out and quantizer.param_needs_quantization(model, name):
+            out[name] = t.numel() * linear_bytes_per_weight(fmt, t.shape[-1])
+    return out
 
 
 def plan(shape: str, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24, strategy: str = "balanced",
@@ -285,7 +228,7 @@ def plan(shape: str, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24
     Args:
         shape: a model shape name from :data:`helpers.shapes.SHAPES`
             (e.g. "bloom-1b7", "llama-2-7b", "llama-2-70b").
-        fmt: one of :data:`FORMATS`.
+        fmt: one of :data:`helpers.memory.FORMATS`.
         n_gpus: number of GPUs (1 to 64); they need not exist here.
         gib_per_gpu: memory per GPU for weights, in GiB (2**30 bytes).
         strategy: one of :data:`STRATEGIES` (the string you would pass as
@@ -302,9 +245,9 @@ def plan(shape: str, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24
         ValueError: unknown shape, format or strategy, ``n_gpus`` outside
             1..64, or a non-positive ``gib_per_gpu``/``cpu_gib``.
         ImportError: a quantized format without bitsandbytes installed.
-    """
-    from transformers.integrations.accelerate import get_balanced_memory, get_max_memory, infer_auto_device_map
 
+    Notebook 03, section 4.
+    """
     if shape not in SHAPES:
         raise ValueError(f"unknown model shape {shape!r}; known shapes: {', '.join(SHAPES)}")
     if strategy not in STRATEGIES:
@@ -319,27 +262,13 @@ def plan(shape: str, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24
     budget = {i: int(gib_per_gpu * GiB) for i in range(n_gpus)}
     if cpu_gib is not None:
         budget["cpu"] = int(cpu_gib * GiB)
-    no_split = model._no_split_modules
-    with quiet_planning():
-        # transformers.integrations.accelerate._get_device_map, minus validate_environment
-        if strategy != "sequential":
-            effective = get_balanced_memory(model, max_memory=dict(budget), no_split_module_classes=no_split,
-                                            hf_quantizer=quantizer, low_zero=(strategy == "balanced_low_0"))
-        else:
-            effective = get_max_memory(dict(budget))
-        if quantizer is not None:
-            effective = quantizer.adjust_max_memory(effective)
-        device_map = infer_auto_device_map(model, max_memory=effective, no_split_module_classes=no_split,
-                                           hf_quantizer=quantizer,
-                                           no_placement_params=getattr(model, "_no_placement_params", None))
-    planned, true = bytes_per_device(model, device_map, quantizer, fmt)
-    fits = all(isinstance(d, int) for d in device_map.values())
+    device_map, caps = plan_device_map(model, quantizer, budget, strategy)
+    sizes = tensor_sizes(model, hf_quantizer=quantizer)
     return Plan(shape=shape, fmt=fmt, n_gpus=n_gpus, gib_per_gpu=gib_per_gpu, strategy=strategy,
-                device_map=dict(device_map), max_memory=budget,
-                effective_memory={k: int(v) for k, v in effective.items()},
-                bytes_per_device=dict(sorted(planned.items(), key=lambda kv: _order(kv[0]))),
-                true_bytes_per_device=dict(sorted(true.items(), key=lambda kv: _order(kv[0]))),
-                fits=fits, model=model, hf_quantizer=quantizer)
+                device_map=device_map, max_memory=budget, effective_memory=caps,
+                bytes_per_device=bytes_per_device(model, device_map, sizes),
+                true_bytes_per_device=bytes_per_device(model, device_map, _true_sizes(model, quantizer, fmt, sizes)),
+                fits=all(isinstance(d, int) for d in device_map.values()), model=model, hf_quantizer=quantizer)
 
 
 def show_plan(shape: str, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24,
@@ -356,7 +285,7 @@ def show_plan(shape: str, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float
         draw: False to print only.
 
     Returns:
-        The :class:`Plan`. Raises as :func:`plan`.
+        The :class:`Plan`. Raises as :func:`plan`. Notebook 03, section 6.
     """
     from .devicemap import plot_device_map
 
@@ -383,6 +312,8 @@ def planner_widget(shape: str = "llama-2-70b", fmt: str = "nf4", n_gpus: int = 2
 
     Raises:
         ImportError: ipywidgets is not installed (``pip install ipywidgets``).
+
+    Notebook 03, section 6.
     """
     import ipywidgets as w
     import matplotlib.pyplot as plt

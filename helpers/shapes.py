@@ -8,7 +8,10 @@ by 2, 4 and 8, used for random-weight speed runs and tensor parallelism.
 
 Use :func:`meta_model` to build one on the meta device (no memory), or
 :func:`random_model` where a run needs real bytes: its weights are random and
-every figure measured on it must say so.
+every figure measured on it must say so. Both also take any transformers
+config that ``AutoModelForCausalLM.from_config`` builds (a ``MistralConfig``,
+a checkpoint's ``AutoConfig.from_pretrained(path)``, ...). Notebook 00 sizes
+the named shapes; notebook 03 plans them.
 """
 
 from __future__ import annotations
@@ -17,74 +20,106 @@ import torch
 
 SHAPES = {
     "smollm2-135m": dict(
-        kind="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
         max_position_embeddings=8192, rms_norm_eps=1e-5,
     ),
     "llama-1b": dict(
-        kind="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+        model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
         num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False,
     ),
-    "bloom-1b7": dict(kind="bloom", hidden_size=2048, n_layer=24, n_head=16, vocab_size=250880),
+    "bloom-1b7": dict(model_type="bloom", hidden_size=2048, n_layer=24, n_head=16, vocab_size=250880),
     "llama-2-7b": dict(
-        kind="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False,
     ),
     "llama-2-13b": dict(
-        kind="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+        model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
         num_attention_heads=40, num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False,
     ),
     "llama-2-70b": dict(
-        kind="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
         num_attention_heads=64, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False,
     ),
 }
-"""Shape name -> config fields. The ``kind`` picks the config class."""
+"""Shape name -> ``model_type`` (the key transformers' ``AutoConfig.for_model`` takes) and config fields."""
 
 
 def shape_config(name: str):
-    """The transformers config of a named shape.
+    """The transformers config of a named shape in :data:`SHAPES` (notebook 00).
 
     Raises:
-        ValueError: unknown name; the message lists the known ones.
+        ValueError: unknown name (the message lists the known ones), or a
+            ``model_type`` this transformers does not know.
     """
-    from transformers import BloomConfig, LlamaConfig
+    from transformers import AutoConfig
 
-    if name not in SHAPES:
+    if not isinstance(name, str) or name not in SHAPES:
         raise ValueError(f"unknown model shape {name!r}; known shapes: {', '.join(SHAPES)}")
     fields = dict(SHAPES[name])
-    kind = fields.pop("kind")
-    return (LlamaConfig if kind == "llama" else BloomConfig)(**fields)
+    model_type = fields.pop("model_type")
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def as_config(name_or_config):
+    """A config from a shape name or a config object; anything else is refused.
+
+    Raises:
+        TypeError: neither a name of :data:`SHAPES` nor a ``PretrainedConfig``.
+        ValueError: an unknown name.
+    """
+    from transformers import PretrainedConfig
+
+    if isinstance(name_or_config, str):
+        return shape_config(name_or_config)
+    if isinstance(name_or_config, PretrainedConfig):
+        return name_or_config
+    raise TypeError(
+        f"expected a shape name ({', '.join(SHAPES)}) or a transformers config (e.g. "
+        f"AutoConfig.from_pretrained(path)), not {type(name_or_config).__name__}"
+    )
+
+
+def _build(name_or_config, dtype: torch.dtype, device: str):
+    """``AutoModelForCausalLM.from_config`` under ``torch.device(device)``; a clear error when it cannot."""
+    from transformers import AutoModelForCausalLM
+
+    config = as_config(name_or_config)
+    try:
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as e:  # "Unrecognized configuration class ... for this kind of AutoModel"
+        raise ValueError(
+            f"AutoModelForCausalLM cannot build a {type(config).__name__} (model_type "
+            f"{getattr(config, 'model_type', None)!r}): pass the config of a causal language model, such as "
+            f"LlamaConfig, MistralConfig, Qwen2Config, GemmaConfig, GPT2Config or BloomConfig. ({e})"
+        ) from None
 
 
 def meta_model(name_or_config, dtype: torch.dtype = torch.bfloat16):
     """Build a causal LM from a shape name or config on the meta device (no bytes allocated).
 
-    Ties are declared by the config and applied (``tie_weights``), so a tied
-    head is the embedding's parameter, as after ``from_pretrained``.
-    """
-    from transformers import AutoModelForCausalLM
+    Ties are declared by the config and applied (``tie_weights`` runs in
+    ``post_init``), so a tied head is the embedding's parameter, as after
+    ``from_pretrained``. Explained in notebook 00; used in 03, 04 and 06.
 
-    config = shape_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
+    Raises:
+        TypeError: not a shape name or a config. ValueError: an unknown name,
+        or a config ``AutoModelForCausalLM`` does not build.
+    """
+    return _build(name_or_config, dtype, "meta")
 
 
 def random_model(name_or_config, dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: str = "cpu"):
     """Build a causal LM with RANDOM weights (``torch.manual_seed(seed)``) on ``device``.
 
-    Its outputs are meaningless text; use it only for memory and speed.
+    Its outputs are meaningless text; use it only for memory and speed (notebook 05's tensor-parallel toy).
+    Raises as :func:`meta_model`.
     """
-    from transformers import AutoModelForCausalLM
-
-    config = shape_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
+    return _build(name_or_config, dtype, device).eval()
 
 
 def n_params(model: torch.nn.Module) -> int:
-    """Parameters, shared (tied) ones counted once."""
+    """Parameters, shared (tied) ones counted once (notebook 00)."""
     return sum(p.numel() for p in model.parameters())

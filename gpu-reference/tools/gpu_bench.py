@@ -3,22 +3,22 @@
 Run on a machine with at least two CUDA GPUs (the workbook's reference: two H200)::
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
-    python scripts/gpu_bench.py --out gpu-reference/results.json
+    python gpu-reference/tools/gpu_bench.py --out gpu-reference/two-gpu/results.json
 
 The model is a RANDOM-weight Llama of the llama-1b shape (hidden 2048, 22
 layers, 32 heads, 4 key/value heads, 1.1 B parameters) in bfloat16, built once
-on the machine (``helpers.multigpu.random_checkpoint``): its text is
+on the machine (``helpers.checkpoints.random_checkpoint``): its text is
 meaningless, every figure says so. Greedy ``generate``, eager, ``--tokens``
-new tokens, warm-up then medians of 3 (``helpers.bench.time_generate``).
+new tokens, warm-up then medians of 3 (``helpers.measure.time_generate``).
 
 Sections of the JSON written to ``--out``:
 - ``hardware``, ``versions``: helpers.hardware.report() and the packages;
 - ``h2d``: host-to-device copy rate of a 1 GiB tensor, pinned and pageable (GB/s);
 - ``single``: the whole model on GPU 0;
-- ``split``: ``device_map="balanced"`` over the GPUs (layers per GPU, memory per GPU);
+- ``split``: ``device_map="balanced"`` over the GPUs (what each GPU holds, memory per GPU);
 - ``split_nf4``: the same in NF4 (bitsandbytes), with the module type and device of a quantized layer;
-- ``replicas``: ``scripts/replicas.py`` under torchrun, one process per GPU;
-- ``tensor_parallel``: ``scripts/tensor_parallel.py`` under torchrun (with its float32 logits check);
+- ``replicas``: ``workers/replicas.py`` under torchrun, one process per GPU;
+- ``tensor_parallel``: ``workers/tensor_parallel.py`` under torchrun (with its float32 logits check);
 - ``offload``: decoder layers kept on the CPU (0 to 16 of 22), tokens/s against bytes offloaded,
   and the effective host-to-device rate from the slope.
 Each speed row has ``batch``, ``tokens_per_s_per_sequence``, ``total_tokens_per_s``, ``ttft_s``; memory is in bytes.
@@ -34,8 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # this file lives in gpu-reference/tools/
 
 
 def parse_args(argv=None):
@@ -89,7 +89,7 @@ def h2d_rates(n_bytes: int = 2**30) -> dict:
 def speed_rows(model, vocab: int, batches, tokens: int) -> list[dict]:
     import torch
 
-    from helpers.bench import time_generate
+    from helpers.measure import time_generate
 
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -105,22 +105,16 @@ def speed_rows(model, vocab: int, batches, tokens: int) -> list[dict]:
     return rows
 
 
-def layers_per_device(device_map: dict) -> dict:
-    counts: dict = {}
-    for name, dev in device_map.items():
-        if ".layers." in f".{name}" and name.split(".")[-1].isdigit():
-            counts[str(dev)] = counts.get(str(dev), 0) + 1
-    return counts
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from helpers.hardware import report
-    from helpers.multigpu import SAFE_ENV, random_checkpoint, torchrun
+    from helpers.checkpoints import random_checkpoint
+    from helpers.devicemap import placement
+    from helpers.hardware import bnb_backend, report
+    from helpers.launch import SAFE_ENV, launch
     from helpers.shapes import n_params
 
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -171,7 +165,7 @@ def main(argv=None) -> int:
 
     print("== split over the GPUs (device_map='balanced')", flush=True)
     model, load_s = load(dtype=torch.bfloat16, device_map="balanced")
-    res["split"] = {"load_s": load_s, "device_map": "balanced", "layers_per_device": layers_per_device(model.hf_device_map),
+    res["split"] = {"load_s": load_s, "device_map": "balanced", "placement": {str(d): w for d, w in placement(model, model.hf_device_map).items()},
                     "mem_after_load_bytes": per_gpu(torch.cuda.memory_allocated)}
     res["split"]["rows"] = speed_rows(model, vocab, args.batches, args.tokens)
     res["split"]["peak_bytes"] = per_gpu(torch.cuda.max_memory_allocated)
@@ -180,12 +174,10 @@ def main(argv=None) -> int:
     save()
 
     print("== split, NF4 (bitsandbytes)", flush=True)
-    from helpers.hardware import bnb_backend
-
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     model, load_s = load(dtype=torch.bfloat16, device_map="balanced", quantization_config=q)
     lin = model.model.layers[-1].mlp.down_proj
-    res["split_nf4"] = {"load_s": load_s, "layers_per_device": layers_per_device(model.hf_device_map),
+    res["split_nf4"] = {"load_s": load_s, "placement": {str(d): w for d, w in placement(model, model.hf_device_map).items()},
                         "mem_after_load_bytes": per_gpu(torch.cuda.memory_allocated),
                         "module_type": f"{type(lin).__module__}.{type(lin).__name__}",
                         "weight_type": type(lin.weight).__name__, "weight_device": str(lin.weight.device),
@@ -196,12 +188,12 @@ def main(argv=None) -> int:
     save()
 
     if "replicas" not in args.skip:
-        print("== one replica per GPU (torchrun scripts/replicas.py)", flush=True)
+        print("== one replica per GPU (torchrun workers/replicas.py)", flush=True)
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
-            torchrun("scripts/replicas.py", n_gpus,
-                     ["--expect-world-size", n_gpus, "--model", ckpt, "--random-weights", "--out", f"{d}/r.json",
-                      "--bench", "--batches", *args.batches, "--bench-tokens", args.tokens], timeout=900)
+            launch(["torchrun", "--standalone", f"--nproc_per_node={n_gpus}", "workers/replicas.py",
+                    "--expect-world-size", n_gpus, "--model", ckpt, "--random-weights", "--out", f"{d}/r.json",
+                    "--bench", "--batches", *args.batches, "--bench-tokens", args.tokens], timeout=900)
             rep = json.loads(Path(d, "r.json").read_text())
             rep.pop("results", None)
             rep["launch_and_run_s"] = time.perf_counter() - t0
@@ -211,12 +203,12 @@ def main(argv=None) -> int:
         save()
 
     if "tensor_parallel" not in args.skip:
-        print("== tensor parallel (torchrun scripts/tensor_parallel.py)", flush=True)
+        print("== tensor parallel (torchrun workers/tensor_parallel.py)", flush=True)
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
-            torchrun("scripts/tensor_parallel.py", n_gpus,
-                     ["--expect-world-size", n_gpus, "--checkpoint", ckpt, "--out", f"{d}/tp.json",
-                      "--bench", "--batches", *args.batches, "--bench-tokens", args.tokens], timeout=900)
+            launch(["torchrun", "--standalone", f"--nproc_per_node={n_gpus}", "workers/tensor_parallel.py",
+                    "--expect-world-size", n_gpus, "--checkpoint", ckpt, "--out", f"{d}/tp.json",
+                    "--bench", "--batches", *args.batches, "--bench-tokens", args.tokens], timeout=900)
             res["tensor_parallel"] = json.loads(Path(d, "tp.json").read_text())
             res["tensor_parallel"]["launch_and_run_s"] = time.perf_counter() - t0
         for r in res["tensor_parallel"]["bench"]:

@@ -1,22 +1,24 @@
 """Tensor parallelism with transformers' own support: every layer split across the GPUs.
 
 Launch one process per GPU with torchrun (at least two CUDA GPUs; ``--cpu`` runs the same steps on CPU
-processes with gloo, for a tiny checkpoint on a machine without GPUs, as notebook 04 does there)::
+processes with gloo, for a tiny checkpoint on a machine without GPUs, as notebook 05 does there)::
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
-    python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/tensor_parallel.py \\
+    torchrun --standalone --nproc_per_node 2 workers/tensor_parallel.py \\
         --checkpoint DIR --out tp.json [--bench]
 
 DIR is a checkpoint whose attention and key/value head counts divide by the
 number of processes: the workbook uses a RANDOM-weight Llama of the llama-1b
 shape (hidden 2048, 22 layers, 32 heads, 4 key/value heads; built once by
-``helpers.multigpu.random_checkpoint``). The bundled SmolLM2 (9 heads, 3
+``helpers.checkpoints.random_checkpoint``). The bundled SmolLM2 (9 heads, 3
 key/value heads) does not split over 2.
 
 What it does, in every process:
 1. checks the world size (``--expect-world-size``) and that CUDA has a GPU per process;
-2. loads the checkpoint tensor-parallel in float32 (the API moved between
-   transformers releases, see :func:`tp_load_kwargs`) and computes the logits
+2. loads the checkpoint tensor-parallel in float32 with
+   ``from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))``
+   (transformers 5.17 and 5.24; the model's own ``base_model_tp_plan`` cuts
+   q/k/v/gate/up by columns and o/down by rows) and computes the logits
    of fixed random token ids; rank 0 then loads the same checkpoint whole on
    its GPU and compares: the largest absolute difference must be at most
    ``--atol`` (default 1e-3) times max(1, largest |logit|) -- the shards only
@@ -30,7 +32,6 @@ Rank 0 writes the JSON report; the process group is torn down at the end.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -39,26 +40,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def tp_load_kwargs(world_size: int) -> dict:
-    """The ``from_pretrained`` keywords that ask transformers for tensor parallelism.
-
-    transformers 5.24 and 5.17 (the GPU machines' own release; checked there)
-    take ``distributed_config=DistributedConfig(tp_size=N)``; 5.24 still takes
-    ``tp_plan="auto"`` but warns that it is deprecated. Releases whose
-    ``DistributedConfig`` has no ``tp_size`` field get ``tp_plan="auto"``. All
-    use the model's own ``base_model_tp_plan`` (q/k/v/gate/up column-wise,
-    o/down row-wise).
-    """
-    try:
-        from transformers.distributed import DistributedConfig
-    except ImportError:
-        return {"tp_plan": "auto"}
-    fields = {f.name for f in dataclasses.fields(DistributedConfig)}
-    if "tp_size" in fields:
-        return {"distributed_config": DistributedConfig(tp_size=world_size)}
-    return {"tp_plan": "auto"}
 
 
 def parse_args(argv=None):
@@ -118,8 +99,9 @@ def run(args, world, rank, dev) -> int:
     import torch.distributed as dist
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
 
-    from helpers.bench import time_generate
+    from helpers.measure import time_generate
 
     cuda = dev.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False  # keep the float32 check in float32
@@ -129,14 +111,13 @@ def run(args, world, rank, dev) -> int:
         n = getattr(cfg, name)
         if n % world:
             raise SystemExit(f"{name}={n} does not divide by {world} GPUs: pick a shape whose head counts do.")
-    kwargs = tp_load_kwargs(world)
-    api = (f"distributed_config=DistributedConfig(tp_size={world})" if "distributed_config" in kwargs
-           else "tp_plan='auto'")
+    api = f"distributed_config=DistributedConfig(tp_size={world})"
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (2, args.prompt_len), generator=gen)
 
     # 1. logits, tensor-parallel, float32
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32,
+                                                 distributed_config=DistributedConfig(tp_size=world))
     model.eval()
     shard = model.model.layers[0].self_attn.q_proj.weight
     shard_shape = list((shard.to_local() if hasattr(shard, "to_local") else shard).shape)
@@ -166,7 +147,8 @@ def run(args, world, rank, dev) -> int:
     mem = {}
     if args.bench:
         torch.cuda.reset_peak_memory_stats(dev) if cuda else None
-        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16,
+                                                     distributed_config=DistributedConfig(tp_size=world))
         model.eval()
         mem["after_load_bytes"] = torch.cuda.memory_allocated(dev) if cuda else 0
         for b in args.batches:

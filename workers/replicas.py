@@ -4,7 +4,7 @@ Launch it as separate processes, one per GPU (or two CPU processes on a machine
 without a GPU), with torchrun::
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
-    python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/replicas.py \\
+    torchrun --standalone --nproc_per_node 2 workers/replicas.py \\
         --expect-world-size 2 --model bundled --out replicas.json
 
 Every process asserts the world size it expects: a plain ``PartialState()``
@@ -84,8 +84,8 @@ def run(args, state, use_cuda, gather_object) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from helpers.bench import time_generate
-    from helpers.model import resolve_model
+    from helpers.checkpoints import resolve_model
+    from helpers.measure import time_generate
 
     if state.num_processes != args.expect_world_size:
         raise SystemExit(
