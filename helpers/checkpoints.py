@@ -393,3 +393,19 @@ def random_checkpoint(shape: str = "llama-1b", dtype=None, device: str | None = 
             "Its text is meaningless: use it for speed, memory and tensor parallelism only.\n")
 
     return build_atomically(entry, build)
+
+
+def offload_folder(prefix: str) -> Path:
+    """A new, empty folder for offloaded weights: ``<cache>/offload/<prefix>-XXXXXXXX``.
+
+    A fresh name every call (``tempfile.mkdtemp``), so nothing that is already
+    there, the user's or an earlier run's, is ever reused or overwritten. The
+    notebook that asked for it removes it at its end (``shutil.rmtree``).
+    Notebooks 02, 03, 04 and 06 use it as ``offload_folder=``.
+
+    Raises:
+        CacheError: the cache cannot be used.
+    """
+    root = cache_dir() / "offload"
+    root.mkdir(exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=root))
