@@ -16,13 +16,8 @@ cd "$(dirname "$0")"
 VENV=${WORKBOOK_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-# The quiet environment the committed outputs were made with (shared/notebooks.md).
-export HF_HUB_DISABLE_PROGRESS_BARS=1 TQDM_DISABLE=1 TRANSFORMERS_VERBOSITY=error \
-       TOKENIZERS_PARALLELISM=false JUPYTER_PLATFORM_DIRS=1 PYTHONHASHSEED=0 \
-       HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} \
-       PYDEVD_DISABLE_FILE_VALIDATION=1
-# NVLink multicast stays off on shared multi-GPU hosts (see gpu-reference/README.md).
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# The quiet, offline environment the committed outputs were made with, NVLink multicast off.
+source tools/env.sh
 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 

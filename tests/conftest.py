@@ -1,15 +1,12 @@
 """Shared fixtures of the unit tests."""
 
-import logging
-
 import pytest
+
+from helpers.quiet import quiet_planning
 
 
 @pytest.fixture
 def quiet_accelerate():
-    """Planning for absent GPUs logs "Device 0 is not available": expected in these tests; restored after each."""
-    logger = logging.getLogger("accelerate")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(level)
+    """Planning for absent GPUs logs "Device 0 is not available": expected in these tests (helpers.quiet)."""
+    with quiet_planning():
+        yield

@@ -1,4 +1,4 @@
-"""Real users' failures (shared/cases/big-model-inference.md), one test per case.
+"""Real users' failures (docs/users-cases.md), one test per case.
 
 Each test checks that the pre-flight check flags the broken form (where a check
 can) and that the fixed recipe works, on the bundled SmolLM2-135M (tied
@@ -17,8 +17,9 @@ import torch
 from accelerate import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from helpers import resolve_model
-from helpers.devicemap import device_map_of, preflight
+from helpers.checkpoints import resolve_model
+from helpers.devicemap import device_map_of
+from helpers.preflight import preflight
 
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of helpers.devicemap: the pre-flight check, the table and the plot.
+"""Unit tests of helpers.preflight (the pre-flight check) and helpers.devicemap (the table, the plot, placement).
 
 They use small Llama configs on the meta device (no weights, no checkpoint),
 plus the bundled checkpoint's index for the checkpoint checks.
@@ -15,16 +15,8 @@ from accelerate import init_empty_weights
 from accelerate.utils import compute_module_sizes
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from helpers.devicemap import (
-    Report,
-    checkpoint_keys,
-    declared_ties,
-    device_map_of,
-    map_table,
-    parse_budget,
-    plot_device_map,
-    preflight,
-)
+from helpers.devicemap import device_map_of, map_table, placement, plot_device_map
+from helpers.preflight import Report, checkpoint_keys, declared_ties, parse_budget, preflight
 
 
 
@@ -175,7 +167,7 @@ def test_every_tied_pair_is_checked():
 
 
 def test_checkpoint_keys_and_missing_tied_key(tmp_path):
-    from helpers import resolve_model
+    from helpers.checkpoints import resolve_model
 
     path = resolve_model("bundled")
     keys = checkpoint_keys(path)
@@ -302,3 +294,11 @@ def test_device_map_of_plain_and_dispatched():
     assert device_map_of(model) == {"": "cpu"}
     model.hf_device_map = OrderedDict([("model", "cpu"), ("lm_head", "disk")])
     assert device_map_of(model) == {"model": "cpu", "lm_head": "disk"}
+
+
+def test_placement_names_what_each_device_holds():
+    m = meta_llama(tie=False, layers=4)
+    assert placement(m, full_map(4, layer_dev=lambda i: 0 if i < 2 else 1, head=1)) == {
+        0: "embed_tokens, layers 0-1", 1: "layers 2-3, norm, lm_head, rotary_emb"}
+    whole = placement(m, {"": 1})  # one entry for the whole model: everything on GPU 1
+    assert list(whole) == [1] and "layers 0-3" in whole[1]

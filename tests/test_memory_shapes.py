@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers import memory, shapes
+from helpers import memory, shapes, units
 
 
 def test_unknown_shape_lists_known_ones():
@@ -41,4 +41,29 @@ def test_tied_head_counted_once_and_not_quantized():
 
 def test_llama_70b_bf16_needs_two_80gib_gpus():
     m = shapes.meta_model("llama-2-70b")
-    assert 80 < memory.gib(memory.predict_footprint(m, "bf16")) < 160
+    assert 80 < units.gib(memory.predict_footprint(m, "bf16")) < 160
+
+
+@pytest.mark.parametrize("config_name", ["MistralConfig", "Qwen2Config", "GemmaConfig", "GPT2Config", "BloomConfig"])
+def test_any_causal_lm_config_builds_its_own_architecture(config_name):
+    import transformers
+
+    config = getattr(transformers, config_name)()
+    config.num_hidden_layers = config.n_layer = 2
+    m = shapes.meta_model(config)
+    assert type(m).__name__.startswith(config_name.removesuffix("Config"))
+    assert next(m.parameters()).is_meta
+
+
+def test_shapes_refuse_what_they_cannot_build():
+    from transformers import CLIPVisionConfig
+
+    with pytest.raises(TypeError, match="shape name .* or a transformers config"):
+        shapes.meta_model({"model_type": "llama"})
+    with pytest.raises(ValueError, match="cannot build a CLIPVisionConfig.*MistralConfig"):
+        shapes.meta_model(CLIPVisionConfig())
+
+
+def test_every_named_shape_builds_its_declared_model_type():
+    for name, fields in shapes.SHAPES.items():
+        assert shapes.shape_config(name).model_type == fields["model_type"]

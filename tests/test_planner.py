@@ -11,8 +11,10 @@ matplotlib.use("Agg")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from helpers.memory import GiB  # noqa: E402
-from helpers.planner import FORMATS, plan, prepared_model, quiet_planning, show_plan  # noqa: E402
+from helpers.units import GiB  # noqa: E402
+from helpers.memory import FORMATS  # noqa: E402
+from helpers.planner import plan, prepared_model, show_plan  # noqa: E402
+from helpers.quiet import quiet_planning  # noqa: E402
 
 
 def _from_pretrained_map(p):

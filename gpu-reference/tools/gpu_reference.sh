@@ -13,16 +13,14 @@
 # last only while the machine stays warm (30 s after a call), so consecutive calls must follow at once.
 # gpu-reference/README.md gives the exact sequence of calls; scripts/gpu_carry.sh prepares .gpu/a and .gpu/b.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 SITE=/tmp/site
 CARRY=/tmp/gpu-carry
 PY=${PYTHON:-python3}
-# NVLink multicast off in NCCL, PyTorch and NVSHMEM (the shared machines' rule), and the workbook's quiet run.
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
-       HF_HUB_DISABLE_PROGRESS_BARS=1 TQDM_DISABLE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false \
-       JUPYTER_PLATFORM_DIRS=1 PYTHONHASHSEED=0 HF_HUB_OFFLINE=1 PYDEVD_DISABLE_FILE_VALIDATION=1
+# The workbook's quiet, offline run, NVLink multicast off (the shared machines' rule).
+source tools/env.sh
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$SITE/bin:$PATH"
 LOG="$OUT/log.txt"

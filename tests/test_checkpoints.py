@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import model as hm
-from helpers.model import CacheError, CheckpointError, resolve_model, verify_checkpoint
+from helpers import checkpoints as hm
+from helpers.checkpoints import CacheError, CheckpointError, resolve_model, verify_checkpoint
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def test_cache_built_once_then_reused(fake_convert):
     second = hm.bundled_checkpoint(progress=False)
     assert first == second and len(fake_convert) == 1
     manifest = json.loads((first / hm.MANIFEST).read_text())
-    assert manifest["gguf_sha256"] == hm._wheel_gguf()[1]
+    assert manifest["gguf_sha256"] == hm.wheel_gguf()[1]
 
 
 def test_corrupt_cache_is_rebuilt(fake_convert):
@@ -170,3 +170,8 @@ def test_real_bundled_checkpoint_verifies():
     index = json.loads((path / "model.safetensors.index.json").read_text())
     assert "lm_head.weight" not in index["weight_map"], "a tied head is not stored"
     assert len(set(index["weight_map"].values())) > 1, "the checkpoint is sharded"
+
+
+def test_random_checkpoint_rejects_unknown_shapes():
+    with pytest.raises(ValueError, match="known shapes"):
+        hm.random_checkpoint("no-such-shape")

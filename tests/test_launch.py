@@ -1,13 +1,12 @@
-"""helpers.multigpu and the launch scripts under scripts/ (CPU only: gloo processes, tiny random models)."""
+"""helpers.launch, helpers.reference and the workers under workers/ (CPU only: gloo processes, tiny random models)."""
 
-import importlib.util
 import json
 
 import pytest
 import torch
 
-from helpers import multigpu
-from helpers.multigpu import ROOT, LaunchError, launch_env, reference_results, torchrun
+from helpers.launch import ROOT, LaunchError, launch, launch_env
+from helpers.reference import reference_results
 
 
 def _tiny_checkpoint(path):
@@ -30,18 +29,23 @@ def test_launch_env_turns_nvlink_multicast_off_and_finds_the_repo():
     assert env["EXTRA"] == "1"
 
 
-def test_torchrun_rejects_zero_processes():
-    with pytest.raises(ValueError, match="nproc"):
-        torchrun("scripts/replicas.py", 0, [])
+def test_launch_rejects_an_empty_command():
+    with pytest.raises(ValueError, match="command line"):
+        launch([])
 
 
 def test_reference_results_missing_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="gpu_bench.py"):
-        reference_results(tmp_path / "results.json")
+        reference_results(path=tmp_path / "results.json")
+
+
+def test_reference_results_names_the_tiers():
+    with pytest.raises(ValueError, match="one-gpu, two-gpu"):
+        reference_results("three-gpu")
 
 
 def test_committed_reference_is_labelled_random_and_complete():
-    ref = reference_results()
+    ref = reference_results("two-gpu")
     assert ref["model"]["random_weights"] is True and "RANDOM" in ref["model"]["label"]
     for key in ("single", "split", "split_nf4", "replicas", "tensor_parallel", "offload", "h2d", "hardware"):
         assert key in ref, key
@@ -51,21 +55,22 @@ def test_committed_reference_is_labelled_random_and_complete():
     assert ref["offload"]["effective_h2d_GBps"] > 0
 
 
-def test_tp_load_kwargs_matches_the_installed_transformers():
-    spec = importlib.util.spec_from_file_location("tensor_parallel", ROOT / "scripts" / "tensor_parallel.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    kw = mod.tp_load_kwargs(2)
-    if "distributed_config" in kw:
-        assert kw["distributed_config"].tp_size == 2
-    else:
-        assert kw == {"tp_plan": "auto"}
+def test_tensor_parallel_worker_asks_for_distributed_config():
+    """The call notebook 05 teaches is the call the worker makes."""
+    from transformers.distributed import DistributedConfig
+
+    assert DistributedConfig(tp_size=2).tp_size == 2
+    assert "distributed_config=DistributedConfig(tp_size=world)" in (ROOT / "workers/tensor_parallel.py").read_text()
+
+
+def torchrun(script, nproc, args, timeout):
+    return launch(["torchrun", "--standalone", f"--nproc_per_node={nproc}", script, *args], timeout=timeout)
 
 
 def test_replicas_two_cpu_processes_each_see_their_rank(tmp_path):
     ckpt = _tiny_checkpoint(tmp_path / "tiny")
     out = tmp_path / "r.json"
-    torchrun("scripts/replicas.py", 2, ["--expect-world-size", 2, "--model", ckpt, "--random-weights",
+    torchrun("workers/replicas.py", 2, ["--expect-world-size", 2, "--model", ckpt, "--random-weights",
                                         "--prompts", 5, "--new-tokens", 3, "--out", out], timeout=300)
     rep = json.loads(out.read_text())
     assert [p["rank"] for p in rep["processes"]] == [0, 1]
@@ -78,10 +83,5 @@ def test_replicas_two_cpu_processes_each_see_their_rank(tmp_path):
 def test_replicas_refuse_a_wrong_world_size(tmp_path):
     ckpt = _tiny_checkpoint(tmp_path / "tiny")
     with pytest.raises(LaunchError, match="expected 3 processes"):
-        torchrun("scripts/replicas.py", 2, ["--expect-world-size", 3, "--model", ckpt, "--random-weights",
+        torchrun("workers/replicas.py", 2, ["--expect-world-size", 3, "--model", ckpt, "--random-weights",
                                             "--out", tmp_path / "r.json"], timeout=300)
-
-
-def test_random_checkpoint_rejects_unknown_shapes():
-    with pytest.raises(ValueError, match="known shapes"):
-        multigpu.random_checkpoint("no-such-shape")
