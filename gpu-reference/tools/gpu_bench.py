@@ -1,27 +1,37 @@
-"""Measure generation on several GPUs: one GPU, a split model, one replica per GPU, tensor parallel, CPU offload.
+"""Measure generation on this machine's GPUs for the GPU reference: one GPU, a split, replicas, tensor parallel, offload.
 
-Run on a machine with at least two CUDA GPUs (the workbook's reference: two H200)::
+Run on a machine with one or more CUDA GPUs (the workbook's references: one H200, two H200)::
 
-    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
-    python gpu-reference/tools/gpu_bench.py --out gpu-reference/two-gpu/results.json
+    python gpu-reference/tools/gpu_bench.py --out gpu-reference/one-gpu/results.json
 
 The model is a RANDOM-weight Llama of the llama-1b shape (hidden 2048, 22
 layers, 32 heads, 4 key/value heads, 1.1 B parameters) in bfloat16, built once
 on the machine (``helpers.checkpoints.random_checkpoint``): its text is
 meaningless, every figure says so. Greedy ``generate``, eager, ``--tokens``
-new tokens, warm-up then medians of 3 (``helpers.measure.time_generate``).
+new tokens after a 32-token prompt, warm-up then medians of 3
+(``helpers.measure.time_generate``).
 
-Sections of the JSON written to ``--out``:
-- ``hardware``, ``versions``: helpers.hardware.report() and the packages;
-- ``h2d``: host-to-device copy rate of a 1 GiB tensor, pinned and pageable (GB/s);
-- ``single``: the whole model on GPU 0;
-- ``split``: ``device_map="balanced"`` over the GPUs (what each GPU holds, memory per GPU);
-- ``split_nf4``: the same in NF4 (bitsandbytes), with the module type and device of a quantized layer;
-- ``replicas``: ``workers/replicas.py`` under torchrun, one process per GPU;
-- ``tensor_parallel``: ``workers/tensor_parallel.py`` under torchrun (with its float32 logits check);
-- ``offload``: decoder layers kept on the CPU (0 to 16 of 22), tokens/s against bytes offloaded,
-  and the effective host-to-device rate from the slope.
-Each speed row has ``batch``, ``tokens_per_s_per_sequence``, ``total_tokens_per_s``, ``ttft_s``; memory is in bytes.
+Every speed measurement is a record in ``records``::
+
+    {"shape": "llama-1b", "format": "bf16" | "nf4", "path": "one GPU" | "split" | "replicas" |
+     "tensor parallel" | "cpu offload", "batch": total sequences in flight, "gpus": GPUs used,
+     "tokens_per_s": total new tokens per second, "tokens_per_s_per_sequence": ..., "ttft_s": ...,
+     "limit_tokens_per_s": the bandwidth limit for that path and batch, "peak_bytes_per_gpu": [...]}
+
+The limit is measured in the same run: ``bandwidth`` is a device-to-device copy
+of 2 GiB on GPU 0 (bytes read plus bytes written, divided by the time, median of
+5); a decode step reads every weight once (the input embedding only one row per
+sequence) plus the KV cache, so ``limit = batch * bandwidth / bytes read per step``
+(a split reads the same bytes one GPU after the other; replicas and tensor
+parallel read them on several GPUs at once).
+
+Other sections: ``hardware`` and ``versions`` (helpers.hardware.report()),
+``h2d`` (host-to-device copy rate, pinned and pageable), ``saturation`` (the
+smallest batch at which doubling it raises one GPU's tokens/s by less than
+10%), ``nf4`` (module type, weight device and bitsandbytes library of a
+quantized layer), ``split`` (what each GPU holds; 2+ GPUs), ``tensor_parallel``
+(the float32 logits check; 2+ GPUs) and ``offload`` (decoder layers kept on the
+CPU against seconds per token, and the effective host-to-device rate).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -37,16 +48,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # this file lives in gpu-reference/tools/
 
+SHAPE = "llama-1b"
+PROMPT = 32
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="results JSON")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per timed run")
-    ap.add_argument("--batches", type=int, nargs="*", default=[1, 16])
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64],
+                    help="batch sweep on one GPU (powers of two: saturation compares each with its double)")
     ap.add_argument("--offload-layers", type=int, nargs="*", default=[0, 4, 8, 16],
                     help="decoder layers kept on the CPU, one run each")
     ap.add_argument("--offload-tokens", type=int, default=16)
-    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip (e.g. offload tensor_parallel)")
+    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: nf4 split replicas tensor_parallel offload")
     return ap.parse_args(argv)
 
 
@@ -63,6 +78,26 @@ def per_gpu(fn) -> list[int]:
     import torch
 
     return [int(fn(i)) for i in range(torch.cuda.device_count())]
+
+
+def device_bandwidth(n_bytes: int = 2 * 2**30, runs: int = 5) -> dict:
+    """A device-to-device copy on GPU 0: (bytes read + bytes written) / time, median of ``runs``."""
+    import torch
+
+    src = torch.ones(n_bytes, dtype=torch.uint8, device="cuda:0")
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
+    times = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    del src, dst
+    free()
+    return {"bytes_copied": n_bytes, "runs": runs, "median_s": statistics.median(times),
+            "GBps": 2 * n_bytes / statistics.median(times) / 1e9}
 
 
 def h2d_rates(n_bytes: int = 2**30) -> dict:
@@ -86,149 +121,200 @@ def h2d_rates(n_bytes: int = 2**30) -> dict:
     return out
 
 
-def speed_rows(model, vocab: int, batches, tokens: int) -> list[dict]:
+def step_bytes(model, batch: int, context: int, weight_bytes: int | None = None) -> int:
+    """Bytes a decode step reads: weights (the input embedding one row per sequence) plus the KV cache."""
+    cfg = model.config
+    emb = model.get_input_embeddings().weight
+    weights = weight_bytes if weight_bytes is not None else model.get_memory_footprint()
+    rows = batch * emb.shape[1] * emb.element_size()
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * context * batch
+    return int(weights - emb.numel() * emb.element_size() + rows + kv)
+
+
+def timed(model, vocab: int, batch: int, tokens: int) -> dict:
     import torch
 
     from helpers.measure import time_generate
 
-    rows = []
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, vocab, (batch, PROMPT), generator=g)
     first = model.get_input_embeddings().weight.device
-    for b in batches:
-        ids = torch.randint(0, vocab, (b, 32), generator=g)
-        inputs = {"input_ids": ids.to(first), "attention_mask": torch.ones_like(ids).to(first)}
-        r = time_generate(model, inputs, new_tokens=tokens, repeats=3, warmup=1)
-        rows.append({"batch": b, "ttft_s": r["ttft_s"], "tokens_per_s_per_sequence": r["tokens_per_s"],
-                     "total_tokens_per_s": r["total_tokens_per_s"]})
-        print(f"   batch {b:>3}: {r['tokens_per_s']:.1f} tokens/s per sequence, {r['total_tokens_per_s']:.0f} total",
-              flush=True)
-    return rows
+    inputs = {"input_ids": ids.to(first), "attention_mask": torch.ones_like(ids).to(first)}
+    return time_generate(model, inputs, new_tokens=tokens, repeats=3, warmup=1)
+
+
+def record(fmt: str, path: str, batch: int, gpus: int, r: dict, limit: float | None) -> dict:
+    import torch
+
+    row = {"shape": SHAPE, "format": fmt, "path": path, "batch": batch, "gpus": gpus,
+           "tokens_per_s": r["tokens_per_s"] * batch if "total_tokens_per_s" not in r else r["total_tokens_per_s"],
+           "tokens_per_s_per_sequence": r["tokens_per_s"], "ttft_s": r.get("ttft_s"),
+           "limit_tokens_per_s": limit, "peak_bytes_per_gpu": per_gpu(torch.cuda.max_memory_allocated)}
+    share = f" = {row['tokens_per_s'] / limit:.1%} of {limit:,.0f}" if limit else ""
+    print(f"   {path:<16} {fmt:<5} batch {batch:>3}: {row['tokens_per_s']:9.1f} tokens/s{share}", flush=True)
+    return row
+
+
+def saturation(rows: list[dict]) -> dict:
+    """The smallest batch b whose double raises one GPU's total tokens/s by less than 10%."""
+    by_batch = {r["batch"]: r["tokens_per_s"] for r in rows}
+    for b in sorted(by_batch):
+        if 2 * b in by_batch and by_batch[2 * b] < 1.10 * by_batch[b]:
+            return {"batch": b, "rule": "smallest batch whose double adds < 10% tokens/s", "found": True}
+    return {"batch": max(by_batch), "rule": "smallest batch whose double adds < 10% tokens/s", "found": False}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from helpers.checkpoints import random_checkpoint
     from helpers.devicemap import placement
-    from helpers.hardware import bnb_backend, report
+    from helpers.hardware import bnb_library, report
     from helpers.launch import SAFE_ENV, launch
     from helpers.shapes import n_params
 
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n_gpus < 2:
-        print(f"gpu_bench needs at least two CUDA GPUs; this machine has {n_gpus}.", file=sys.stderr)
+    if n_gpus < 1:
+        print("gpu_bench needs a CUDA GPU; this machine has none.", file=sys.stderr)
         return 2
     t_start = time.perf_counter()
-    res: dict = {"hardware": report(), "env": SAFE_ENV, "new_tokens": args.tokens}
+    res: dict = {"tier": "one-gpu" if n_gpus == 1 else "two-gpu", "hardware": report(), "env": SAFE_ENV,
+                 "new_tokens": args.tokens, "prompt_tokens": PROMPT}
     res["versions"] = {k: res["hardware"][k] for k in ("python", "torch", "transformers", "accelerate", "bitsandbytes")}
     res["versions"]["cuda"] = res["hardware"]["cuda"]
-    res["gpu_names"] = [torch.cuda.get_device_name(i) for i in range(n_gpus)]
     out = Path(args.out)
+    records: list[dict] = []
+    res["records"] = records
 
     def save():
         res["wall_s"] = round(time.perf_counter() - t_start, 1)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1, default=str))
 
-    print("== host-to-device copy", flush=True)
+    print("== bandwidth (device-to-device copy) and host-to-device copy", flush=True)
+    res["bandwidth"] = device_bandwidth()
     res["h2d"] = h2d_rates()
-    print("  ", {k: round(v, 1) for k, v in res["h2d"].items()}, flush=True)
+    bw = res["bandwidth"]["GBps"] * 1e9
+    print(f"   {res['bandwidth']['GBps']:.0f} GB/s on GPU 0; h2d", {k: round(v, 1) for k, v in res["h2d"].items()})
 
     t = time.perf_counter()
-    ckpt = random_checkpoint("llama-1b", torch.bfloat16, device="cuda")
-    res["model"] = {"shape": "llama-1b", "random_weights": True, "dtype": "bfloat16",
+    ckpt = random_checkpoint(SHAPE, torch.bfloat16, device="cuda")
+    res["model"] = {"shape": SHAPE, "random_weights": True, "dtype": "bfloat16",
                     "label": "RANDOM weights, llama-1b shape (hidden 2048, 22 layers, 32 heads, 4 kv heads)",
                     "build_or_verify_s": round(time.perf_counter() - t, 1)}
-    free()
+    context = PROMPT + args.tokens // 2  # the KV cache's mean length over a run
 
     def load(**kw):
         t0 = time.perf_counter()
-        m = AutoModelForCausalLM.from_pretrained(ckpt, **kw)
-        m.eval()
+        m = AutoModelForCausalLM.from_pretrained(ckpt, **kw).eval()
         torch.cuda.synchronize()
         return m, time.perf_counter() - t0
 
-    print("== single GPU", flush=True)
+    print("== one GPU, bf16: batch sweep", flush=True)
     model, load_s = load(dtype=torch.bfloat16, device_map={"": 0})
     vocab = model.config.vocab_size
     res["model"].update(params=n_params(model), weight_bytes=int(model.get_memory_footprint()),
-                        layers=model.config.num_hidden_layers)
-    res["single"] = {"load_s": load_s, "mem_after_load_bytes": per_gpu(torch.cuda.memory_allocated)}
-    res["single"]["rows"] = speed_rows(model, vocab, args.batches, args.tokens)
-    res["single"]["peak_bytes"] = per_gpu(torch.cuda.max_memory_allocated)
+                        layers=model.config.num_hidden_layers, load_s=round(load_s, 2))
+    res["model"]["step_bytes_batch_1"] = base = step_bytes(model, 1, context)
+    extra = step_bytes(model, 2, context) - base  # one more sequence: an embedding row and its KV cache
+
+    def replica_limit(batch_per_gpu: int, gpus: int) -> float:
+        """Total tokens/s when each of ``gpus`` GPUs reads a whole step's bytes for its own sequences."""
+        return gpus * batch_per_gpu * bw / (base + (batch_per_gpu - 1) * extra)
+    limit = {b: b * bw / step_bytes(model, b, context) for b in args.batches}
+    one = [record("bf16", "one GPU", b, 1, timed(model, vocab, b, args.tokens), limit[b]) for b in args.batches]
+    records.extend(one)
+    res["saturation"] = saturation(one)
+    sat = res["saturation"]["batch"]
+    print(f"   one GPU saturates at batch {sat} ({res['saturation']})", flush=True)
     del model
     free()
     save()
 
-    print("== split over the GPUs (device_map='balanced')", flush=True)
-    model, load_s = load(dtype=torch.bfloat16, device_map="balanced")
-    res["split"] = {"load_s": load_s, "device_map": "balanced", "placement": {str(d): w for d, w in placement(model, model.hf_device_map).items()},
-                    "mem_after_load_bytes": per_gpu(torch.cuda.memory_allocated)}
-    res["split"]["rows"] = speed_rows(model, vocab, args.batches, args.tokens)
-    res["split"]["peak_bytes"] = per_gpu(torch.cuda.max_memory_allocated)
-    del model
-    free()
-    save()
+    if "nf4" not in args.skip:
+        print("== one GPU, NF4 (bitsandbytes, bf16 compute)", flush=True)
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        model, load_s = load(dtype=torch.bfloat16, device_map={"": 0}, quantization_config=q)
+        lin = model.model.layers[-1].mlp.down_proj
+        nf4_bytes = int(model.get_memory_footprint())
+        res["nf4"] = {"load_s": round(load_s, 2), "footprint_bytes": nf4_bytes,
+                      "module_type": f"{type(lin).__module__}.{type(lin).__name__}",
+                      "weight_type": type(lin.weight).__name__, "weight_device": str(lin.weight.device),
+                      "bnb_library": bnb_library()}
+        for b in (1, 16):
+            lim = b * bw / step_bytes(model, b, context, nf4_bytes)
+            records.append(record("nf4", "one GPU", b, 1, timed(model, vocab, b, args.tokens), lim))
+        del model, lin
+        free()
+        save()
 
-    print("== split, NF4 (bitsandbytes)", flush=True)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    model, load_s = load(dtype=torch.bfloat16, device_map="balanced", quantization_config=q)
-    lin = model.model.layers[-1].mlp.down_proj
-    res["split_nf4"] = {"load_s": load_s, "placement": {str(d): w for d, w in placement(model, model.hf_device_map).items()},
-                        "mem_after_load_bytes": per_gpu(torch.cuda.memory_allocated),
-                        "module_type": f"{type(lin).__module__}.{type(lin).__name__}",
-                        "weight_type": type(lin.weight).__name__, "weight_device": str(lin.weight.device),
-                        "bnb_backend": bnb_backend()}
-    res["split_nf4"]["rows"] = speed_rows(model, vocab, args.batches[:1], args.tokens)
-    del model, lin
-    free()
-    save()
+    if n_gpus >= 2 and "split" not in args.skip:
+        print("== split over the GPUs (device_map='balanced')", flush=True)
+        model, load_s = load(dtype=torch.bfloat16, device_map="balanced")
+        res["split"] = {"load_s": round(load_s, 2), "device_map": "balanced",
+                        "placement": {str(d): w for d, w in placement(model, model.hf_device_map).items()},
+                        "mem_after_load_bytes": per_gpu(torch.cuda.memory_allocated)}
+        for b in sorted({1, 16, sat}):  # one GPU works at a time: the same bytes, the same limit
+            records.append(record("bf16", "split", b, n_gpus, timed(model, vocab, b, args.tokens), limit.get(b)))
+        del model
+        free()
+        save()
 
     if "replicas" not in args.skip:
-        print("== one replica per GPU (torchrun workers/replicas.py)", flush=True)
+        batches = sorted({n_gpus, 16 * n_gpus, sat * n_gpus})  # equal batch per GPU: 1, 16 and saturating
+        print(f"== one replica per GPU ({n_gpus}): torchrun workers/replicas.py, total batches {batches}", flush=True)
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
             launch(["torchrun", "--standalone", f"--nproc_per_node={n_gpus}", "workers/replicas.py",
                     "--expect-world-size", n_gpus, "--model", ckpt, "--random-weights", "--out", f"{d}/r.json",
-                    "--bench", "--batches", *args.batches, "--bench-tokens", args.tokens], timeout=900)
+                    "--bench", "--batches", *batches, "--bench-tokens", args.tokens], timeout=900)
             rep = json.loads(Path(d, "r.json").read_text())
-            rep.pop("results", None)
-            rep["launch_and_run_s"] = time.perf_counter() - t0
-        res["replicas"] = rep
-        for r in rep["bench"]:
-            print(f"   batch {r['batch_total']:>3}: {r['total_tokens_per_s']:.0f} total tokens/s", flush=True)
+        res["replicas_launch_and_run_s"] = round(time.perf_counter() - t0, 1)
+        for r in rep["bench"]:  # each GPU reads the whole model for its own share of the batch
+            row = {"tokens_per_s": r["tokens_per_s_per_sequence"], "total_tokens_per_s": r["total_tokens_per_s"]}
+            rec = record("bf16", "replicas", r["batch_total"], n_gpus, row,
+                         replica_limit(r["batch_total"] // n_gpus, n_gpus))
+            rec["peak_bytes_per_gpu"] = [p["peak_bytes"] for p in r["per_rank"]]
+            records.append(rec)
         save()
 
-    if "tensor_parallel" not in args.skip:
-        print("== tensor parallel (torchrun workers/tensor_parallel.py)", flush=True)
+    if n_gpus >= 2 and "tensor_parallel" not in args.skip:
+        print("== tensor parallel: torchrun workers/tensor_parallel.py", flush=True)
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
             launch(["torchrun", "--standalone", f"--nproc_per_node={n_gpus}", "workers/tensor_parallel.py",
                     "--expect-world-size", n_gpus, "--checkpoint", ckpt, "--out", f"{d}/tp.json",
-                    "--bench", "--batches", *args.batches, "--bench-tokens", args.tokens], timeout=900)
-            res["tensor_parallel"] = json.loads(Path(d, "tp.json").read_text())
-            res["tensor_parallel"]["launch_and_run_s"] = time.perf_counter() - t0
-        for r in res["tensor_parallel"]["bench"]:
-            print(f"   batch {r['batch']:>3}: {r['tokens_per_s_per_sequence']:.1f} tokens/s per sequence", flush=True)
-        print("   logits check:", res["tensor_parallel"]["logits_check"], flush=True)
+                    "--bench", "--batches", *sorted({1, 16, sat}), "--bench-tokens", args.tokens], timeout=900)
+            tp = json.loads(Path(d, "tp.json").read_text())
+        res["tensor_parallel"] = {"api": tp["api"], "logits_check": tp["logits_check"],
+                                  "launch_and_run_s": round(time.perf_counter() - t0, 1)}
+        for r in tp["bench"]:  # every GPU reads its share of the weights at once
+            lim = replica_limit(r["batch"], n_gpus)  # the same bytes as n replicas of batch b: each GPU reads 1/n
+            rec = record("bf16", "tensor parallel", r["batch"], n_gpus,
+                         {"tokens_per_s": r["tokens_per_s_per_sequence"], "total_tokens_per_s": r["total_tokens_per_s"],
+                          "ttft_s": r["ttft_s"]}, lim)
+            rec["peak_bytes_per_gpu"] = [p.get("peak_bytes", 0) for p in tp["per_rank"]]
+            records.append(rec)
         save()
 
     if "offload" not in args.skip:
-        print("== CPU offload on one GPU", flush=True)
+        print("== CPU offload on GPU 0", flush=True)
         rows = []
         n_layers = res["model"]["layers"]
         for k in args.offload_layers:
             dm = {"model.embed_tokens": 0, "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
             dm.update({f"model.layers.{i}": ("cpu" if i < k else 0) for i in range(n_layers)})
-            model, load_s = load(dtype=torch.bfloat16, device_map=dm)
+            model, _ = load(dtype=torch.bfloat16, device_map=dm)
             off = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                       if n.startswith("model.layers.") and int(n.split(".")[2]) < k)
-            r = speed_rows(model, vocab, [1], args.offload_tokens)[0]
-            rows.append({"layers_on_cpu": k, "bytes_offloaded": off, **r,
-                         "s_per_token": 1 / r["tokens_per_s_per_sequence"]})
+            r = timed(model, vocab, 1, args.offload_tokens)
+            rec = record("bf16", "cpu offload", 1, 1, r, None)
+            rec.update(layers_on_cpu=k, bytes_offloaded=off, s_per_token=1 / r["tokens_per_s"])
+            records.append(rec)
+            rows.append(rec)
             del model
             free()
         import numpy as np
@@ -236,11 +322,9 @@ def main(argv=None) -> int:
         x = np.array([r["bytes_offloaded"] for r in rows], dtype=float)
         y = np.array([r["s_per_token"] for r in rows])
         slope, intercept = np.polyfit(x, y, 1)
-        res["offload"] = {"rows": rows, "tokens": args.offload_tokens, "batch": 1,
-                          "fit_s_per_byte": slope, "fit_intercept_s": intercept,
-                          "effective_h2d_GBps": (1 / slope) / 1e9 if slope > 0 else None}
+        res["offload"] = {"tokens": args.offload_tokens, "batch": 1, "fit_s_per_byte": slope,
+                          "fit_intercept_s": intercept, "effective_h2d_GBps": (1 / slope) / 1e9 if slope > 0 else None}
         print(f"   effective host-to-device rate: {res['offload']['effective_h2d_GBps']:.1f} GB/s", flush=True)
-        save()
     save()
     print(f"written {out} in {res['wall_s']} s", flush=True)
     return 0

