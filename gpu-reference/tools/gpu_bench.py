@@ -56,7 +56,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="results JSON")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per timed run")
-    ap.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64],
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
                     help="batch sweep on one GPU (powers of two: saturation compares each with its double)")
     ap.add_argument("--offload-layers", type=int, nargs="*", default=[0, 4, 8, 16],
                     help="decoder layers kept on the CPU, one run each")
