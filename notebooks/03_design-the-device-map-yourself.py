@@ -29,7 +29,7 @@
 # 3. How `balanced`, `balanced_low_0` and `sequential` differ on the same budget.
 # 4. How to plan for GPUs you don't have (2 x 24 GiB, 4 x 80 GiB, 8 x 80 GiB) in bf16 and NF4, with
 #    transformers' own quantizer and sizing, and where that sizing differs from the real bytes.
-# 5. How to check a map before loading (`helpers.devicemap.preflight`), and explore plans live.
+# 5. How to check a map before loading (`helpers.preflight.preflight`), and explore plans live.
 #
 # **What you'll need**: notebook 02 (the meta device, `init_empty_weights`, offload hooks). A CPU
 # is enough: the recipe runs on the bundled model, and every plan for big GPUs is computed on the
@@ -43,23 +43,25 @@ MODEL = "bundled"
 DTYPE = "bfloat16"
 
 # %%
+import inspect
 import json
 import os
 import shutil
-import tempfile
 
 import matplotlib.pyplot as plt
 import torch
 import transformers
 from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights, load_checkpoint_in_model
+from accelerate.utils import convert_file_size_to_int
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import helpers
-from helpers import cache_dir, resolve_model
-from helpers.devicemap import map_table, plot_device_map, preflight
+from helpers.checkpoints import offload_folder, resolve_model
+from helpers.devicemap import device_label, device_of, map_table, placement, plot_device_map
+from helpers.preflight import preflight
+from helpers.quiet import quiet_planning, silence_known_warnings
 
-# routine library messages and, in quiet runs only, accelerate's loading bar: see helpers/logs.py
-helpers.silence_known_warnings()
+# routine library messages and, in quiet runs only, accelerate's loading bar: see helpers/quiet.py
+silence_known_warnings()
 
 path = resolve_model(MODEL)
 dtype = getattr(torch, DTYPE)
@@ -101,10 +103,10 @@ assert type(model.model.layers[0]).__name__ in model._no_split_modules, "the dec
 # %% [markdown]
 # ### 1.3 A budget per device, and the map it gives
 #
-# `max_memory` caps the bytes of **weights** each device may take. On this machine there is no GPU,
-# so the CPU is the main device and we give it less room than the model needs: what does not fit
-# goes to `"disk"` (an offload folder). With a GPU, GPU 0 gets the small budget and the rest is
-# offloaded to CPU RAM instead.
+# `max_memory` caps the bytes of **weights** each device may take. We give the main device less
+# room than the model needs, so that part of the model must be offloaded. On a machine without a
+# GPU the CPU is the main device, and what does not fit goes to `"disk"` (an offload folder). With
+# a GPU, GPU 0 gets the small budget and the rest is offloaded to CPU RAM instead.
 
 # %%
 if N_GPUS:
@@ -117,9 +119,10 @@ print(f"{len(device_map)} map entries, e.g.", dict(list(device_map.items())[:3])
 map_table(model, device_map)
 
 # %% [markdown]
-# Read the table: the embedding (tied to the head) and the first layers stay in memory, the rest of the
-# layers go to disk, whole. The memory device holds less than 160 MiB: accelerate keeps room on the
-# main device for the largest offloaded layer, which is brought there at each forward pass.
+# Read the table: the embedding (tied to the head) and the first layers stay on the main device, and
+# the rest of the layers are offloaded, whole, to the next device (the cell below says which, on this
+# machine). The main device holds less than its budget: accelerate keeps room on it for the largest
+# offloaded layer, which is brought there at each forward pass.
 #
 # Before loading, check the map against the model, the budget and the checkpoint. `mode="run"` also
 # checks that every device in the map exists on this machine.
@@ -129,25 +132,39 @@ report = preflight(model, device_map, MAX_MEMORY, mode="run", checkpoint=path)
 print(report)
 assert report.ok, "fix the map before loading"
 
+where = placement(model, device_map)
+main, *offloaded_to = where  # devices in order: GPUs, then cpu, then disk
+print(f"on {device_label(main)}, the main device: {where[main]} "
+      f"({report.bytes_per_device[main] / 2**20:.1f} MiB of its {MAX_MEMORY[main]} budget)")
+for dev in offloaded_to:
+    print(f"offloaded to {device_label(dev)}: {where[dev]}")
+assert report.bytes_per_device[main] < convert_file_size_to_int(MAX_MEMORY[main]), "the main device is over budget"
+
 # %% [markdown]
 # ### 1.4 Load the checkpoint into the map, then dispatch
 #
 # `load_checkpoint_in_model` reads the checkpoint shard by shard: weights for the CPU or a GPU go
 # straight there, weights for `"disk"` are written to the offload folder (one `.dat` file per tensor
-# plus an `index.json`). `dispatch_model` then adds the hooks that move inputs and offloaded weights
-# at each forward pass. The offload folder is this notebook's own, made fresh under the workbook's
-# cache and removed at the end.
+# plus an `index.json`; a map without `"disk"`, as on a GPU machine here, writes nothing there).
+# `dispatch_model` then adds the hooks that move inputs and offloaded weights at each forward pass:
+# the offloaded parameters stay on the meta device in the model, and a hook brings each one to the
+# main device when its layer runs. The offload folder is this notebook's own, made fresh under the
+# workbook's cache by `helpers.checkpoints.offload_folder`, and removed at the end.
 
 # %%
-offload_root = cache_dir() / "offload"
-offload_root.mkdir(exist_ok=True)
-OFFLOAD = tempfile.mkdtemp(prefix="03-recipe-", dir=offload_root)  # ours: removed at the end
+OFFLOAD = offload_folder("03-recipe")  # a new, empty folder: removed at the end
+on_disk = [n for n, _ in model.named_parameters() if device_of(n, device_map) == "disk"]
+offloaded = [n for n, _ in model.named_parameters() if device_of(n, device_map) != main]
 
 load_checkpoint_in_model(model, path, device_map=device_map, offload_folder=OFFLOAD, dtype=dtype)
 model = dispatch_model(model, device_map=device_map, offload_dir=OFFLOAD)
 n_files = sum(1 for f in os.listdir(OFFLOAD) if f.endswith(".dat"))
-print(f"offload folder: {n_files} .dat files + index.json")
-print("still on the meta device (offloaded):", sum(p.device.type == "meta" for p in model.parameters()), "parameters")
+print(f"offload folder: {n_files} .dat files" + (" + index.json" if (OFFLOAD / "index.json").exists() else ""),
+      f"for the {len(on_disk)} parameters mapped to disk")
+meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+print(f"on the meta device: {len(meta)} parameters, the ones mapped to "
+      f"{' and '.join(device_label(d) for d in offloaded_to)}")
+assert n_files == len(on_disk) and sorted(meta) == sorted(offloaded), "offloaded weights should be hooked, not resident"
 
 # %% [markdown]
 # ### 1.5 Generate, and compare with the model loaded whole
@@ -174,7 +191,7 @@ print(f"same {NEW_TOKENS} tokens as the model loaded whole")
 # %% [markdown]
 # **Self-check.** Why did we call `model.tie_weights()` in 1.1? (Hint: the checkpoint has no
 # `lm_head.weight`; without the tie the head would stay on the meta device, and the map could place
-# it on another device than the embedding. Notebook 05 shows both failures.)
+# it on another device than the embedding. Notebook 06, cases 1 and 2, shows both failures.)
 #
 # **What changed since the recipe was first written** (accelerate's 2022 guide): `torch_dtype=` is
 # now `dtype=`; `_no_split_modules` is a set read from the class (no need to type `"LlamaDecoderLayer"`);
@@ -195,11 +212,9 @@ print(f"same {NEW_TOKENS} tokens as the model loaded whole")
 # (`dict(MAX_MEMORY)`) if you reuse it. Anything else than these keys is refused:
 
 # %%
-from accelerate.utils import convert_file_size_to_int, get_max_memory
+from accelerate.utils import get_max_memory
 
-from helpers.planner import quiet_planning
-
-with quiet_planning():  # accelerate warns "Device 0 is not available" on this machine: known, silenced
+with quiet_planning():  # accelerate warns "Device N is not available" for GPUs a machine lacks: expected, silenced
     print(get_max_memory({"cpu": "30GiB", 1: "24GiB", 0: "24GiB"}))
 mine = {"cpu": "160MiB"}
 get_max_memory(mine)
@@ -210,15 +225,17 @@ except ValueError as e:
     print(f"{type(e).__name__}: {e}")
 
 # %% [markdown]
-# **Values** are bytes (an int) or strings read by `accelerate.utils.convert_file_size_to_int`:
-# `GiB`/`MiB`/`KiB` are powers of 2, `GB`/`MB`/`KB` powers of 10, and a string that **ends in a
-# lowercase `b`** is read as **bits** (divided by 8), so `"24gb"` is 3 GB, not 24.
+# **Values** are bytes (an int) or strings read by `accelerate.utils.convert_file_size_to_int`. It
+# reads the unit in any case and tries `GiB`, `MiB`, `KiB` first: those are powers of 2 (so `"24Gib"`
+# and `"24gib"` are 24 GiB too). Then `GB`, `MB`, `KB` are powers of 10, and for these three only, a
+# **lowercase final `b`** means **bits** (the count is divided by 8): `"24Gb"` and `"24gb"` are 3 GB,
+# while `"24gB"` is 24 GB. There is no `TB`, and a bare `G` or `B` is refused.
 
 # %%
-for size in ["24GiB", "24GB", "24Gb", "24gb", "1.5GiB", "160MiB", "160MB", 10**9]:
+for size in ["24GiB", "24Gib", "24gib", "24GB", "24gB", "24Gb", "24gb", "160MiB", "160MB", "160mb", 10**9]:
     n = convert_file_size_to_int(size)
     print(f"{size!r:>10} -> {n:>14,} bytes = {n / 2**30:7.3f} GiB")
-for bad in ["24G", "24 GiB!"]:
+for bad in ["24G", "24B", "2TB"]:
     try:
         convert_file_size_to_int(bad)
     except ValueError as e:
@@ -227,7 +244,8 @@ for bad in ["24G", "24 GiB!"]:
 # %%
 # Self-check: how many bytes is "80GB", and is it more or less than "80GiB"?
 assert convert_file_size_to_int("80GB") == 80 * 10**9 < convert_file_size_to_int("80GiB") == 80 * 2**30
-assert convert_file_size_to_int("8Gb") == 10**9, "a lowercase b means bits"
+assert convert_file_size_to_int("8Gb") == 10**9, "a lowercase final b after G, M or K means bits"
+assert convert_file_size_to_int("8Gib") == 8 * 2**30, "an iB unit, in any case, is a power of 2: never bits"
 
 # %% [markdown]
 # ## 3. `balanced`, `balanced_low_0` and `sequential` on the same budget
@@ -307,10 +325,11 @@ for (s, f, n, g), p in plans.items():
           f"{len(gpus):>5} of {n}  {verdict}")
 
 # %% [markdown]
-# Two things stand out. The 70B shape in bf16 does not fit 2 x 24 GiB (its remaining layers go to
-# disk). And `balanced` often uses fewer GPUs than you have ("GPUs used"): its per-GPU cap is the model
-# size / number of GPUs plus a margin of 1.25 x the largest tensor, and for a small model with a big
-# vocabulary that margin (1.25 x the embedding) is larger than the share itself.
+# Two things stand out. The 70B shape in bf16 does not fit 2 x 24 GiB (`plan` allows no CPU RAM
+# unless you give it `cpu_gib`, so its remaining layers go to disk). And `balanced` often uses fewer
+# GPUs than you have ("GPUs used"): its per-GPU cap is the model size / number of GPUs plus a margin
+# of 1.25 x the largest tensor, and for a small model with a big vocabulary that margin (1.25 x the
+# embedding) is larger than the share itself.
 #
 # Each plan drawn: one figure per model and format, one strip per setup, one cell per module in
 # model order, coloured by device (the legend gives each device's weights against its budget).
@@ -348,21 +367,26 @@ print("70B bf16 on 2 x 24 GiB:", preflight(big.model, big.device_map, big.max_me
 # replaces only the `nn.Linear` layers inside the blocks with bitsandbytes layers; the embedding, the
 # norms and the output head stay in the compute dtype. To plan what it will do, prepare the meta model
 # with transformers' own quantizer, then size it with the quantizer. These are the steps
-# `from_pretrained` runs (transformers 5.24, `modeling_utils.py`):
+# `from_pretrained` runs (transformers 5.24, `modeling_utils.py`). The workbook writes them once, in
+# `helpers.planner` (section 4's `plan` calls them); here is the first, the library calls in full:
+
+# %%
+from helpers.planner import plan_device_map, prepare_meta_model
+
+print(inspect.getsource(prepare_meta_model))
+
+# %% [markdown]
+# Called on the 70B shape with an NF4 config, then sized by transformers' `compute_module_sizes`
+# with the quantizer (the sizes the planner uses), beside the same shape in bf16:
 
 # %%
 from transformers import BitsAndBytesConfig
 from transformers.integrations.accelerate import compute_module_sizes
-from transformers.quantizers import AutoHfQuantizer
 
 from helpers.shapes import shape_config
 
 qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)  # the checkpoint is bf16, quantized while loading
-with torch.device("meta"):
-    llama70 = AutoModelForCausalLM.from_config(shape_config("llama-2-70b"), dtype=torch.bfloat16)
-quantizer.preprocess_model(model=llama70, dtype=torch.bfloat16, device_map="auto", checkpoint_files=None,
-                           use_kernels=False)
+llama70, quantizer = prepare_meta_model(shape_config("llama-2-70b"), qconfig, torch.bfloat16)
 
 print("q_proj:", type(llama70.model.layers[0].self_attn.q_proj).__name__,
       "| embed_tokens:", type(llama70.model.embed_tokens).__name__, "| lm_head:", type(llama70.lm_head).__name__)
@@ -375,45 +399,37 @@ print(f"a global 0.25 x would predict {0.25 * bf16_sizes[''] / 2**30:.2f} GiB fo
 for s in SHAPES:  # the smaller the model, the more its (unshrunk) embedding weighs
     nf4, bf16 = plans[(s, "nf4", 2, 24)].total_bytes, plans[(s, "bf16", 2, 24)].total_bytes
     print(f"{s:<12} NF4 / bf16 = {nf4 / bf16:.3f} (a global multiplier would say 0.250)")
+assert sizes["model.embed_tokens"] == bf16_sizes["model.embed_tokens"], "the embedding is not quantized"
 
 # %% [markdown]
 # A decoder layer shrinks to 0.25 x (0.5 byte instead of 2 per weight); the embedding and head do not
 # shrink at all. Planning then follows `transformers.integrations.accelerate._get_device_map`:
-# balance the budget, let the quantizer adjust it, place the modules. Here it is inline, checked
-# against transformers' (private) function and against `helpers.planner.plan`:
+# balance the budget, let the quantizer adjust it, place the modules. The workbook's copy of those
+# steps:
 
 # %%
-from transformers.integrations.accelerate import _get_device_map, get_balanced_memory as hf_balanced_memory
-from transformers.integrations.accelerate import infer_auto_device_map as hf_infer_auto_device_map
+print(inspect.getsource(plan_device_map))
 
+# %% [markdown]
+# Checked against transformers' (private) function, and against section 4's `plan`:
 
-def plan_like_from_pretrained(model, quantizer, max_memory, strategy="auto"):
-    """The map from_pretrained(device_map=strategy, max_memory=...) computes (without its final check)."""
-    with quiet_planning():
-        if strategy == "sequential":
-            caps = transformers.integrations.accelerate.get_max_memory(dict(max_memory))
-        else:
-            caps = hf_balanced_memory(model, max_memory=dict(max_memory), no_split_module_classes=model._no_split_modules,
-                                      hf_quantizer=quantizer, low_zero=(strategy == "balanced_low_0"))
-        if quantizer is not None:
-            caps = quantizer.adjust_max_memory(caps)  # bitsandbytes: 90% of each cap
-        return hf_infer_auto_device_map(model, max_memory=caps, no_split_module_classes=model._no_split_modules,
-                                        hf_quantizer=quantizer)
-
+# %%
+from transformers.integrations.accelerate import _get_device_map
 
 two_24 = {0: 24 * 2**30, 1: 24 * 2**30}
-mine = plan_like_from_pretrained(llama70, quantizer, two_24)
+mine, caps = plan_device_map(llama70, quantizer, two_24)
 with quiet_planning():
     theirs = _get_device_map(llama70, "auto", dict(two_24), quantizer)
+print("caps after balancing and the 90% cut (GiB):", {k: round(v / 2**30, 2) for k, v in caps.items()})
 print("same as transformers' _get_device_map:", mine == theirs)
 print("same as helpers.planner.plan:", mine == plans[("llama-2-70b", "nf4", 2, 24)].device_map)
-assert mine == theirs == plans[("llama-2-70b", "nf4", 2, 24)].device_map
+assert mine == theirs == plans[("llama-2-70b", "nf4", 2, 24)].device_map, "the plan should be transformers' own"
 
 # %% [markdown]
 # And against `from_pretrained` itself, on the real bundled checkpoint: we wrap the function it calls
 # to place modules, so we can read the map it computed. With a budget too small for the whole model,
 # `from_pretrained` then refuses to load a bitsandbytes model with modules on the CPU or disk
-# (notebook 05, case 9), after it has computed its map, and before loading any weight.
+# (notebook 06, case 9), after it has computed its map, and before loading any weight.
 
 # %%
 import transformers.integrations.accelerate as hf_accelerate
@@ -438,15 +454,15 @@ except ValueError as e:
 finally:
     hf_accelerate.infer_auto_device_map = original
 
-qsmall = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)
-with torch.device("meta"):
-    small_model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-qsmall.preprocess_model(model=small_model, dtype=torch.bfloat16, device_map="auto", checkpoint_files=None,
-                        use_kernels=False)
-planned = plan_like_from_pretrained(small_model, qsmall, {k: convert_file_size_to_int(v) for k, v in SMALL.items()})
+# %% [markdown]
+# The same two helpers on the bundled model's config give the map `from_pretrained` computed:
+
+# %%
+small_model, qsmall = prepare_meta_model(config, qconfig, torch.bfloat16)
+planned, _ = plan_device_map(small_model, qsmall, {k: convert_file_size_to_int(v) for k, v in SMALL.items()})
 print("devices in from_pretrained's map:", sorted(set(map(str, seen["map"].values()))))
 print("our plan equals from_pretrained's map:", planned == seen["map"])
-assert planned == seen["map"]
+assert planned == seen["map"], "prepare_meta_model + plan_device_map should reproduce from_pretrained's map"
 
 # %% [markdown]
 # ### Where transformers' accounting differs from the real bytes
@@ -534,7 +550,7 @@ planner_widget()
 # %%
 del model
 shutil.rmtree(OFFLOAD)
-print("offload folder removed:", not os.path.exists(OFFLOAD))
+print("offload folder removed:", not OFFLOAD.exists())
 
 # %% [markdown]
 # ## Summary
@@ -543,8 +559,9 @@ print("offload folder removed:", not os.path.exists(OFFLOAD))
 #    and `tie_weights()` after `init_empty_weights()`. `infer_auto_device_map` with per-device
 #    `max_memory` and the model's `_no_split_modules` gives the map; `load_checkpoint_in_model` and
 #    `dispatch_model` load and hook it; the dispatched model generates the same tokens as the whole one.
-# 2. `max_memory` keys are GPU ids, `"cpu"` and `"disk"` (unlimited, always last); `GiB` is 2^30,
-#    `GB` 10^9, and a trailing lowercase `b` means bits.
+# 2. `max_memory` keys are GPU ids, `"cpu"` and `"disk"` (unlimited, always last); `GiB` (in any
+#    case, `"24Gib"` too) is 2^30, `GB` 10^9, and `Gb`/`gb` (a lowercase final `b` without the `i`)
+#    means bits.
 # 3. `sequential` fills GPU 0 first; `balanced` (= `"auto"`) spreads the model with a margin;
 #    `balanced_low_0` keeps GPU 0 light.
 # 4. Plans for any GPUs run on the meta device in a fraction of a second; for 4-bit, prepare the meta
@@ -555,16 +572,40 @@ print("offload folder removed:", not os.path.exists(OFFLOAD))
 # ## Exercises
 #
 # 1. Plan `llama-2-13b` in bf16 on 2 x 24 GiB. Does it fit? What is the smallest GPU memory (in whole
-#    GiB) at which it fits on two GPUs? *Self-check:* `plan("llama-2-13b", "bf16", 2, g).fits` flips
-#    from False to True at your answer.
-# 2. In section 1.3, give the CPU `"400MiB"` instead. What does the map look like, and does
-#    `dispatch_model` still add hooks? *Self-check:* `set(device_map.values()) == {"cpu"}` and
+#    GiB) at which it fits on two GPUs? Put your answer in `smallest_gib` below and run the check.
+# 2. In section 1.3, give the main device `"400MiB"` instead. What does the map look like, and does
+#    `dispatch_model` still add hooks? *Self-check:* `len(set(device_map.values())) == 1` and
 #    `hasattr(model.model.layers[0], "_hf_hook")` is False.
 # 3. Plan `llama-2-70b` in `int8` on 4 x 24 GiB and compare it with NF4. *Self-check:* the int8 plan's
 #    `total_bytes` is about twice the NF4 one minus the (unchanged) embedding and head.
 # 4. Write a map by hand that puts `model.layers.5.mlp` on another device than `model.layers.5.self_attn`
-#    and run `preflight` on it. *Self-check:* its report has a `no-split-cut` finding.
-#
+#    (every other module somewhere too) and put it in `cut_map` below. The check runs `preflight` on it:
+#    its report should have a `no-split-cut` finding.
+
+# %%
+smallest_gib = None  # exercise 1: a whole number of GiB per GPU
+cut_map = None       # exercise 4: a dict {module name: device} for the bundled model
+
+# %%
+if smallest_gib is None:
+    print("Exercise 1: not answered yet. Hint: try plan('llama-2-13b', 'bf16', 2, g).fits for a few g.")
+else:
+    fits_at = plan("llama-2-13b", "bf16", 2, smallest_gib).fits
+    fits_below = plan("llama-2-13b", "bf16", 2, smallest_gib - 1).fits
+    if fits_at and not fits_below:
+        print(f"Exercise 1: right: it fits on 2 x {smallest_gib} GiB and not on one GiB less.")
+    else:
+        print(f"Exercise 1: wrong: on 2 x {smallest_gib} GiB it {'fits' if fits_at else 'does not fit'}, "
+              f"on 2 x {smallest_gib - 1} GiB it {'fits' if fits_below else 'does not fit'}.")
+if cut_map is None:
+    print("Exercise 4: not answered yet. Hint: start from {'': 0}, then add 'model.layers.5.mlp': 1.")
+else:
+    bundled_meta, _ = prepare_meta_model(config)
+    kinds = preflight(bundled_meta, cut_map).kinds()
+    print("Exercise 4:", "right: the check reports no-split-cut" if "no-split-cut" in kinds
+          else f"wrong: the check found {kinds or 'no problem'}; layer 5's attention and MLP must sit on two devices.")
+
+# %% [markdown]
 # ## Further reading
 #
 # - [accelerate: big model inference](https://huggingface.co/docs/accelerate/usage_guides/big_modeling):

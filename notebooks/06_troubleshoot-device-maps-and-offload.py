@@ -29,7 +29,7 @@
 # 3. Why a decoder layer must stay on one device, and how a misspelt `no_split_module_classes`
 #    silently removes that guarantee.
 # 4. How quantized models and offload interact on a machine without a GPU.
-# 5. How to run `helpers.devicemap.preflight` on a map, in planning mode (GPUs you don't have) or
+# 5. How to run `helpers.preflight.preflight` on a map, in planning mode (GPUs you don't have) or
 #    run mode (this machine), and read its fixes.
 #
 # **What you'll need**: any machine (a CPU is enough; nothing here needs a GPU), about 3 GB of free
@@ -47,34 +47,37 @@ NEW_TOKENS = 5  # greedy tokens generated to compare a fixed recipe with the ref
 #
 # Every fix below is judged against the same reference: the model loaded whole with
 # `from_pretrained`, greedy decoding. Expected errors are caught and printed as `type: message`
-# (long messages cut at their first line). Offloaded weights go to a folder this notebook creates
-# under the workbook's cache and deletes at the end; a folder there that it did not create is left
-# alone.
+# (long messages cut at their first line). Offloaded weights go to a new, empty folder under the
+# workbook's cache (`helpers.checkpoints.offload_folder` gives a fresh name at every run, so nothing
+# already there is reused or overwritten), one subfolder per case, all deleted at the end.
 
 # %%
-import contextlib
 import json
-import logging
 import shutil
-import tempfile
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 from accelerate import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
-from accelerate.utils import compute_module_sizes
+from accelerate.utils import check_tied_parameters_in_config, compute_module_sizes, find_tied_parameters
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-import helpers
-from helpers.devicemap import device_map_of, map_table, plot_device_map, preflight
+from helpers.checkpoints import offload_folder, resolve_model
+from helpers.devicemap import device_map_of, device_of, map_table, plot_device_map
+from helpers.planner import plan_device_map, prepare_meta_model
+from helpers.preflight import preflight
+from helpers.quiet import quiet_planning, silence_known_warnings
 
-helpers.silence_known_warnings()  # routine library messages and, in quiet runs, accelerate's bar: helpers/logs.py
-path = helpers.resolve_model(MODEL)
+silence_known_warnings()  # routine library messages and, in quiet runs, accelerate's bar: helpers/quiet.py
+path = resolve_model(MODEL)
 config = AutoConfig.from_pretrained(path)
 tokenizer = AutoTokenizer.from_pretrained(path)
 inputs = tokenizer("The capital of France is", return_tensors="pt")
 
+# %% [markdown]
+# Four small functions the cases share: greedy generation, an error printed as `type: message`, the
+# empty model the way the starting material builds it, and a hand-written map.
 
+# %%
 def generate(model):
     """Greedy continuation of the prompt, as text."""
     out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -85,21 +88,6 @@ def error(e: BaseException, width: int = 200) -> str:
     """`Type: first line of the message`, cut at `width` characters."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {msg[:width]}" + ("..." if len(msg) > width else "")
-
-
-@contextlib.contextmanager
-def accelerate_log():
-    """Collect accelerate's log messages instead of printing them to stderr."""
-    records, logger = [], logging.getLogger("accelerate")
-    handler = logging.Handler()
-    handler.emit = lambda r: records.append(r.getMessage())
-    logger.addHandler(handler)
-    logger.propagate, before = False, logger.propagate
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = before
 
 
 def empty_model(tie: bool):
@@ -119,18 +107,12 @@ def hand_map(embed, head, disk_from=None):
     dm |= {f"model.layers.{i}": "disk" if disk_from is not None and i >= disk_from else "cpu" for i in range(n)}
     return dm | {"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": head}
 
-
-offload_root = helpers.cache_dir() / "offload" / "05-troubleshoot"
-MARK = ".made-by-notebook-05"
-if offload_root.exists() and (offload_root / MARK).is_file():
-    shutil.rmtree(offload_root)  # ours, from an earlier run
-if offload_root.exists():  # someone else's folder: leave it, use a fresh one beside it
-    offload_root = Path(tempfile.mkdtemp(prefix="05-troubleshoot-", dir=offload_root.parent))
-offload_root.mkdir(parents=True, exist_ok=True)
-(offload_root / MARK).write_text("offload folders of notebook 05; safe to delete\n")
+# %%
+offload_root = offload_folder("06-troubleshoot")  # new and empty: removed at the end of the notebook
 
 
 def offload_dir(name):
+    """A subfolder of this notebook's offload folder, one per case (the loaders create it)."""
     return str(offload_root / name)
 
 
@@ -145,14 +127,15 @@ print("reference continuation:", repr(REFERENCE))
 #
 # `preflight(model, device_map, max_memory)` looks at the model (on the meta device: no weights
 # needed) and the map, and lists what will go wrong, each with a fix. Here is a correct map for two
-# GPUs of 200 MB each (this machine has none: planning mode never touches CUDA), then the same map
-# checked in run mode, which requires every device to exist here.
+# GPUs of 200 MB each (planning mode never touches CUDA, so it works on any machine), then the same
+# map checked in run mode, which requires every device to exist here: it passes only on a machine
+# with two GPUs.
 
 # %%
 TWO_GPUS = {0: "200MB", 1: "200MB", "cpu": "2GB"}
 with torch.device("meta"):
     planned = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-with accelerate_log():  # "Device 0 is not available": expected, we plan for GPUs we don't have
+with quiet_planning():  # "Device 0 is not available" on a machine without these GPUs: expected
     plan = infer_auto_device_map(planned, max_memory=TWO_GPUS, no_split_module_classes=planned._no_split_modules)
 print(preflight(planned, plan, TWO_GPUS, checkpoint=path))
 print(map_table(planned, plan).to_string(index=False))
@@ -175,22 +158,26 @@ lost = empty_model(tie=False)
 print("head is the embedding:", lost.lm_head.weight is lost.model.embed_tokens.weight)
 print(f"size counted: {compute_module_sizes(lost)[''] / 2**20:.1f} MiB "
       f"(the checkpoint holds {json.load(open(f'{path}/model.safetensors.index.json'))['metadata']['total_size'] / 2**20:.1f} MiB)")
-with accelerate_log() as log:
+with quiet_planning():
     plan_lost = infer_auto_device_map(lost, max_memory=TWO_GPUS, no_split_module_classes=lost._no_split_modules)
-print("accelerate says:", [m for m in log if "tied" in m])
 print("embedding on", plan_lost["model.embed_tokens"], "| head on", plan_lost["lm_head"])
+print("accelerate's test: the config declares a tie:", check_tied_parameters_in_config(lost),
+      "| tied parameters found in the model:", find_tied_parameters(lost))
 
 # %% [markdown]
 # **Why.** `init_empty_weights` registers every new parameter on the meta device, replacing the
 # shared one the model's `__init__` set up, so the head becomes a separate (empty) parameter. The
 # planner then counts the embedding's bytes twice (the difference printed above) and is free to put
-# the head away from the embedding.
-# The check reads the ties the model *declares* (transformers' `all_tied_weights_keys`, from the
-# config's `tie_word_embeddings` and the class's `_tied_weights_keys`), not shared storage, so it
-# sees the lost tie and the split:
+# the head away from the embedding. accelerate's planner runs the test printed above (a tie declared,
+# none found) and only logs a warning, "The model weights are not tied" (silenced here with the
+# planning messages; case 2 shows it on stderr). The check reads the ties the model *declares*
+# (transformers' `all_tied_weights_keys`, from the config's `tie_word_embeddings` and the class's
+# `_tied_weights_keys`), not shared storage, so it sees the lost tie and the split:
 
 # %%
-print(preflight(lost, plan_lost, TWO_GPUS))
+report_lost = preflight(lost, plan_lost, TWO_GPUS)
+print(report_lost)
+assert {"tie-lost", "tied-split"} <= set(report_lost.kinds()), "the check should see the lost tie and the split"
 
 # %% [markdown]
 # **Fix.** Call `model.tie_weights()` after the context (or build the skeleton under
@@ -198,9 +185,10 @@ print(preflight(lost, plan_lost, TWO_GPUS))
 
 # %%
 tied = empty_model(tie=True)
-with accelerate_log():
+with quiet_planning():
     plan_tied = infer_auto_device_map(tied, max_memory=TWO_GPUS, no_split_module_classes=tied._no_split_modules)
-print("head is the embedding:", tied.lm_head.weight is tied.model.embed_tokens.weight)
+print("head is the embedding:", tied.lm_head.weight is tied.model.embed_tokens.weight,
+      "| tied parameters found:", find_tied_parameters(tied))
 print(f"size counted: {compute_module_sizes(tied)[''] / 2**20:.1f} MiB")
 print("embedding on", plan_tied["model.embed_tokens"], "| head on", plan_tied["lm_head"])
 print(preflight(tied, plan_tied, TWO_GPUS))
@@ -214,8 +202,11 @@ assert plan_tied["lm_head"] == plan_tied["model.embed_tokens"], "after tie_weigh
 # %%
 try:
     load_checkpoint_and_dispatch(empty_model(tie=False), path, device_map={"": "cpu"})
+    failed2 = None
 except Exception as e:
+    failed2 = e
     print(error(e, 60))
+assert failed2 is not None, "loading the untied skeleton should fail"
 
 # %% [markdown]
 # **Why.** The checkpoint stores the tied weight once, as `model.embed_tokens.weight`; it has no
@@ -223,7 +214,9 @@ except Exception as e:
 # to the CPU fails. The check, given the checkpoint, says so before loading:
 
 # %%
-print(preflight(empty_model(tie=False), {"": "cpu"}, checkpoint=path))
+report2 = preflight(empty_model(tie=False), {"": "cpu"}, checkpoint=path)
+print(report2)
+assert "tie-lost" in report2.kinds(), "with the checkpoint given, the check should see the head has no key"
 
 # %%
 model = load_checkpoint_and_dispatch(empty_model(tie=True), path, device_map={"": "cpu"})
@@ -245,9 +238,12 @@ model = load_checkpoint_and_dispatch(empty_model(tie=True), path, device_map=han
 print("loaded; the offload index lists:", sorted(json.load(open(f"{folder}/index.json"))))
 try:
     generate(model)
+    failed3 = None
 except Exception as e:
+    failed3 = e
     print("generate ->", error(e))
 del model
+assert isinstance(failed3, KeyError), "generate should fail: the head is not in the offload index"
 
 # %% [markdown]
 # `from_pretrained` with the embedding on the CPU and the head on disk fails the same way, at
@@ -270,8 +266,11 @@ del model
 # and a tied pair on two devices:
 
 # %%
-print(preflight(empty_model(tie=True), hand_map("disk", "disk"), checkpoint=path))
-print(preflight(empty_model(tie=True), hand_map("cpu", "disk"), checkpoint=path))
+report3 = preflight(empty_model(tie=True), hand_map("disk", "disk"), checkpoint=path)
+report3b = preflight(empty_model(tie=True), hand_map("cpu", "disk"), checkpoint=path)
+print(report3)
+print(report3b)
+assert "tied-missing" in report3.kinds() and {"tied-split", "tied-missing"} <= set(report3b.kinds())
 
 # %% [markdown]
 # **Fix.** Keep the tied pair in memory, together, and offload decoder layers instead (here the
@@ -298,8 +297,11 @@ del model
 try:
     AutoModelForCausalLM.from_pretrained(path, device_map=hand_map("disk", "cpu"),
                                          offload_folder=offload_dir("case4"), dtype=torch.float32)
+    failed4 = None
 except Exception as e:
+    failed4 = e
     print(error(e))
+assert failed4 is not None, "loading with the tied pair split across disk and CPU should fail"
 
 # %% [markdown]
 # **Why.** While loading, transformers materializes the head on the CPU from the tied source,
@@ -308,7 +310,9 @@ except Exception as e:
 # all (it covers every tied pair the model declares, not only the head):
 
 # %%
-print(preflight(empty_model(tie=True), hand_map("disk", "cpu"), checkpoint=path))
+report4 = preflight(empty_model(tie=True), hand_map("disk", "cpu"), checkpoint=path)
+print(report4)
+assert "tied-split" in report4.kinds(), "the check should flag the split tied pair"
 
 # %% [markdown]
 # **Fix**: the map of case 3's fix. One more measured detail: with `from_pretrained`, putting
@@ -331,26 +335,47 @@ assert answer == REFERENCE, "the fixed map should generate the reference text"
 # %% [markdown]
 # ## Case 5. No `hf_device_map` on one device
 #
-# `device_map="auto"` on a machine without a GPU: everything fits on the CPU.
+# A model loaded whole onto one device, here with an explicit single-device map `{"": device}` (GPU 0
+# if this machine has a GPU, else the CPU), then code that reads the map it was dispatched with:
 
 # %%
-model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", dtype=torch.float32)
+SINGLE = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+model = AutoModelForCausalLM.from_pretrained(path, device_map=SINGLE, dtype=torch.float32)
 try:
     print(model.hf_device_map)
+    failed5 = None
 except AttributeError as e:
+    failed5 = e
     print(error(e))
+assert isinstance(failed5, AttributeError), "a model on one device should have no hf_device_map"
 
 # %% [markdown]
-# **Why.** transformers sets `hf_device_map` only when the model is dispatched over several devices
-# or offloaded; a model placed whole on one device gets no attribute at all. A check on the map
-# can't catch this (the map is fine); read the attribute defensively instead. `device_map_of` in
-# `helpers.devicemap` returns `hf_device_map` when it exists and `{"": device}` otherwise, so the
-# result can go straight into the check in run mode:
+# **Why.** transformers adds dispatch hooks, and sets `hf_device_map`, only when the map spans
+# several devices or sends something to disk; a model placed whole on one device gets no attribute
+# at all. `device_map="auto"` ends up here too whenever the whole model fits the first device (on a
+# machine without a GPU, everything goes to the CPU), but on two GPUs `"auto"` (`"balanced"`)
+# spreads the model over both and the attribute exists. Code that works on one machine then breaks
+# on the other. What `"auto"` does on this machine:
 
 # %%
-found = getattr(model, "hf_device_map", None) or {"": model.device.type}
+auto_model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", dtype=torch.float32)
+if hasattr(auto_model, "hf_device_map"):
+    devices = sorted(set(map(str, auto_model.hf_device_map.values())))
+    print(f'device_map="auto" here: the model is spread over {devices}, so hf_device_map exists')
+else:
+    print(f'device_map="auto" here: the whole model on one device ({device_map_of(auto_model)}), no hf_device_map')
+del auto_model
+
+# %% [markdown]
+# A check on the map can't catch this (the map is fine); read the attribute defensively instead.
+# `device_map_of` in `helpers.devicemap` returns `hf_device_map` when it exists and `{"": device}`
+# otherwise, so the result can go straight into the check in run mode:
+
+# %%
+found = getattr(model, "hf_device_map", None) or {"": str(model.device)}
 print("inline:", found, "| helper:", device_map_of(model))
 print(preflight(model, device_map_of(model), mode="run"))
+assert device_map_of(model) == SINGLE, "device_map_of should give the single device the model was loaded on"
 del model
 
 # %% [markdown]
@@ -362,12 +387,15 @@ del model
 offloaded_map = fixed_map  # layers 25-29 on disk
 model = AutoModelForCausalLM.from_pretrained(path, device_map=offloaded_map, offload_folder=offload_dir("case6"),
                                              dtype=torch.float32)
+refused = 0
 for target in ("cpu", torch.float16):
     try:
         model.to(target)
     except RuntimeError as e:
+        refused += 1
         print(f"model.to({target}) ->", error(e))
 del model
+assert refused == 2, "accelerate should refuse to move a model with offloaded modules"
 
 # %% [markdown]
 # **Why.** Offloaded weights live in the folder and are brought in by hooks, one module at a time;
@@ -391,8 +419,11 @@ del model
 # %%
 try:
     AutoModelForCausalLM.from_pretrained(path, load_in_4bit=True)
+    failed7 = None
 except TypeError as e:
+    failed7 = e
     print(error(e))
+assert isinstance(failed7, TypeError), "transformers 5 should refuse the load_in_4bit keyword"
 
 # %% [markdown]
 # **Why.** transformers 5 removed the shortcut keywords; unknown keywords go on to the model's
@@ -406,6 +437,7 @@ model_nf4 = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4, 
                                                  max_memory={"cpu": "1GiB"})
 print(f"quantized: {model_nf4.is_quantized}, footprint {model_nf4.get_memory_footprint() / 2**20:.1f} MiB, "
       f"map: {device_map_of(model_nf4)}")
+assert model_nf4.is_quantized, "the model should be loaded in 4-bit"
 
 # %% [markdown]
 # ## Case 8. No-split classes missing or misspelt
@@ -416,27 +448,30 @@ print(f"quantized: {model_nf4.is_quantized}, footprint {model_nf4.get_memory_foo
 # %%
 BUDGET8 = {0: "300MB", 1: "300MB", "cpu": "2GB"}
 plans8 = {}
-for given in ([], ["LLamaDecoderLayer"], sorted(planned._no_split_modules)):
-    with accelerate_log() as log:
+with quiet_planning():  # "Device 0 is not available" on a machine without these GPUs: expected
+    for given in ([], ["LLamaDecoderLayer"], sorted(planned._no_split_modules)):
         plans8[str(given)] = infer_auto_device_map(planned, max_memory=BUDGET8, no_split_module_classes=given)
-    cut = {k: v for k, v in plans8[str(given)].items() if k.startswith("model.layers.") and k.count(".") > 2}
-    other = [m for m in log if "is not available" not in m]
-    print(f"no_split_module_classes={given}: {len(cut)} entries inside a layer {cut if cut else ''}; "
-          f"warnings other than absent GPUs: {other}")
+for given, dm in plans8.items():
+    cut = {k: v for k, v in dm.items() if k.startswith("model.layers.") and k.count(".") > 2}
+    print(f"no_split_module_classes={given}: {len(cut)} entries inside a layer {cut if cut else ''}")
+print("the misspelt name gives the same plan as no name at all:", plans8["[]"] == plans8["['LLamaDecoderLayer']"])
 
 # %% [markdown]
 # **Why.** Without a no-split class the planner may cut anywhere, down to single projections, as
-# here in layer 12. The name is matched against class names and a name that matches nothing is
-# silently ignored. At run time on two real GPUs the cut layer's residual addition mixes tensors of
-# GPU 0 and GPU 1. Measured with this plan on two H200s (torch 2.11, transformers 5.17, accelerate
-# 1.15, random weights of this shape), the first `generate` failed with `RuntimeError: Expected all
-# tensors to be on the same device, but found at least two devices, cuda:1 and cuda:0!`, and the plan
-# made with `model._no_split_modules` generated. The check always adds the model's own
-# `_no_split_modules`, and flags a name that matches no module, with the nearest real one:
+# here in layer 12. The name is matched against class names, and a name that matches nothing is
+# ignored, without an error: the plan is the one made with no name. At run time on two GPUs the cut
+# layer's residual addition mixes tensors of GPU 0 and GPU 1, and the first `generate` fails with
+# `RuntimeError: Expected all tensors to be on the same device` (the last cell of this case runs it
+# where there are two GPUs; the two-GPU reference run in `gpu-reference/two-gpu/` shows it). The check
+# always adds the model's own `_no_split_modules`, and flags a name that matches no module, with the
+# nearest real one:
 
 # %%
-print(preflight(planned, plans8["[]"], BUDGET8, no_split_module_classes=[]))
-print(preflight(planned, plans8["['LLamaDecoderLayer']"], BUDGET8, no_split_module_classes=["LLamaDecoderLayer"]))
+report8 = preflight(planned, plans8["[]"], BUDGET8, no_split_module_classes=[])
+report8b = preflight(planned, plans8["['LLamaDecoderLayer']"], BUDGET8, no_split_module_classes=["LLamaDecoderLayer"])
+print(report8)
+print(report8b)
+assert "no-split-cut" in report8.kinds() and {"no-split-unknown", "no-split-cut"} <= set(report8b.kinds())
 
 # %% [markdown]
 # **Fix**: pass `model._no_split_modules` (here `['LlamaDecoderLayer']`). The plots show the cut
@@ -445,6 +480,7 @@ print(preflight(planned, plans8["['LLamaDecoderLayer']"], BUDGET8, no_split_modu
 # %%
 good8 = plans8[str(sorted(planned._no_split_modules))]
 print(preflight(planned, good8, BUDGET8))
+assert preflight(planned, good8, BUDGET8).ok, "the plan made with model._no_split_modules should pass"
 fig, axes = plt.subplots(2, 2, figsize=(13, 5), gridspec_kw={"height_ratios": [1, 2]})
 plot_device_map(planned, plans8["[]"], BUDGET8, title="no_split_module_classes=[]: layer 12 cut", ax=list(axes[:, 0]))
 plot_device_map(planned, good8, BUDGET8, title="no_split_module_classes=model._no_split_modules",
@@ -452,15 +488,16 @@ plot_device_map(planned, good8, BUDGET8, title="no_split_module_classes=model._n
 plt.show()
 
 # %%
-if torch.cuda.device_count() >= 2:  # GPU machines only: the run-time failure of the cut plan
-    model = load_checkpoint_and_dispatch(empty_model(tie=True), path, device_map=plans8["[]"])
-    try:
-        generate(model)
-    except RuntimeError as e:
-        print(error(e))
-    del model
+if torch.cuda.device_count() >= 2:  # machines with two GPUs only: both plans, run
+    for name, dm in (("the cut plan", plans8["[]"]), ("the plan with model._no_split_modules", good8)):
+        model = load_checkpoint_and_dispatch(empty_model(tie=True), path, device_map=dm)
+        try:
+            print(f"{name}: generates {generate(model)!r}")
+        except RuntimeError as e:
+            print(f"{name}: {error(e)}")
+        del model
 else:
-    print(f"{torch.cuda.device_count()} GPU(s) here: the run-time failure of the cut plan needs two GPUs.")
+    print(f"{torch.cuda.device_count()} GPU(s) here: running the two plans needs two GPUs.")
 
 # %% [markdown]
 # ## Case 9. Quantized model with too little room
@@ -471,11 +508,16 @@ else:
 try:
     AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4, device_map="auto",
                                          max_memory={"cpu": "100MB"}, offload_folder=offload_dir("case9"))
+    failed9 = None
 except ValueError as e:
+    failed9 = e
     print(error(e, 140))
+assert isinstance(failed9, ValueError), "from_pretrained should refuse a quantized model that does not fit"
 
 # %% [markdown]
-# It speaks of GPU RAM on a machine with none. Following its advice with 8-bit,
+# It speaks of GPU RAM, yet this budget names no GPU (a `max_memory` without GPU keys gives the GPUs
+# nothing, on any machine), and on a machine without a GPU there is none to add. Following its advice
+# with 8-bit,
 # `llm_int8_enable_fp32_cpu_offload=True`, the load goes through, with everything on disk, and
 # generation fails:
 
@@ -487,9 +529,8 @@ print("loaded; map:", device_map_of(model))
 try:
     generate(model)
 except (RuntimeError, AttributeError) as e:
-    # no GPU: RuntimeError "Cannot access accelerator device..."; with GPUs but a budget of only
-    # {"cpu": ...} (no GPU keys: 0 bytes each), the int8 weights sit on the CPU/disk and accelerate
-    # fails while moving them (AttributeError on the int8 scales, seen on 2x H200): another face of the same mistake
+    # no GPU: RuntimeError "Cannot access accelerator device..."; with GPUs, the int8 weights still sit on
+    # disk and accelerate fails while moving them (AttributeError: the two-GPU reference run shows it)
     print("generate ->", error(e))
 del model
 
@@ -499,28 +540,25 @@ del model
 # offloaded modules unquantized in float32, and that option still expects a GPU to run the rest.
 # With no GPU, the CPU is the main device, and the whole quantized model must fit there. The check
 # sees it on the map that `from_pretrained` would compute: plan on the meta device with
-# transformers' own quantizer and sizes (0.5 byte per 4-bit weight), as in notebook 03.
+# transformers' own quantizer and sizes (0.5 byte per 4-bit weight), with the two planning steps
+# notebook 03 prints and checks against `from_pretrained` (`helpers.planner`).
 
 # %%
-from transformers.integrations.accelerate import infer_auto_device_map as hf_infer_auto_device_map
-from transformers.quantizers import AutoHfQuantizer
-
-with torch.device("meta"):
-    skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-quantizer = AutoHfQuantizer.from_config(nf4)
-quantizer.preprocess_model(skeleton, device_map="auto")
-small = quantizer.adjust_max_memory({"cpu": 100 * 10**6})  # transformers keeps 10% back for buffers
-plan9 = hf_infer_auto_device_map(skeleton, max_memory=small, no_split_module_classes=skeleton._no_split_modules,
-                                 hf_quantizer=quantizer)
-print("planned map:", dict(plan9))
-print(preflight(skeleton, plan9, small, hf_quantizer=quantizer))
-print(preflight(skeleton, {"": "cpu"}, small, hf_quantizer=quantizer))
+skeleton, quantizer = prepare_meta_model(config, nf4, torch.float32)  # the meta model, quantizer applied
+plan9, small = plan_device_map(skeleton, quantizer, {"cpu": 100 * 10**6})  # small: caps after the 90% cut
+print("planned map:", plan9, "| cap used:", small)
+report9 = preflight(skeleton, plan9, small, hf_quantizer=quantizer)
+report9b = preflight(skeleton, {"": "cpu"}, small, hf_quantizer=quantizer)
+print(report9)
+print(report9b)
+assert "quantized-offload" in report9.kinds() and "over-budget" in report9b.kinds()
 
 # %% [markdown]
 # **Fix**: a budget that holds the quantized model (or no `max_memory` at all), so everything stays
 # on the CPU. That is how case 7's fix loaded it (`device_map="auto", max_memory={"cpu": "1GiB"}`):
 
 # %%
+assert preflight(skeleton, {"": "cpu"}, {"cpu": "1GiB"}, hf_quantizer=quantizer).ok, "1 GiB holds the NF4 model"
 print(preflight(skeleton, {"": "cpu"}, {"cpu": "1GiB"}, hf_quantizer=quantizer))
 print("case 7's model: map", device_map_of(model_nf4), f"| footprint {model_nf4.get_memory_footprint() / 2**20:.1f} MiB")
 assert device_map_of(model_nf4) == {"": "cpu"} or torch.cuda.is_available(), "the NF4 model should sit on the CPU"
@@ -540,51 +578,62 @@ del model_nf4
 # | 2 | "Cannot copy out of meta tensor" | untied head has no checkpoint key | `model.tie_weights()` | yes: `tie-lost` (with `checkpoint=`) |
 # | 3 | `KeyError: 'lm_head.weight'` at `generate` | tied head offloaded, absent from the index | tied pair in memory, offload layers | yes: `tied-missing`, `tied-split` |
 # | 4 | "weight is on the meta device, we need a `value`" | tied pair split across disk and CPU | tied pair together, in memory | yes: `tied-split` |
-# | 5 | no `hf_device_map` | model on one device | `getattr(..., None)` / `device_map_of` | no (the map is fine) |
+# | 5 | no `hf_device_map` | model on one device (`"auto"` too, where it all fits one device) | `getattr(..., None)` / `device_map_of` | no (the map is fine) |
 # | 6 | "can't move a model that has some modules offloaded" | `.to()` after dispatch | choose dtype and map when loading | no (a call, not a map) |
 # | 7 | unexpected keyword `load_in_4bit` | transformers 5 API | `quantization_config=BitsAndBytesConfig(...)` | no (a keyword) |
 # | 8 | a decoder layer cut across GPUs | empty or misspelt no-split classes | `model._no_split_modules` | yes: `no-split-cut`, `no-split-unknown` |
-# | 9 | "enough GPU RAM" on a CPU; all-disk 8-bit can't generate | quantized model offloaded | a budget that fits | yes: `quantized-offload`, `over-budget` |
+# | 9 | "enough GPU RAM" with no GPU in the budget; all-disk 8-bit can't generate | quantized model offloaded | a budget that fits | yes: `quantized-offload`, `over-budget` |
 #
 # The check works on the meta device, before any weight is read: run it on every hand-written or
 # planned map, in planning mode for machines you don't have and in run mode on the machine that loads.
 
 # %%
-shutil.rmtree(offload_root)  # the folder this notebook created (with its marker)
-print("offload folders removed")
+shutil.rmtree(offload_root)  # the folder this notebook made, with every case's subfolder
+print("offload folder removed:", not offload_root.exists())
 
 # %% [markdown]
 # ## Exercises
 #
 # 1. Write a map for two GPUs that puts layers 0 to 14 on GPU 0 and the rest on GPU 1, with the
-#    tied pair where it costs least. Check it in planning mode, then in run mode: what does run
-#    mode say on this machine?
-# 2. Cut your map's GPU 1 budget to 100 MB. Which finding appears, and how much does it ask you to move?
+#    tied pair where it costs least. Check it in planning mode with 400 MB per GPU, then in run mode:
+#    what does run mode say on this machine? Put the map in `my_map`.
+# 2. Check your map again with GPU 1's budget cut to 100 MB. Which kind of finding appears, and how
+#    much does it ask you to move? Put the kind (a string such as `"tied-split"`) in `kind_2`.
 # 3. Give `no_split_module_classes=["LlamaAttention"]` to the planner for case 8's budgets. Is the
-#    plan safe? (Hint: which module does the check still protect?)
-#
-# The cell below holds one answer to exercise 1; change it and re-run the self-check.
+#    plan safe? (Hint: which module does the check still protect?) Put `True` or `False` in `safe_3`.
 
 # %%
-exercise_map = {"model.embed_tokens": 0, "lm_head": 0, "model.norm": 1, "model.rotary_emb": 1}
-exercise_map |= {f"model.layers.{i}": 0 if i < 15 else 1 for i in range(config.num_hidden_layers)}
-report = preflight(planned, exercise_map, {0: "400MB", 1: "400MB"})
-print(report)
-assert report.ok, "the plan has problems: read the fixes above"
-print(preflight(planned, exercise_map, mode="run").kinds())
-
-# %% [markdown]
-# Self-checks for exercises 2 and 3 (run them after you have answered):
+my_map = None  # exercise 1: a dict {module name: device}
+kind_2 = None  # exercise 2: the kind of the finding, a string
+safe_3 = None  # exercise 3: True or False
 
 # %%
-tight = preflight(planned, exercise_map, {0: "400MB", 1: "100MB"})
-assert "over-budget" in tight.kinds(), "with 100 MB on GPU 1 the check should report over-budget"
-with accelerate_log():
+if my_map is None:
+    print("Exercise 1: not answered yet. Hint: start from {f'model.layers.{i}': 0 if i < 15 else 1 ...}.")
+else:
+    report_1 = preflight(planned, my_map, {0: "400MB", 1: "400MB"})
+    asked = all(device_of(f"model.layers.{i}", my_map) == (0 if i < 15 else 1) for i in range(config.num_hidden_layers))
+    if report_1.ok and asked:
+        print("Exercise 1: right. Run mode here says:", preflight(planned, my_map, mode="run").kinds() or "OK")
+    else:
+        print("Exercise 1: wrong:", "layers 0-14 belong on GPU 0, the rest on GPU 1." if not asked else report_1)
+
+# %%
+answer_map = {"model.embed_tokens": 0, "lm_head": 0, "model.norm": 1, "model.rotary_emb": 1}  # one right answer
+answer_map |= {f"model.layers.{i}": 0 if i < 15 else 1 for i in range(config.num_hidden_layers)}
+tight = preflight(planned, answer_map, {0: "400MB", 1: "100MB"})
+with quiet_planning():
     plan_attention = infer_auto_device_map(planned, max_memory=BUDGET8, no_split_module_classes=["LlamaAttention"])
 ex3 = preflight(planned, plan_attention, BUDGET8, no_split_module_classes=["LlamaAttention"])
-assert "no-split-cut" in ex3.kinds(), "keeping only the attention whole still lets the planner cut a decoder layer"
-print("exercise 2:", tight.findings[0].message)
-print("exercise 3:", ex3.findings[0].message)
+assert tight.kinds() == ["over-budget"] and "no-split-cut" in ex3.kinds(), "the answers below rest on these findings"
+if kind_2 is None:
+    print("Exercise 2: not answered yet.")
+else:
+    print("Exercise 2:", "right:" if kind_2 == "over-budget" else f"wrong ({kind_2!r}):", tight.findings[0].message)
+if safe_3 is None:
+    print("Exercise 3: not answered yet.")
+else:
+    print("Exercise 3:", "right:" if safe_3 is False else "wrong:", ex3.findings[0].message)
 
 # %% [markdown]
 # ## Further reading
@@ -597,4 +646,5 @@ print("exercise 3:", ex3.findings[0].message)
 #   `BitsAndBytesConfig`, offloading between CPU and GPU, `llm_int8_enable_fp32_cpu_offload`.
 # - [PyTorch: the meta device](https://docs.pytorch.org/docs/stable/meta.html): tensors with a shape
 #   and no data.
-# - `helpers/devicemap.py` in this repository: the pre-flight check, `map_table` and `plot_device_map`.
+# - `helpers/preflight.py` (the pre-flight check) and `helpers/devicemap.py` (`map_table`,
+#   `plot_device_map`) in this repository.
