@@ -169,7 +169,7 @@ def placement(model, device_map: dict) -> dict:
     """Which parts of the model each device holds: {device: "embed_tokens, layers 0-14, norm"}.
 
     Devices are canonical (GPU ids as ints, "cpu", "disk"; None for tensors the
-    map misses), sorted; ``{"": 1}`` gives ``{1: "(whole model)"}``. The
+    map misses), sorted; ``{"": 1}`` gives one entry, GPU 1 with every module. The
     readable column of :func:`map_table`; notebooks 04 and 05 print it.
     """
     return {r["device"]: r["modules"] for r in _rows(model, device_map, {})}

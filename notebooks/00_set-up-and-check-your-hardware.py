@@ -21,9 +21,9 @@
 #
 # **What you'll learn**
 # 1. How to read your machine: library versions, GPUs and their memory, CPU RAM, free disk, and
-#    which bitsandbytes backend will run quantized layers.
+#    which native library bitsandbytes loaded (so where its quantized layers run); GB against GiB.
 # 2. What the bundled model is (SmolLM2-135M-Instruct, shipped as a GGUF file) and how to chat with it.
-# 3. Bytes per parameter in fp32, bf16, int8, NF4 and NF4 with double quantization, and why
+# 3. Bytes per parameter in fp32, fp16, bf16, int8, NF4 and NF4 with double quantization, and why
 #    embeddings and the output head are not quantized.
 # 4. How to predict a model's footprint and check the prediction against a measurement.
 # 5. How to size bloom-1b7 and Llama-2 7B/13B/70B on the meta device, with no download.
@@ -39,24 +39,61 @@ MODEL = "bundled"
 # %% [markdown]
 # ## 1. Report your hardware and versions
 #
-# `helpers.hardware.report()` gathers what matters for this workbook. The exact figures depend on
-# your machine, so that cell is not compared by the test suite; the cell after it checks the
-# parts that the committed outputs rely on.
+# `report()` from `helpers.hardware` gathers what matters for this workbook: versions, each GPU with
+# the total memory torch reports for it, CPU RAM, free disk, and the native library bitsandbytes
+# loaded (`bnb_backend`: `cpu (libbitsandbytes_cpu.so)` without CUDA, a `libbitsandbytes_cuda...`
+# file with it). The exact figures depend on your machine, so that cell is not compared by the test
+# suite; the cell after it checks the parts that the committed outputs rely on.
+#
+# Every notebook starts by calling `silence_known_warnings()` from `helpers.quiet`: it quiets two
+# routine bitsandbytes messages (each entry in `helpers/quiet.py` says why it is harmless) and, in
+# quiet runs only, accelerate's loading bar.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 # memory, disk and devices differ from machine to machine
-from helpers import hardware
+from helpers.hardware import bnb_library, print_report, report
+from helpers.quiet import silence_known_warnings
 
-info = hardware.report()
-hardware.print_report(info)
+silence_known_warnings()
+info = report()
+print_report(info)
 
 # %%
+lib = bnb_library()  # read from bitsandbytes itself: the library it loaded at import
 print("CUDA GPUs visible:", len(info["gpus"]))
-print("bitsandbytes runs quantized layers on:", info["bnb_backend"])
-assert info["bnb_backend"] in ("cpu", "cuda"), "bitsandbytes is missing: run ./workbook.sh setup"
+print("bitsandbytes loaded:", lib["library"], "| its quantized layers run on:", lib["backend"])
+assert lib["backend"] in ("cpu", "cuda"), "bitsandbytes loaded no native library: run ./workbook.sh setup"
 if not info["gpus"]:
     print("No GPU here: every notebook still runs, on the CPU; GPU-only steps explain themselves.")
+
+# %% [markdown]
+# **GB or GiB?** Memory is quoted in two units. Vendors use GB = 10**9 bytes; torch, accelerate
+# (`"35GiB"`) and this workbook use GiB = 2**30 bytes, about 7% more. `helpers.units` holds the
+# conversions. The same number of bytes reads smaller in GiB:
+
+# %%
+from helpers.units import GiB, gib
+
+H200_GB = 141  # NVIDIA's figure for the H200, in GB
+print(f"{H200_GB} GB = {H200_GB} x 10**9 bytes = {gib(H200_GB * 10**9, 1)} GiB (1 GiB = {GiB:,d} bytes)")
+
+# %% [markdown]
+# A vendor's figure is not what a program gets. What a GPU really offers is the total that torch
+# reports for it (`torch.cuda.get_device_properties(i).total_memory`), shown in the report above and
+# below in both units; it need not match the vendor's figure in either unit, and the CUDA context
+# and PyTorch's caching allocator take some of it. Plan from the reported figure.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# the GPUs (if any) differ from machine to machine
+import torch
+
+for i, (name, _) in enumerate(info["gpus"]):
+    total = torch.cuda.get_device_properties(i).total_memory
+    print(f"GPU {i}: {name}, torch reports {total / 10**9:.1f} GB = {gib(total, 1)} GiB")
+if not info["gpus"]:
+    print("no GPU: nothing to report here")
 
 # %% [markdown]
 # ## 2. Meet the bundled model
@@ -74,9 +111,9 @@ from collections import Counter
 
 import gguf
 
-from helpers.model import _wheel_gguf
+from helpers.checkpoints import wheel_gguf
 
-gguf_path, _ = _wheel_gguf()
+gguf_path, _ = wheel_gguf()
 reader = gguf.GGUFReader(gguf_path)
 kinds = Counter()
 for t in reader.tensors:
@@ -100,7 +137,7 @@ for (role, qtype), n in sorted(kinds.items()):
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import resolve_model
+from helpers.checkpoints import resolve_model
 
 path = resolve_model(MODEL)
 tokenizer = AutoTokenizer.from_pretrained(path)
@@ -157,7 +194,8 @@ assert total == model.num_parameters(), "tied parameters must be counted once"
 # integration keeps them in the compute dtype. So a model's saving is always less than 4x or 8x.
 
 # %%
-from helpers.memory import BYTES_PER_PARAM, FORMATS, linear_bytes_per_weight, predict_footprint, mib
+from helpers.memory import FORMATS, linear_bytes_per_weight, predict_footprint
+from helpers.units import mib
 
 for fmt in FORMATS:
     print(f"{fmt:<7} {linear_bytes_per_weight(fmt, model.config.hidden_size):.4f} bytes per weight"
@@ -172,15 +210,16 @@ for fmt, b in predicted.items():
 # ## 5. Check the prediction against a measurement
 #
 # `model.get_memory_footprint()` adds up the bytes of every parameter and buffer that PyTorch
-# allocated. Load the model in fp32 and in bf16 and compare. (int8 and NF4 are measured in notebook 01.)
+# allocated. Load the model in fp32, fp16 and bf16 and compare. (int8 and NF4 are measured in notebook 01.)
 
 # %%
 measured = {"fp32": model.get_memory_footprint()}
-model_bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-measured["bf16"] = model_bf16.get_memory_footprint()
-del model_bf16
+for fmt, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+    half = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+    measured[fmt] = half.get_memory_footprint()
+    del half
 
-for fmt in ("fp32", "bf16"):
+for fmt in measured:
     gap = measured[fmt] - predicted[fmt]
     print(f"{fmt}: predicted {mib(predicted[fmt]):.1f} MiB, measured {mib(measured[fmt]):.1f} MiB, "
           f"gap {gap:,d} bytes")
@@ -195,7 +234,7 @@ for fmt in ("fp32", "bf16"):
 # %%
 # NBVAL_IGNORE_OUTPUT
 # resident memory depends on the machine, the allocator and what ran before
-from helpers.memory import rss_bytes
+from helpers.measure import rss_bytes
 
 print(f"this process holds {mib(rss_bytes()):.0f} MiB; the fp32 weights are {mib(measured['fp32']):.0f} MiB of it")
 
@@ -221,7 +260,6 @@ plt.show()
 # Llama-2 7B/13B/70B written in code (no download); the same predictor then sizes each one.
 
 # %%
-from helpers.memory import gib
 from helpers.shapes import meta_model, n_params
 
 estimates = {}
@@ -235,8 +273,9 @@ for name in ("bloom-1b7", "llama-2-7b", "llama-2-13b", "llama-2-70b"):
 # %%
 import numpy as np
 
-gpu_sizes = {"16 GiB": 16, "24 GiB (RTX 4090)": 24, "40 GiB (A100-40)": 40, "80 GiB (A100/H100)": 80,
-             "141 GB H200 (~131 GiB)": 131}
+# nominal sizes, as usually quoted (a card offers somewhat less: section 1); the H200's is in GB, converted
+gpu_sizes = {"16 GiB": 16, "24 GiB (RTX 4090)": 24, "40 GiB (A100 40GB)": 40, "80 GiB (A100/H100 80GB)": 80,
+             f"H200: {H200_GB} GB = {gib(H200_GB * 10**9, 1)} GiB": gib(H200_GB * 10**9, 1)}
 fig, ax = plt.subplots(figsize=(9, 4.5))
 names = list(estimates)
 width = 0.8 / len(FORMATS)
@@ -249,19 +288,22 @@ for label, size in gpu_sizes.items():
 ax.set_yscale("log")
 ax.set_xticks(range(len(names)), names)
 ax.set_ylabel("weight memory (GiB, log scale)")
-ax.set_title("Weights alone, by format, against common GPU sizes")
+ax.set_title("Weights alone, by format, against nominal GPU sizes")
 ax.set_ylim(1, 1000)
-ax.legend(ncol=5, fontsize=8, loc="upper center")
+ax.legend(ncol=6, fontsize=8, loc="upper center")
 plt.show()
 
 # %% [markdown]
-# Read it off: Llama-2-7B needs about 12.5 GiB in bf16 (one 16 GiB GPU, barely, before the KV cache),
-# 13B in bf16 does not fit a 24 GiB card but does in int8 or NF4, and 70B needs about 128 GiB in bf16:
-# two 80 GiB GPUs, or one in NF4. Those are the situations notebooks 01 to 04 handle.
+# Read it off the estimates printed above: Llama-2-7B needs about 12.5 GiB in bf16 (one 16 GiB GPU, barely, before
+# the KV cache), 13B in bf16 does not fit a 24 GiB card but does in int8 or NF4, and 70B needs about
+# 128 GiB in bf16: two 80 GiB GPUs, or one in NF4. The lines are nominal sizes, and a real card offers
+# somewhat less (see section 1), so leave a margin. Those are the situations notebooks 01 to 05 handle.
 
 # %% [markdown]
 # ## Summary
-# - `helpers.hardware.report()` tells you the versions, devices, memory and the bitsandbytes backend.
+# - `report()` (`helpers.hardware`) tells you the versions, devices, memory and the native library
+#   bitsandbytes loaded. Vendors quote GB (10**9 bytes), torch and accelerate GiB (2**30 bytes); plan from
+#   the total torch reports.
 # - The bundled model is SmolLM2-135M-Instruct: a GGUF with Q4_1 matrices, a Q8_0 tied embedding and
 #   F32 norms, dequantized once into a safetensors checkpoint.
 # - Weight memory = parameters x bytes per parameter; only the Linear layers in the blocks shrink when
@@ -280,18 +322,21 @@ answer_1 = None  # bytes, e.g. predicted["bf16"] + ...
 answer_2 = None  # a name from `estimates`
 
 # %%
-def check(answer, expected, hint):
+def check(label, answer, expected, why, hint):
     if answer is None:
-        print("Not answered yet.", hint)
+        print(f"{label}: not answered yet. {hint}")
     elif answer == expected:
-        print("Correct!")
+        print(f"{label}: right. {why}")
     else:
-        print("Not quite.", hint)
+        print(f"{label}: wrong. {hint}")
 
 
-check(answer_1, predicted["bf16"] + model.config.vocab_size * model.config.hidden_size * 2,
+check("Exercise 1", answer_1, predicted["bf16"] + model.config.vocab_size * model.config.hidden_size * 2,
+      "An untied head is a second vocab_size x hidden_size matrix, at 2 bytes a weight in bf16.",
       "Hint: an untied head adds vocab_size x hidden_size weights at 2 bytes each.")
-check(answer_2, min((n for n in estimates if estimates[n]["nf4-dq"] > 24), key=lambda n: estimates[n]["nf4-dq"]),
+check("Exercise 2", answer_2,
+      min((n for n in estimates if estimates[n]["nf4-dq"] > 24), key=lambda n: estimates[n]["nf4-dq"]),
+      "It is the only one of the four whose nf4-dq weights exceed 24 GiB.",
       "Hint: compare the nf4-dq column with 24.")
 
 # %% [markdown]

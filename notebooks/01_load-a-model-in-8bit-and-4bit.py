@@ -29,8 +29,9 @@
 #    reload a 4-bit model.
 #
 # **What you'll need**: notebook 00 done (it sets up the bundled model). A CPU is enough: bitsandbytes
-# 0.50 runs 8-bit and 4-bit layers on the CPU. About 30 s on an idle 2-core CPU. On a GPU the same cells
-# run the CUDA kernels (and the compute dtype switches to bf16).
+# 0.50 runs 8-bit and 4-bit layers on the CPU. About 30 s on an idle 2-core CPU, plus about 10 s for
+# section 9's timing. On a GPU the same cells run the CUDA kernels (and the compute dtype switches to
+# bf16).
 
 # %% tags=["parameters"]
 # The model: "bundled" (SmolLM2-135M-Instruct, offline), a local checkpoint directory, or a hub id.
@@ -40,11 +41,12 @@ MODEL = "bundled"
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-import helpers
-from helpers import resolve_model
-from helpers.memory import mib, predict_footprint
+from helpers.checkpoints import resolve_model
+from helpers.memory import predict_footprint
+from helpers.quiet import silence_known_warnings
+from helpers.units import mib
 
-helpers.silence_known_warnings()  # two routine bitsandbytes messages on CPU: see helpers/logs.py
+silence_known_warnings()  # two routine bitsandbytes messages on CPU: see helpers/quiet.py
 
 path = resolve_model(MODEL)
 tokenizer = AutoTokenizer.from_pretrained(path)
@@ -145,10 +147,12 @@ assert w.numel() * 2 == w.quant_state.shape.numel(), "two 4-bit weights per byte
 # down projection, often the most sensitive layer:
 
 # %%
+import bitsandbytes as bnb
+
 skip_cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head", "down_proj"])
 skipped = AutoModelForCausalLM.from_pretrained(path, quantization_config=skip_cfg, device_map=DEVICE_MAP)
 print(module_types(skipped))
-n_int8 = sum(isinstance(m, __import__("bitsandbytes").nn.Linear8bitLt) for m in skipped.modules())
+n_int8 = sum(isinstance(m, bnb.nn.Linear8bitLt) for m in skipped.modules())
 n_layers = skipped.config.num_hidden_layers
 assert n_int8 == n_layers * 6, f"down_proj of each of the {n_layers} blocks should stay in full precision"
 del skipped
@@ -186,12 +190,16 @@ for name, model in models.items():
     with_scales = footprints[name] + true_quant_bytes(model)
     saved = 1 - with_scales / models["fp32"].get_memory_footprint()
     print(f"{name:<7} {mib(predicted):>10.1f} {mib(footprints[name]):>10.1f} {mib(with_scales):>10.1f}   {100 * saved:10.0f}%")
+emb = models["int8"].model.embed_tokens.weight
+print(f"\nnot quantized: the (tied) embedding, {emb.numel():,d} parameters in {emb.dtype}, "
+      f"{mib(emb.numel() * emb.element_size()):.1f} MiB")
 
 # %% [markdown]
 # Two things to read here:
-# - The non-quantized parts stay in the load dtype (float32 here): the tied embedding alone is
-#   28.3 M parameters x 4 bytes = 108 MiB, which is why the savings in the last column are far
-#   from the 75% (int8) and 87% (4-bit) that the bytes per weight alone would suggest. With `dtype=torch.bfloat16` on a GPU, those parts halve.
+# - The non-quantized parts stay in the load dtype (float32 here, as printed): the tied embedding
+#   alone is the size printed under the table, which is why the savings in the last column are far
+#   from the 75% (int8) and 87% (4-bit) that the bytes per weight alone would suggest. Loaded with
+#   `dtype=torch.bfloat16`, those parts halve.
 # - `get_memory_footprint()` misses the quantization scales: bitsandbytes keeps them in the weight's
 #   `quant_state` (4-bit) or `SCB` attribute (int8), not as parameters or buffers. Adding them back
 #   ("+ scales") gives the prediction to within a few hundred bytes. For 4-bit without double
@@ -327,7 +335,7 @@ del fixed
 import tempfile
 from pathlib import Path
 
-from helpers import cache_dir
+from helpers.checkpoints import cache_dir
 
 fresh = AutoModelForCausalLM.from_pretrained(path, quantization_config=configs["nf4"], device_map=DEVICE_MAP)
 with tempfile.TemporaryDirectory(dir=cache_dir(), prefix="nf4-save-") as tmp:
@@ -346,14 +354,34 @@ print("same answer after reload:", again == answers["nf4"])
 assert again == answers["nf4"], "a reloaded 4-bit model should give the same greedy answer"
 
 # %% [markdown]
-# ## On a GPU
+# ## 9. On a GPU, and what about speed?
 #
 # The same cells run unchanged on a CUDA machine: `DEVICE_MAP` becomes `{"": 0}`, bitsandbytes runs
-# its CUDA kernels, and the compute dtype becomes bf16. Two things then differ from this CPU run:
-# speed (on a CPU, bitsandbytes dequantizes and multiplies in the compute dtype, so it is *slower*
-# than fp32; on a GPU, 4-bit shines when memory bandwidth is the limit) and the dtype of the
-# unquantized parts (load with `dtype=torch.bfloat16` to halve the embedding). Notebook 04 and
-# `gpu-reference/` carry GPU measurements.
+# its CUDA kernels, and the compute dtype becomes bf16. The unquantized parts stay in the load dtype
+# there too (load with `dtype=torch.bfloat16` to halve the embedding).
+#
+# What this notebook measures is memory saved and quality lost. Fewer bytes per weight does not by
+# itself mean faster generation: every 4-bit matrix product must turn its packed weights back into
+# the compute dtype (as a separate step, or inside the kernel), and whether the bytes saved pay for
+# that depends on the kernel, the batch size and the hardware. One quick measurement, batch 1, on this machine and this small model (your figures
+# will differ; the sentence is printed from them):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# timings depend on the machine and its load
+from helpers.measure import time_generate
+
+speed = {}
+for name in ("fp32", "nf4"):
+    speed[name] = time_generate(models[name], inputs, new_tokens=16, repeats=2)["tokens_per_s"]
+ratio = speed["nf4"] / speed["fp32"]
+print(f"on this {'GPU' if ON_GPU else 'CPU'}, batch 1: fp32 {speed['fp32']:.1f} tokens/s, NF4 {speed['nf4']:.1f} "
+      "tokens/s: NF4 is " + (f"{ratio:.1f}x as fast as fp32" if ratio >= 1 else f"{1 / ratio:.1f}x slower than fp32"))
+
+# %% [markdown]
+# One run of a 135M model at batch 1 says little about a large model or a large batch. Notebooks 04 and
+# 05 time generation on GPUs; their measurements are committed in `gpu-reference/two-gpu/results.json`
+# (a 4-bit model split over two GPUs among them).
 #
 # ## Summary
 # - One `BitsAndBytesConfig` describes the quantization: `load_in_8bit` (threshold, skipped modules)
@@ -362,6 +390,8 @@ assert again == answers["nf4"], "a reloaded 4-bit model should give the same gre
 #   norms and output head stay in full precision.
 # - `get_memory_footprint()` leaves out the scales; with them, the bytes match the prediction.
 # - Quality, measured: int8 stays closest to fp32, NF4 beats FP4.
+# - Memory saved is not speed gained: 4-bit layers unpack their weights at every product; measure speed
+#   on your hardware (section 9, notebooks 04 and 05).
 # - transformers 5 accepts quantization options only through `quantization_config`; 4-bit models save
 #   and reload as they are.
 #
@@ -378,14 +408,19 @@ frac = None     # a number between 0 and 1
 emb = models["int8"].model.embed_tokens.weight
 expected_frac = emb.numel() * emb.element_size() / footprints["int8"]
 if kl_bf16 is None:
-    print("Exercise 1: not answered yet.")
+    print("Exercise 1: not answered yet. Hint: load with configs['nf4']'s options and "
+          "bnb_4bit_compute_dtype=torch.bfloat16, then use log_probs() as in section 6.")
+elif not 0 < kl_bf16 < 10:
+    print("Exercise 1: wrong: a KL divergence from fp32 is a small positive number of nats (see section 6).")
 else:
-    print("Exercise 1:", "bf16 adds rounding on top of NF4" if kl_bf16 > quality["nf4"]["kl"] else
-          "bf16 did not add measurable error here", f"({kl_bf16:.4f} vs {quality['nf4']['kl']:.4f})")
+    print("Exercise 1: right, a plausible KL.", "bf16 adds rounding on top of NF4" if kl_bf16 > quality["nf4"]["kl"]
+          else "bf16 did not add measurable error here", f"({kl_bf16:.4f} vs {quality['nf4']['kl']:.4f} nats)")
 if frac is None:
     print("Exercise 2: not answered yet. Hint: numel() x element_size() / get_memory_footprint().")
+elif abs(frac - expected_frac) < 0.01:
+    print("Exercise 2: right. The embedding is not quantized: it keeps its load dtype (printed in section 4).")
 else:
-    print("Exercise 2:", "correct!" if abs(frac - expected_frac) < 0.01 else "not quite: check the units.")
+    print("Exercise 2: wrong. Hint: divide the embedding's bytes (not its parameter count) by the footprint.")
 
 # %% [markdown]
 # ## Further reading

@@ -46,21 +46,22 @@ import gc
 import json
 import os
 import shutil
-import tempfile
 
 import matplotlib.pyplot as plt
 import torch
 from accelerate import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import helpers
-from helpers import cache_dir, resolve_model
-from helpers.devicemap import device_map_of, map_table, plot_device_map, preflight
+from helpers.checkpoints import offload_folder, resolve_model
+from helpers.devicemap import device_label, device_map_of, map_table, placement, plot_device_map
 from helpers.hardware import print_report
-from helpers.memory import mib, rss_bytes
+from helpers.measure import rss_bytes, sync
+from helpers.preflight import preflight
+from helpers.quiet import silence_known_warnings
+from helpers.units import mib
 
-# routine library messages and, in quiet runs only, accelerate's loading bar: see helpers/logs.py
-helpers.silence_known_warnings()
+# routine library messages and, in quiet runs only, accelerate's loading bar: see helpers/quiet.py
+silence_known_warnings()
 
 path = resolve_model(MODEL)
 dtype = getattr(torch, DTYPE)
@@ -202,34 +203,48 @@ assert preflight(model, {"": MAIN}, checkpoint=path, mode="run").ok
 # %% [markdown]
 # ## 3. `load_checkpoint_and_dispatch` with `device_map="auto"`
 #
-# With `device_map="auto"`, accelerate measures the free memory of each device (GPUs first, then CPU
-# RAM, then disk), computes a map, loads each shard of the checkpoint straight onto its device, and
-# dispatches the model. `no_split_module_classes` names the blocks it must keep whole (the decoder
-# layers: notebook 03 explains why).
+# With `device_map="auto"`, accelerate looks at the memory of each device it can use (every GPU, then
+# CPU RAM; the disk takes what is left), computes a map, loads each shard of the checkpoint straight
+# onto its device, and dispatches the model. With several GPUs, `"auto"` first **balances** the model
+# over them (`get_balanced_memory` caps each GPU near an equal share), so even a model that would fit
+# on GPU 0 alone is divided between the GPUs; with one GPU (or none) it fills that GPU (or the CPU)
+# before it uses anything else. `no_split_module_classes` names the blocks it must keep whole (the decoder layers:
+# notebook 03 explains why).
 
 # %%
 model = load_checkpoint_and_dispatch(model, path, device_map="auto", no_split_module_classes=model._no_split_modules,
                                      dtype=dtype)
-print("hf_device_map:", model.hf_device_map)
+auto_where = placement(model, model.hf_device_map)  # which parts sit on which device
+for dev, parts in auto_where.items():
+    print(f"{device_label(dev):>6}: {parts}")
+hooked = sum(hasattr(m, "_hf_hook") for m in model.modules())
 with torch.inference_mode():
     out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
 assert torch.equal(out, reference), "the dispatched model should generate the reference tokens"
 print("same tokens as the model loaded whole")
+
+# %%
+# printed from the map above, which depends on the machine: one device on a CPU or one GPU, two on two GPUs
+if len(auto_where) == 1:
+    print(f"One device, {device_label(next(iter(auto_where)))}, holds the whole model: dispatch_model "
+          + ("only moved it there, with no hooks." if not hooked else f"added {hooked} hooks."))
+else:
+    print(f"{len(auto_where)} devices share the model: dispatch_model added {hooked} hooks, which move the "
+          "activations from one device to the next (section 5).")
 del model
 _ = gc.collect()
 
 # %% [markdown]
-# Here the whole model fits on the main device, so the map is a single entry and no hooks are needed.
-#
 # **Reading the map where there is no `hf_device_map`.** accelerate's `dispatch_model` always sets
-# `model.hf_device_map`. `from_pretrained` sets it only when the map spans several devices or offloads;
-# our `whole` model went to one device, so it has none. Read the device of its parameters instead
-# (`helpers.devicemap.device_map_of` does that):
+# `model.hf_device_map`. `from_pretrained` sets it only when the map spans several devices or offloads:
+# our `whole` model (loaded with `device_map="auto"` too) has one on a machine with several GPUs, where
+# it is split between them, and none where it went to a single device (the CPU, or one GPU). There, read
+# the device of its parameters instead. `device_map_of` (from `helpers.devicemap`) does whichever applies:
 
 # %%
 print("whole has hf_device_map:", hasattr(whole, "hf_device_map"))
-print("its parameters are on:", {str(p.device) for p in whole.parameters()})
-print("device_map_of(whole):", device_map_of(whole))
+print("its parameters are on:", sorted({str(p.device) for p in whole.parameters()}))
+print("device_map_of(whole), by device:", placement(whole, device_map_of(whole)))
 
 # %% [markdown]
 # ## 4. An explicit `max_memory`: part of the model goes to disk
@@ -242,13 +257,12 @@ print("device_map_of(whole):", device_map_of(whole))
 # (run mode: every device in it must exist here).
 
 # %%
-# On a GPU: GPU 0 gets 150 MiB, CPU RAM 60 MiB (CPU offload), the rest goes to disk.
-# Without a GPU: the CPU (the main device) gets 150 MiB, the rest goes to disk.
+# On a GPU: GPU 0 gets 150 MiB, CPU RAM 60 MiB (CPU offload), the rest goes to disk; other GPUs get
+# nothing (a device missing from max_memory is not used). Without a GPU: the CPU (the main device)
+# gets 150 MiB, the rest goes to disk.
 MAX_MEMORY = {0: "150MiB", "cpu": "60MiB"} if N_GPUS else {"cpu": "150MiB"}
 
-offload_root = cache_dir() / "offload"
-offload_root.mkdir(exist_ok=True)
-OFFLOAD = tempfile.mkdtemp(prefix="02-dispatch-", dir=offload_root)  # ours: removed at the end
+OFFLOAD = offload_folder("02-dispatch")  # a new, empty folder of ours: removed at the end
 
 with init_empty_weights():
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -260,7 +274,7 @@ print(preflight(model, planned, MAX_MEMORY, mode="run", checkpoint=path))
 # %%
 model = load_checkpoint_and_dispatch(model, path, device_map="auto", max_memory=dict(MAX_MEMORY),
                                      no_split_module_classes=model._no_split_modules, dtype=dtype,
-                                     offload_folder=os.path.join(OFFLOAD, "max-memory"))
+                                     offload_folder=OFFLOAD / "max-memory")
 assert model.hf_device_map == dict(planned), "load_checkpoint_and_dispatch used the map we checked"
 map_table(model, model.hf_device_map)
 
@@ -277,10 +291,9 @@ plt.show()
 # bytes of the bf16 weights:
 
 # %%
-folder = os.path.join(OFFLOAD, "max-memory")
-with open(os.path.join(folder, "index.json")) as f:
-    index = json.load(f)
-on_disk = sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".dat"))
+folder = OFFLOAD / "max-memory"
+index = json.loads((folder / "index.json").read_text())
+on_disk = sum(f.stat().st_size for f in folder.glob("*.dat"))
 table = map_table(model, model.hf_device_map).set_index("device")
 print(f"{len(index)} tensors offloaded, dtypes in the index: {sorted({v['dtype'] for v in index.values()})}")
 print(f".dat files: {mib(on_disk)} MiB | the same tensors in {DTYPE}: {mib(table.loc['disk', 'bytes'])} MiB")
@@ -359,8 +372,8 @@ _ = gc.collect()
 # the head), the final norm and the rotary embedding stay on the main device. We write these maps by
 # hand: a map is just a dict. Each is checked, loaded, and timed: we time single decoding steps (one
 # forward pass with the KV cache, batch 1: one new token each) and take the median of a few, which is
-# cheap and robust to a busy machine. (`helpers.bench.time_generate` times whole `generate` calls
-# instead, with the time to first token; with layers on disk it takes much longer to run.)
+# cheap and robust to a busy machine. (`time_generate` from `helpers.measure` times whole `generate`
+# calls instead, with the time to first token; with layers on disk it takes much longer to run.)
 
 # %%
 def map_with_layers_on_disk(model, n_on_disk, main=MAIN):
@@ -404,16 +417,15 @@ def decode_step_seconds(model, inputs, steps=5):
     times = []
     for _ in range(steps):
         token = out.logits[:, -1:].argmax(-1)
-        if N_GPUS:
-            torch.cuda.synchronize()
+        sync()  # wait for the GPUs (a no-op on a CPU) before and after: the clock measures finished work
         t0 = time.perf_counter()
         out = model(input_ids=token, use_cache=True, **{kv: out[kv]})
-        if N_GPUS:
-            torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
+# %%
 STEPS = 5
 step_s, file_bytes = {}, {}
 for k, dm in maps.items():
@@ -421,11 +433,10 @@ for k, dm in maps.items():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
     model = load_checkpoint_and_dispatch(model, path, device_map=dm, dtype=dtype,
-                                         offload_folder=os.path.join(OFFLOAD, f"cost-{k}"))
+                                         offload_folder=OFFLOAD / f"cost-{k}")
     step_s[k] = decode_step_seconds(model, inputs, steps=STEPS)
-    folder = os.path.join(OFFLOAD, f"cost-{k}")
-    files = os.listdir(folder) if os.path.isdir(folder) else []  # no folder when nothing is on disk
-    file_bytes[k] = sum(os.path.getsize(os.path.join(folder, n)) for n in files if n.endswith(".dat"))
+    # no folder is made when nothing is on disk: glob then finds nothing
+    file_bytes[k] = sum(f.stat().st_size for f in (OFFLOAD / f"cost-{k}").glob("*.dat"))
     del model
     _ = gc.collect()
 print("timed:", sorted(step_s))
@@ -476,7 +487,7 @@ plt.show()
 
 # %%
 shutil.rmtree(OFFLOAD)
-print("offload folder removed:", not os.path.exists(OFFLOAD))
+print("offload folder removed:", not OFFLOAD.exists())
 
 # %% [markdown]
 # ## Summary
@@ -494,16 +505,50 @@ print("offload folder removed:", not os.path.exists(OFFLOAD))
 #
 # ## Exercises
 #
-# 1. Lower `MAX_MEMORY` to `"80MiB"` in section 4. How many decoder layers stay in memory? *Self-check:*
-#    count the entries of `model.hf_device_map` whose value is not `"disk"`.
+# 1. Give the main device a budget of 80 MiB and nothing else (`max_memory={MAIN: "80MiB"}`), and plan
+#    the map with `infer_auto_device_map` as in section 4. How many decoder layers stay on the main
+#    device? Set `layers_in_memory` below and run the check.
 # 2. Build the empty model with `with torch.device("meta"):` instead of `init_empty_weights()`. Is the
-#    head tied without calling `tie_weights()`? *Self-check:* `model.lm_head.weight is
-#    model.model.embed_tokens.weight`.
+#    head tied without calling `tie_weights()`? Set `head_tied` to `True` or `False` (test it with
+#    `model.lm_head.weight is model.model.embed_tokens.weight`).
 # 3. Time 10 layers on disk (section 7) and compare with your prediction from the slope. *Self-check:*
 #    within about 20% of a straight line between the 0 and 15 layer points.
 # 4. Load with `dtype=torch.float32` instead. How does the offload folder's size compare with the disk
 #    part of the map now? *Self-check:* equal, since the checkpoint is float32.
-#
+
+# %%
+layers_in_memory = None  # exercise 1: a whole number
+head_tied = None  # exercise 2: True or False
+
+# %%
+from helpers.devicemap import device_of
+
+with init_empty_weights():
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+model.tie_weights()
+plan_80 = infer_auto_device_map(model, max_memory={MAIN: "80MiB"}, no_split_module_classes=model._no_split_modules)
+kept = sum(device_of(f"model.layers.{i}", plan_80) != "disk" for i in range(N_LAYERS))
+with torch.device("meta"):
+    meta_built = AutoModelForCausalLM.from_config(config, dtype=dtype)
+tied_on_meta = meta_built.lm_head.weight is meta_built.model.embed_tokens.weight
+del model, meta_built
+
+if layers_in_memory is None:
+    print("Exercise 1: not answered yet. Hint: count the layers whose device in the plan is not 'disk'.")
+elif layers_in_memory == kept:
+    print("Exercise 1: right. The tied embedding takes most of the 80 MiB, and accelerate keeps room for the",
+          "largest offloaded layer, so only a few layers fit.")
+else:
+    print("Exercise 1: wrong. Hint: plan on a fresh empty model with tie_weights() called, as in section 4.")
+if head_tied is None:
+    print("Exercise 2: not answered yet. Hint: build it under torch.device('meta') and test the identity.")
+elif head_tied == tied_on_meta:
+    print("Exercise 2: right.", "Under torch.device('meta') the model is built normally, so transformers ties it."
+          if tied_on_meta else "Under torch.device('meta') the tie is lost too: call tie_weights().")
+else:
+    print("Exercise 2: wrong. Hint: test `model.lm_head.weight is model.model.embed_tokens.weight`.")
+
+# %% [markdown]
 # ## Further reading
 #
 # - [accelerate: big model inference](https://huggingface.co/docs/accelerate/usage_guides/big_modeling):
