@@ -126,3 +126,58 @@ def predict_footprint(model: torch.nn.Module, fmt: str, dtype_bytes: float | Non
         else:
             total += p.numel() * dtype_bytes
     return int(round(total))
+
+
+def kv_cache_layers(config, tokens: int, batch: int = 1, bytes_per_value: float = 2) -> list[int]:
+    """KV-cache bytes of each decoder layer after ``tokens`` tokens of context, for ``batch`` sequences.
+
+    Each layer keeps a key and a value vector per key/value head for every
+    token it attends to: ``2 x kv heads x head dim x bytes per value`` per
+    token (grouped-query attention shares each key/value head between several
+    query heads, so ``num_key_value_heads`` counts, not ``num_attention_heads``).
+    A layer with a sliding window attends to at most ``sliding_window`` tokens,
+    so its cache stops growing there: every layer when the config sets
+    ``sliding_window`` (Mistral 7B v0.1: 4096), only the layers whose
+    ``layer_types`` entry is ``"sliding_attention"`` when the config lists them
+    (Gemma 2 and 3 alternate), none when ``use_sliding_window`` is False (Qwen2).
+
+    Args:
+        config: a transformers config of a decoder-only model (GPT-2's and
+            Bloom's names are mapped by their configs' ``attribute_map``).
+        tokens: context length (prompt plus generated tokens), >= 0.
+        batch: sequences in flight, >= 1.
+        bytes_per_value: 2 for a bf16/fp16 cache (the default cache dtype is
+            the compute dtype), 4 for fp32.
+
+    Returns:
+        A list of ints, one per layer, in bytes. Notebook 03 (planning with
+        room for the cache) explains it.
+
+    Raises:
+        ValueError: negative ``tokens`` or ``batch`` < 1.
+    """
+    if tokens < 0 or batch < 1:
+        raise ValueError(f"tokens must be >= 0 and batch >= 1, not tokens={tokens!r}, batch={batch!r}")
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    out = []
+    for i in range(layers):
+        sliding = window is not None and (types is None or types[i] == "sliding_attention")
+        seen = min(tokens, window) if sliding else tokens
+        out.append(int(2 * kv_heads * head_dim * bytes_per_value * seen * batch))
+    return out
+
+
+def kv_cache_bytes(config, tokens: int, batch: int = 1, bytes_per_value: float = 2) -> int:
+    """KV-cache bytes of the whole model: the sum of :func:`kv_cache_layers` (same arguments and errors).
+
+    Without a sliding window that is ``2 x layers x kv heads x head dim x
+    bytes per value x tokens x batch``. Notebook 03 explains it.
+    """
+    return sum(kv_cache_layers(config, tokens, batch, bytes_per_value))

@@ -1,9 +1,13 @@
 """Plan a device map for GPUs you don't have, as ``from_pretrained`` would (notebook 03).
 
-:func:`plan` takes a model shape (a name from :data:`helpers.shapes.SHAPES`),
-a storage format, a number of GPUs and their memory, and returns the map
-``from_pretrained(..., device_map=strategy, max_memory=...)`` would compute,
-with a verdict (does everything land on the GPUs?) and the bytes per device.
+:func:`plan` takes a model (a shape name from :data:`helpers.shapes.SHAPES`,
+any transformers config, a local checkpoint directory, or a hub id), a storage
+format, a number of GPUs and their memory, a context length and a batch, and
+returns the map ``from_pretrained(..., device_map=strategy, max_memory=...)``
+would compute, with the bytes per device and a verdict that counts weights,
+the KV cache and a per-GPU reserve (CUDA context and activations, measured on
+a GPU: ``gpu-reference/one-gpu/reserve.json``), and the longest context that
+fits at that batch.
 :func:`show_plan` prints and draws it; :func:`planner_widget` wraps it in
 ipywidgets for live exploration.
 
@@ -37,21 +41,23 @@ Where transformers' accounting differs from the bytes a load really takes:
 it counts 0.5 byte per 4-bit weight and 1 byte per 8-bit weight, without the
 quantization scales (NF4: one float32 absmax per 64 weights, +0.0625 byte;
 int8: one float32 scale per output row). :attr:`Plan.true_bytes_per_device`
-adds them back (the formulas of :mod:`helpers.memory`). Activations, the KV
-cache and the CUDA context are in neither figure.
+adds them back (the formulas of :mod:`helpers.memory`). Neither figure holds
+activations, the KV cache or the CUDA context: the verdict adds those.
 """
 
 from __future__ import annotations
 
-import functools
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from .devicemap import bytes_per_device, placement, tensor_sizes
-from .memory import FORMATS, QUANTIZED, linear_bytes_per_weight
+from .devicemap import bytes_per_device, device_of, placement, tensor_sizes
+from .memory import FORMATS, QUANTIZED, kv_cache_layers, linear_bytes_per_weight
 from .quiet import quiet_planning
-from .shapes import SHAPES, shape_config
+from .shapes import SHAPES, as_config
 from .units import GiB
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -133,17 +139,95 @@ def plan_device_map(model, quantizer, max_memory: dict, strategy: str = "auto") 
     return dict(device_map), {k: int(v) for k, v in caps.items()}
 
 
-@functools.lru_cache(maxsize=16)
-def prepared_model(shape: str, fmt: str):
-    """:func:`prepare_meta_model` for a named shape and format, cached (do not modify the returned model).
+def load_config(model):
+    """The config behind a planner question, and a short label for it.
+
+    Args:
+        model: a shape name of :data:`helpers.shapes.SHAPES`, a transformers
+            config object, a local checkpoint directory (only its
+            ``config.json`` is read), or a hub id (only its config is fetched,
+            which needs internet and ``HF_HUB_OFFLINE=0``).
+
+    Returns:
+        ``(label, config)``.
 
     Raises:
-        ValueError: unknown shape or format.
+        ValueError: a directory without ``config.json``, a hub id while
+            offline or unknown, or anything else; the message says what to
+            pass instead. Notebook 03 explains it.
+    """
+    from transformers import AutoConfig, PretrainedConfig
+
+    accepted = (f"a shape name ({', '.join(SHAPES)}), a transformers config object (e.g. MistralConfig(...)), "
+                f"or a local checkpoint directory holding config.json")
+    if isinstance(model, PretrainedConfig):
+        return f"{type(model).__name__}({model.model_type})", model
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError(f"cannot plan {type(model).__name__} {model!r}: pass {accepted}")
+    text = os.fspath(model)
+    if text in SHAPES:
+        return text, as_config(text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} has no config.json: pass {accepted}")
+        return path.name, AutoConfig.from_pretrained(path)
+    try:
+        return text, AutoConfig.from_pretrained(text)
+    except (OSError, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        why = "the hub is off (HF_HUB_OFFLINE is set)" if offline else f"it could not be read ({type(e).__name__})"
+        raise ValueError(f"{text!r} is not a shape name or a local folder, and as a hub id {why}: pass {accepted}, "
+                         f"or set HF_HUB_OFFLINE=0 on a machine with internet") from None
+
+
+_PREPARED: dict = {}
+
+
+def prepared_model(model, fmt: str):
+    """:func:`prepare_meta_model` for a planner question's model and format, cached (do not modify the result).
+
+    ``model`` is anything :func:`load_config` takes. Returns ``(model,
+    hf_quantizer)`` with every tensor on the meta device.
+
+    Raises:
+        ValueError: unknown format, or a model :func:`load_config` refuses.
         ImportError: a quantized format without bitsandbytes installed.
     """
     qconfig = _quantization_config(fmt)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(fmt, torch.bfloat16)
-    return prepare_meta_model(shape_config(shape), qconfig, dtype)
+    _, config = load_config(model)
+    key = (config.to_json_string(use_diff=False), fmt)
+    if key not in _PREPARED:
+        if len(_PREPARED) >= 16:
+            _PREPARED.pop(next(iter(_PREPARED)))
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(fmt, torch.bfloat16)
+        _PREPARED[key] = prepare_meta_model(config, qconfig, dtype)
+    return _PREPARED[key]
+
+
+RESERVE_FILE = Path(__file__).resolve().parent.parent / "gpu-reference" / "one-gpu" / "reserve.json"
+"""The per-GPU reserve measured on a GPU by ``gpu-reference/tools/measure_reserve.py``."""
+
+
+def measured_reserve() -> tuple[int, str]:
+    """The per-GPU reserve in bytes and a sentence naming where it was measured.
+
+    Raises:
+        FileNotFoundError: no measurement committed; the message says how to make one.
+    """
+    if not RESERVE_FILE.is_file():
+        raise FileNotFoundError(f"no measured reserve at {RESERVE_FILE}: run gpu-reference/tools/measure_reserve.py "
+                                f"on a GPU, or pass reserve_gib=")
+    r = json.loads(RESERVE_FILE.read_text())
+    source = (f"measured on {r['gpu']} (torch {r['hardware']['torch']}): {r['context_bytes'] / GiB:.2f} GiB CUDA "
+              f"context + {r['activation_bytes'] / GiB:.2f} GiB activations, gpu-reference/one-gpu/reserve.json")
+    return int(r["reserve_bytes"]), source
+
+
+def _layer_names(model) -> list[str]:
+    """The decoder layers (no-split blocks in a numbered list), in order: e.g. ``model.layers.0``, ..."""
+    keep = set(getattr(model, "_no_split_modules", None) or [])
+    return [n for n, m in model.named_modules() if type(m).__name__ in keep and n.rsplit(".", 1)[-1].isdigit()]
 
 
 @dataclass
@@ -161,7 +245,19 @@ class Plan:
             the placement used).
         true_bytes_per_device: {device: bytes} with the quantization scales
             added (equal to ``bytes_per_device`` when unquantized).
-        fits: True when every module landed on a GPU.
+        context, batch: tokens of context (prompt plus generated) and
+            sequences in flight the verdict makes room for.
+        kv_bytes_per_device: {GPU id: bytes} of KV cache, each layer's beside
+            it (:func:`helpers.memory.kv_cache_layers`, bf16 cache).
+        reserve_bytes, reserve_source: the per-GPU reserve (CUDA context and
+            activations) and where that figure comes from.
+        needed_bytes_per_device: {GPU id: weights with scales + KV cache + reserve}.
+        on_gpus: True when every module landed on a GPU.
+        fits: ``on_gpus`` and every GPU's needed bytes within its budget.
+        max_context: the longest context (tokens) that fits at ``batch`` with
+            this map (0 when the weights alone do not fit), at most the
+            model's ``max_position_embeddings``; ``max_context_capped`` says
+            whether that cap, not memory, set it.
         model, hf_quantizer: the meta model planned and its quantizer (None
             when unquantized), for drawing and checking.
     """
@@ -176,7 +272,16 @@ class Plan:
     effective_memory: dict
     bytes_per_device: dict
     true_bytes_per_device: dict
+    context: int
+    batch: int
+    kv_bytes_per_device: dict
+    reserve_bytes: int
+    reserve_source: str
+    needed_bytes_per_device: dict
+    on_gpus: bool
     fits: bool
+    max_context: int
+    max_context_capped: bool
     model: torch.nn.Module = field(repr=False)
     hf_quantizer: object = field(repr=False, default=None)
 
@@ -191,22 +296,32 @@ class Plan:
         return sum(self.true_bytes_per_device.values())
 
     def summary(self) -> str:
-        """A few lines: the question, the verdict, and each device's modules and bytes (GiB)."""
+        """A few lines: the question, the verdict, each device's modules and bytes (GiB), the longest context."""
         spilled = [d for d in ("cpu", "disk") if d in self.device_map.values()]
-        verdict = "FITS on the GPUs" if self.fits else "DOES NOT FIT: " + ", ".join(
-            f"{sum(1 for v in self.device_map.values() if v == d)} module(s) on {d}" for d in spilled)
+        if not self.on_gpus:
+            verdict = "DOES NOT FIT: " + ", ".join(
+                f"{sum(1 for v in self.device_map.values() if v == d)} module(s) on {d}" for d in spilled)
+        else:
+            over = [d for d, n in self.needed_bytes_per_device.items() if n > self.max_memory[d]]
+            verdict = "FITS on the GPUs" if self.fits else (
+                "DOES NOT FIT: weights fit, but with the KV cache and the reserve "
+                + ", ".join(f"GPU {d}" for d in over) + " run over")
         lines = [f"{self.shape}, {self.fmt}, {self.n_gpus} x {self.gib_per_gpu:g} GiB GPUs, "
-                 f"device_map={self.strategy!r}: {verdict}"]
+                 f"device_map={self.strategy!r}, context {self.context:,} x batch {self.batch}: {verdict}"]
         if self.hf_quantizer is not None:
-            lines.append(f"  bitsandbytes cuts each budget to 90%: {self.gib_per_gpu:g} GiB -> "
-                         f"{0.9 * self.gib_per_gpu:.2f} GiB usable per GPU")
+            lines.append(f"  bitsandbytes cuts each budget to 90% while placing: {self.gib_per_gpu:g} GiB -> "
+                         f"{0.9 * self.gib_per_gpu:.2f} GiB per GPU")
+        lines.append(f"  reserve per GPU {self.reserve_bytes / GiB:.2f} GiB ({self.reserve_source})")
         where = placement(self.model, self.device_map)
         for dev, n in self.bytes_per_device.items():
-            extra = ""
-            if self.true_bytes_per_device.get(dev, 0) != n:
-                extra = f" ({self.true_bytes_per_device[dev] / GiB:.2f} GiB with the quantization scales)"
             name = f"GPU {dev}" if isinstance(dev, int) else dev
-            lines.append(f"  {name:>6}: {n / GiB:6.2f} GiB{extra}: {where.get(dev, '')}")
+            line = f"  {name:>6}: weights {self.true_bytes_per_device.get(dev, n) / GiB:6.2f} GiB"
+            if dev in self.needed_bytes_per_device:
+                line += (f" + KV cache {self.kv_bytes_per_device.get(dev, 0) / GiB:.2f} + reserve = "
+                         f"{self.needed_bytes_per_device[dev] / GiB:.2f} of {self.max_memory[dev] / GiB:g} GiB")
+            lines.append(f"{line}: {where.get(dev, '')}")
+        cap = " (the model's max_position_embeddings)" if self.max_context_capped else ""
+        lines.append(f"  longest context that fits at batch {self.batch}: {self.max_context:,} tokens{cap}")
         return "\n".join(lines)
 
 
@@ -221,64 +336,126 @@ def _true_sizes(model, quantizer, fmt: str, sizes: dict) -> dict:
     return out
 
 
-def plan(shape: str, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24, strategy: str = "balanced",
-         cpu_gib: float | None = None) -> Plan:
-    """Plan a device map for ``n_gpus`` GPUs of ``gib_per_gpu`` GiB each, as ``from_pretrained`` would.
+def _number(name: str, value, low: float = 0.0, allow_none: bool = False):
+    """A finite real number above ``low`` (GiB counts, ...), else a ValueError naming the parameter."""
+    import math
+
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= low:
+        raise ValueError(f"{name} must be a finite number above {low:g}, not {value!r}"
+                         + (" (give a number of GiB, e.g. 24, not a string)" if isinstance(value, str) else ""))
+    return value
+
+
+def _max_context(config, layers_on: dict, free: dict, batch: int) -> tuple[int, bool]:
+    """Longest context whose KV cache fits each GPU's free bytes (binary search); and whether the model's limit capped it."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2**20
+
+    def fits(tokens: int) -> bool:
+        per_layer = kv_cache_layers(config, tokens, batch)
+        return all(sum(per_layer[i] for i in layers_on.get(d, [])) <= room for d, room in free.items())
+
+    if not free or any(room < 0 for room in free.values()) or not fits(0):
+        return 0, False
+    if fits(limit):
+        return int(limit), True
+    lo, hi = 0, int(limit)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, False
+
+
+def plan(model, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24, strategy: str = "balanced",
+         cpu_gib: float | None = None, context: int = 4096, batch: int = 1, reserve_gib: float | None = None) -> Plan:
+    """Plan a device map for ``n_gpus`` GPUs of ``gib_per_gpu`` GiB each, as ``from_pretrained`` would, with room
+    for the KV cache of ``batch`` sequences of ``context`` tokens and a per-GPU reserve.
 
     Args:
-        shape: a model shape name from :data:`helpers.shapes.SHAPES`
-            (e.g. "bloom-1b7", "llama-2-7b", "llama-2-70b").
+        model: a shape name from :data:`helpers.shapes.SHAPES` (e.g.
+            "llama-2-70b"), any transformers config of a decoder-only model
+            (``MistralConfig(...)``), a local checkpoint directory (only its
+            ``config.json`` is read) or a hub id (config only; needs internet).
         fmt: one of :data:`helpers.memory.FORMATS`.
         n_gpus: number of GPUs (1 to 64); they need not exist here.
-        gib_per_gpu: memory per GPU for weights, in GiB (2**30 bytes).
-        strategy: one of :data:`STRATEGIES` (the string you would pass as
-            ``device_map``).
+        gib_per_gpu: memory per GPU, in GiB (2**30 bytes).
+        strategy: one of :data:`STRATEGIES` (the string you would pass as ``device_map``).
         cpu_gib: RAM allowed for CPU offload (GiB); None (default) allows
             none, so what does not fit on the GPUs goes to "disk".
+        context: tokens of context per sequence (prompt plus generated), >= 0.
+        batch: sequences in flight, >= 1.
+        reserve_gib: GiB kept free on each GPU for the CUDA context and
+            activations; None: the reserve measured on a GPU
+            (:func:`measured_reserve`).
 
     Returns:
         A :class:`Plan`. ``plan.fits`` is False when any module lands on
         "cpu" or "disk" (a bitsandbytes model would then be refused by
-        ``from_pretrained``; a bf16 one would load, slowly, with offload).
+        ``from_pretrained``; a bf16 one would load, slowly, with offload), or
+        when weights + KV cache + reserve exceed a GPU's budget.
+        ``plan.max_context`` is the longest context that fits at ``batch``.
 
     Raises:
-        ValueError: unknown shape, format or strategy, ``n_gpus`` outside
-            1..64, or a non-positive ``gib_per_gpu``/``cpu_gib``.
+        ValueError: unknown model, format or strategy, ``n_gpus`` outside
+            1..64, a ``gib_per_gpu``/``cpu_gib``/``reserve_gib`` that is not a
+            finite positive number, a negative context or a batch below 1.
+        FileNotFoundError: ``reserve_gib=None`` and no measured reserve.
         ImportError: a quantized format without bitsandbytes installed.
 
     Notebook 03, section 4.
     """
-    if shape not in SHAPES:
-        raise ValueError(f"unknown model shape {shape!r}; known shapes: {', '.join(SHAPES)}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if not isinstance(n_gpus, int) or not 1 <= n_gpus <= 64:
+    if isinstance(n_gpus, bool) or not isinstance(n_gpus, int) or not 1 <= n_gpus <= 64:
         raise ValueError(f"n_gpus must be an integer from 1 to 64, not {n_gpus!r}")
-    if not gib_per_gpu > 0:
-        raise ValueError(f"gib_per_gpu must be a positive number of GiB, not {gib_per_gpu!r}")
-    if cpu_gib is not None and not cpu_gib > 0:
-        raise ValueError(f"cpu_gib must be a positive number of GiB or None (no CPU offload), not {cpu_gib!r}")
-    model, quantizer = prepared_model(shape, fmt)
+    _number("gib_per_gpu", gib_per_gpu)
+    _number("cpu_gib", cpu_gib, allow_none=True)
+    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+        raise ValueError(f"context must be a whole number of tokens >= 0, not {context!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a whole number >= 1, not {batch!r}")
+    if reserve_gib is None:
+        reserve, source = measured_reserve()
+    else:
+        reserve, source = int(_number("reserve_gib", reserve_gib, low=-1e-12) * GiB), "given"
+    label, config = load_config(model)
+    meta, quantizer = prepared_model(config, fmt)
     budget = {i: int(gib_per_gpu * GiB) for i in range(n_gpus)}
     if cpu_gib is not None:
         budget["cpu"] = int(cpu_gib * GiB)
-    device_map, caps = plan_device_map(model, quantizer, budget, strategy)
-    sizes = tensor_sizes(model, hf_quantizer=quantizer)
-    return Plan(shape=shape, fmt=fmt, n_gpus=n_gpus, gib_per_gpu=gib_per_gpu, strategy=strategy,
-                device_map=device_map, max_memory=budget, effective_memory=caps,
-                bytes_per_device=bytes_per_device(model, device_map, sizes),
-                true_bytes_per_device=bytes_per_device(model, device_map, _true_sizes(model, quantizer, fmt, sizes)),
-                fits=all(isinstance(d, int) for d in device_map.values()), model=model, hf_quantizer=quantizer)
+    device_map, caps = plan_device_map(meta, quantizer, budget, strategy)
+    sizes = tensor_sizes(meta, hf_quantizer=quantizer)
+    planned = bytes_per_device(meta, device_map, sizes)
+    true = bytes_per_device(meta, device_map, _true_sizes(meta, quantizer, fmt, sizes))
+    layers_on: dict = {}
+    for i, name in enumerate(_layer_names(meta)):
+        layers_on.setdefault(device_of(name, device_map), []).append(i)
+    per_layer = kv_cache_layers(config, context, batch)
+    gpus = range(n_gpus)
+    kv = {d: sum(per_layer[i] for i in layers_on.get(d, [])) for d in gpus}
+    needed = {d: true.get(d, 0) + kv[d] + reserve for d in gpus}
+    on_gpus = all(isinstance(d, int) for d in device_map.values())
+    free = {d: budget[d] - true.get(d, 0) - reserve for d in gpus} if on_gpus else {}
+    longest, capped = _max_context(config, layers_on, free, batch)
+    return Plan(shape=label, fmt=fmt, n_gpus=n_gpus, gib_per_gpu=gib_per_gpu, strategy=strategy,
+                device_map=device_map, max_memory=budget, effective_memory=caps, bytes_per_device=planned,
+                true_bytes_per_device=true, context=context, batch=batch, kv_bytes_per_device=kv,
+                reserve_bytes=reserve, reserve_source=source, needed_bytes_per_device=needed, on_gpus=on_gpus,
+                fits=on_gpus and all(needed[d] <= budget[d] for d in gpus), max_context=longest,
+                max_context_capped=capped, model=meta, hf_quantizer=quantizer)
 
 
-def show_plan(shape: str, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24,
-              strategy: str = "balanced", cpu_gib: float | None = None, ax=None, draw: bool = True) -> Plan:
-    """Plan (see :func:`plan`), print :meth:`Plan.summary` and draw the map.
+def show_plan(model, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24, strategy: str = "balanced",
+              cpu_gib: float | None = None, context: int = 4096, batch: int = 1, reserve_gib: float | None = None,
+              ax=None, draw: bool = True) -> Plan:
+    """Plan (see :func:`plan`, same arguments), print :meth:`Plan.summary` and draw the map.
 
     The drawing is :func:`helpers.devicemap.plot_device_map`: which layers
-    sit on which device, and bytes per device (transformers' accounting)
-    against the budget given (before the 90% cut). It is not shown here:
-    call ``plt.show()`` after (a notebook shows it at the end of the cell).
+    sit on which device, and bytes of weights per device (transformers'
+    accounting) against the budget given (before the 90% cut). It is not
+    shown here: call ``plt.show()`` after (a notebook shows it at the end of
+    the cell).
 
     Args:
         ax: passed to ``plot_device_map`` (None: a new figure).
@@ -289,23 +466,26 @@ def show_plan(shape: str, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float
     """
     from .devicemap import plot_device_map
 
-    p = plan(shape, fmt, n_gpus, gib_per_gpu, strategy, cpu_gib)
+    p = plan(model, fmt, n_gpus, gib_per_gpu, strategy, cpu_gib, context, batch, reserve_gib)
     print(p.summary())
     if draw:
         verdict = "fits" if p.fits else "does not fit"
-        title = f"{shape} {fmt} on {n_gpus} x {gib_per_gpu:g} GiB ({strategy}): {verdict}"
+        title = f"{p.shape} {fmt} on {n_gpus} x {gib_per_gpu:g} GiB ({strategy}), {context:,} tokens x {batch}: {verdict}"
         plot_device_map(p.model, p.device_map, max_memory=p.max_memory, title=title, ax=ax,
                         hf_quantizer=p.hf_quantizer)
     return p
 
 
-def planner_widget(shape: str = "llama-2-70b", fmt: str = "nf4", n_gpus: int = 2, gib_per_gpu: float = 24,
-                   strategy: str = "balanced"):
-    """An ipywidgets planner: pick a shape, a format, GPUs and memory; the map and verdict update live.
+def planner_widget(model: str = "llama-2-70b", fmt: str = "nf4", n_gpus: int = 2, gib_per_gpu: float = 24,
+                   strategy: str = "balanced", context: int = 4096, batch: int = 1):
+    """An ipywidgets planner: pick a model, a format, GPUs, memory, context and batch; the map and verdict update.
 
-    Each change calls :func:`show_plan` and redraws. Its output lives in
-    widget state, which nbval does not check: call :func:`show_plan` in a
-    checked cell for the same view.
+    The model is a named shape from the list, or whatever is typed in the text
+    box (a local checkpoint directory or a hub id, as :func:`plan` takes; the
+    box wins when it is not empty). Each change calls :func:`show_plan` and
+    redraws; a model that cannot be read prints the reason instead. Its
+    output lives in widget state, which nbval does not check: call
+    :func:`show_plan` in a checked cell for the same view.
 
     Returns:
         An ``ipywidgets.VBox`` (display it as a cell's last value).
@@ -319,18 +499,26 @@ def planner_widget(shape: str = "llama-2-70b", fmt: str = "nf4", n_gpus: int = 2
     import matplotlib.pyplot as plt
 
     controls = dict(
-        shape=w.Dropdown(options=list(SHAPES), value=shape, description="model"),
+        shape=w.Dropdown(options=list(SHAPES), value=model if model in SHAPES else "llama-2-70b", description="model"),
+        typed=w.Text(value="" if model in SHAPES else str(model), placeholder="or a config path / hub id",
+                     description="or"),
         fmt=w.Dropdown(options=list(FORMATS), value=fmt, description="format"),
         n_gpus=w.IntSlider(value=n_gpus, min=1, max=8, description="GPUs"),
         gib_per_gpu=w.Dropdown(options=[8, 12, 16, 24, 40, 48, 80, 94, 141], value=gib_per_gpu,
                                description="GiB / GPU"),
         strategy=w.Dropdown(options=list(STRATEGIES), value=strategy, description="device_map"),
+        context=w.Dropdown(options=[1024, 4096, 8192, 32768, 131072], value=context, description="context"),
+        batch=w.Dropdown(options=[1, 2, 4, 8, 16, 32, 64], value=batch, description="batch"),
     )
 
-    def draw(**kw):
-        show_plan(**kw)
+    def draw(shape, typed, **kw):
+        try:
+            show_plan(typed.strip() or shape, **kw)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"{type(e).__name__}: {e}")
+            return
         plt.show()
 
     out = w.interactive_output(draw, controls)
-    return w.VBox([w.HBox([controls["shape"], controls["fmt"], controls["strategy"]]),
-                   w.HBox([controls["n_gpus"], controls["gib_per_gpu"]]), out])
+    rows = [("shape", "typed"), ("fmt", "strategy"), ("n_gpus", "gib_per_gpu"), ("context", "batch")]
+    return w.VBox([w.HBox([controls[a], controls[b]]) for a, b in rows] + [out])

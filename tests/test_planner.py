@@ -13,8 +13,17 @@ import torch  # noqa: E402
 
 from helpers.units import GiB  # noqa: E402
 from helpers.memory import FORMATS  # noqa: E402
-from helpers.planner import plan, prepared_model, show_plan  # noqa: E402
+from helpers.memory import kv_cache_bytes, kv_cache_layers  # noqa: E402
+from helpers.planner import plan as plan_with_room  # noqa: E402
+from helpers.planner import prepared_model, show_plan  # noqa: E402
 from helpers.quiet import quiet_planning  # noqa: E402
+
+
+def plan(*args, **kwargs):
+    """The weights-only question (no KV cache, no reserve), as the older tests ask it."""
+    kwargs.setdefault("context", 0)
+    kwargs.setdefault("reserve_gib", 0)
+    return plan_with_room(*args, **kwargs)
 
 
 def _from_pretrained_map(p):
@@ -116,14 +125,22 @@ def test_prepared_model_is_on_meta_and_cached():
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(shape="llama-3-8b"), "known shapes"),
-    (dict(shape="llama-2-7b", fmt="q4"), "choose one of"),
-    (dict(shape="llama-2-7b", strategy="even"), "choose one of"),
-    (dict(shape="llama-2-7b", n_gpus=0), "from 1 to 64"),
-    (dict(shape="llama-2-7b", gib_per_gpu=0), "positive"),
-    (dict(shape="llama-2-7b", cpu_gib=-1), "positive"),
+    (dict(model="llama-3-8b"), "not a shape name or a local folder.*HF_HUB_OFFLINE"),
+    (dict(model="llama-2-7b", fmt="q4"), "choose one of"),
+    (dict(model="llama-2-7b", strategy="even"), "choose one of"),
+    (dict(model="llama-2-7b", n_gpus=0), "from 1 to 64"),
+    (dict(model="llama-2-7b", n_gpus=True), "from 1 to 64"),
+    (dict(model="llama-2-7b", gib_per_gpu=0), "finite number above 0"),
+    (dict(model="llama-2-7b", gib_per_gpu="24GiB"), "not a string"),
+    (dict(model="llama-2-7b", gib_per_gpu=float("inf")), "finite number"),
+    (dict(model="llama-2-7b", gib_per_gpu=True), "finite number"),
+    (dict(model="llama-2-7b", cpu_gib=-1), "finite number above 0"),
+    (dict(model="llama-2-7b", context=-1), "context"),
+    (dict(model="llama-2-7b", batch=0), "batch"),
+    (dict(model={"model_type": "llama"}), "cannot plan dict"),
 ])
-def test_bad_input(kwargs, words):
+def test_bad_input(kwargs, words, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match=words):
         plan(**kwargs)
 
@@ -135,7 +152,7 @@ def test_formats_listed():
 def test_show_plan_prints_and_draws(capsys):
     import matplotlib.pyplot as plt
 
-    p = show_plan("bloom-1b7", "nf4", 2, 24)
+    p = show_plan("bloom-1b7", "nf4", 2, 24, reserve_gib=0.5)
     out = capsys.readouterr().out
     assert "FITS" in out and "GPU 0" in out
     assert plt.get_fignums()
@@ -151,6 +168,8 @@ def test_widget_builds():
 
     w = planner_widget()
     assert type(w).__name__ == "VBox"
+    descriptions = {c.description for row in w.children[:-1] for c in row.children}
+    assert {"context", "batch", "or", "model"} <= descriptions
     plt.close("all")
 
 
@@ -158,3 +177,72 @@ def test_no_gpu_touched():
     # planning never initialises CUDA (it would fail on a CPU-only torch)
     plan("llama-2-7b", "nf4", 4, 80)
     assert not torch.cuda.is_initialized()
+
+
+# -- any model, with room for the KV cache --------------------------------------------------------------------
+
+def _small(config_name, tie):
+    import transformers
+
+    cfg = getattr(transformers, config_name)()
+    cfg.num_hidden_layers = 4  # GPT-2 and Bloom map it to n_layer
+    cfg.tie_word_embeddings = tie
+    return cfg
+
+
+@pytest.mark.parametrize("config_name", ["LlamaConfig", "MistralConfig", "Qwen2Config", "GemmaConfig",
+                                         "GPT2Config", "BloomConfig"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_plans_any_decoder_config_with_its_own_no_split_class(config_name, tie):
+    p = plan(_small(config_name, tie), "bf16", 2, 80, strategy="sequential")
+    assert p.on_gpus and p.shape.startswith(config_name)
+    layer_class = type(next(m for n, m in p.model.named_modules() if n.endswith(".0"))).__name__
+    assert set(p.model._no_split_modules) == {layer_class}  # e.g. GPT2Block, BloomBlock, MistralDecoderLayer
+    head, emb = p.model.get_output_embeddings().weight, p.model.get_input_embeddings().weight
+    assert (head is emb) == tie
+
+
+def test_a_checkpoint_directory_is_planned_from_its_config_only(tmp_path):
+    _small("MistralConfig", False).save_pretrained(tmp_path)  # config.json, no weights
+    assert plan(str(tmp_path), "bf16", 1, 80).on_gpus
+
+
+def test_kv_cache_formula_and_sliding_window():
+    from transformers import Gemma2Config, MistralConfig
+
+    c = plan("llama-2-70b", "bf16", 8, 80).model.config
+    assert kv_cache_bytes(c, 4096) == 2 * 80 * 8 * 128 * 2 * 4096  # layers x kv heads x head dim x 2 bytes
+    mistral = MistralConfig()  # sliding_window 4096: the cache stops growing there
+    assert kv_cache_bytes(mistral, 32768) == kv_cache_bytes(mistral, 4096)
+    gemma = Gemma2Config()  # alternating sliding and full layers: only the full ones keep growing
+    layers = kv_cache_layers(gemma, 32768)
+    assert layers[0] < layers[1] and kv_cache_bytes(gemma, 32768) < 8 * kv_cache_bytes(gemma, 4096)
+
+
+def test_verdict_counts_kv_cache_and_reserve():
+    weights_only = plan("llama-2-7b", "bf16", 1, 14, "sequential")
+    assert weights_only.fits
+    long = plan_with_room("llama-2-7b", "bf16", 1, 14, "sequential", context=4096, batch=4, reserve_gib=0.5)
+    assert long.on_gpus and not long.fits and "KV cache" in long.summary()
+    kv = kv_cache_bytes(long.model.config, 4096, 4)
+    assert long.needed_bytes_per_device[0] == long.true_bytes_per_device[0] + kv + int(0.5 * GiB)
+    # the longest context that fits is just that: one more token does not
+    t = long.max_context
+    free = 14 * GiB - long.true_bytes_per_device[0] - int(0.5 * GiB)
+    assert kv_cache_bytes(long.model.config, t, 4) <= free < kv_cache_bytes(long.model.config, t + 1, 4)
+    assert plan_with_room("llama-2-7b", "bf16", 1, 14, "sequential", context=t, batch=4, reserve_gib=0.5).fits
+
+
+def test_longest_context_is_capped_by_the_model():
+    p = plan_with_room("smollm2-135m", "bf16", 1, 80, context=1024, reserve_gib=0.5)
+    assert p.max_context == p.model.config.max_position_embeddings and p.max_context_capped
+
+
+def test_measured_reserve_is_the_default():
+    from helpers.planner import RESERVE_FILE, measured_reserve
+
+    if not RESERVE_FILE.is_file():
+        pytest.skip("no measured reserve committed yet")
+    reserve, source = measured_reserve()
+    p = plan_with_room("llama-2-7b", "bf16", 1, 80, context=1024)
+    assert p.reserve_bytes == reserve > 0 and "measured on" in source
