@@ -25,11 +25,20 @@ from .units import GiB, MiB, format_size
 _ORDER = {"cpu": 1, "disk": 2}
 
 
-def canonical_device(value):
-    """Canonical form of a map value: an int GPU id, "cpu" or "disk"; None if not a place to load weights.
+ACCELERATORS = ("xpu", "npu", "mlu", "musa", "sdaa", "hpu")
+"""Accelerator types besides CUDA that accelerate 1.15 moves weights to by name ("xpu:0", ...)."""
 
-    ``"cuda:1"`` and ``torch.device("cuda", 1)`` become ``1``. Never builds a
-    torch.device from an int (that needs CUDA).
+
+def canonical_device(value):
+    """Canonical form of a map value, as accelerate 1.15 takes it; None if not a place to load weights.
+
+    GPU ids stay ints; ``"cuda:1"`` and ``torch.device("cuda", 1)`` become
+    ``1``; ``"cpu"`` and ``"disk"`` stay; ``"mps"`` (and ``"mps:0"``) become
+    ``"mps"``; ``"xpu"``, ``"xpu:1"``, ``"npu:0"``, ... (the types in
+    :data:`ACCELERATORS`) become ``"<type>:<index>"``, a bare type meaning
+    index 0. Booleans, negative ids, "meta" and anything else give None. Never
+    builds a torch.device from an int (that needs CUDA). Notebook 03 lists the
+    devices a map may use; notebook 06 the findings of a bad one.
     """
     if isinstance(value, torch.device):
         value = str(value)
@@ -37,14 +46,20 @@ def canonical_device(value):
         return None
     if isinstance(value, int):
         return value if value >= 0 else None
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in ("cpu", "disk"):
-            return v
-        m = re.fullmatch(r"cuda(?::(\d+))?", v)
-        if m:
-            return int(m.group(1) or 0)
-    return None
+    if not isinstance(value, str):
+        return None
+    v = value.strip().lower()
+    if v in ("cpu", "disk"):
+        return v
+    m = re.fullmatch(r"([a-z]+)(?::(\d+))?", v)
+    if m is None:
+        return None
+    kind, index = m.group(1), int(m.group(2) or 0)
+    if kind == "cuda":
+        return index
+    if kind == "mps":
+        return "mps" if index == 0 else None
+    return f"{kind}:{index}" if kind in ACCELERATORS else None
 
 
 def device_label(dev) -> str:

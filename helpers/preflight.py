@@ -7,6 +7,11 @@ builds a torch device from a GPU id in planning mode, so a CPU-only machine
 can check plans for GPUs it does not have. Notebook 03 introduces it; the
 troubleshooting notebook (06) shows every kind of finding on a real case.
 
+:func:`parse_budget` reads ``max_memory`` as accelerate 1.15 does, but refuses
+(ValueError, naming the fix) what accelerate refuses or crashes on and what
+cannot be meant, and warns (:class:`BudgetWarning`) about what it silently
+takes but is probably a mistake. Neither function changes the dicts passed in.
+
 Sizes are bytes of parameters and persistent buffers only (no activations, no
 KV cache, no CUDA context), counted as in :mod:`helpers.devicemap`.
 """
@@ -15,13 +20,18 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
+import numbers
+import re
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate.utils import convert_file_size_to_int, find_tied_parameters
 
-from .devicemap import bytes_per_device, canonical_device, device_label, device_order, owner_key, tensor_sizes
+from .devicemap import ACCELERATORS, bytes_per_device, canonical_device, device_label, device_order, owner_key, tensor_sizes
 from .units import format_size
 
 @dataclass
@@ -29,9 +39,9 @@ class Finding:
     """One problem found by :func:`preflight`.
 
     kind: short code: "unplaced", "unknown-module", "unknown-device",
-          "absent-device", "tie-lost", "tied-split", "tied-missing", "missing",
-          "no-split-cut", "no-split-unknown", "over-budget", "no-budget",
-          "quantized-offload".
+          "absent-device", "all-meta", "tie-lost", "tied-split",
+          "tied-missing", "missing", "no-split-cut", "no-split-unknown",
+          "over-budget", "no-budget", "quantized-offload", "no-offload-folder".
     message: what is wrong, naming the parameters/modules/devices.
     fix: what to change.
     """
@@ -46,8 +56,9 @@ class Report:
     """The result of :func:`preflight`: ``ok`` is True when there are no findings.
 
     ``bytes_per_device`` maps each device of the map (GPU ids as int, "cpu",
-    "disk") to the bytes assigned to it; ``budget`` holds the parsed budget in
-    bytes (empty without one).
+    "disk", other accelerators as :func:`helpers.devicemap.canonical_device` writes them: "mps",
+    "xpu:0") to the bytes assigned to it; ``budget`` holds the parsed budget in
+    bytes (empty without one), keyed as accelerate keys ``max_memory``.
     """
 
     findings: list[Finding] = field(default_factory=list)
@@ -82,29 +93,189 @@ class Report:
 # inputs
 
 
-def parse_budget(max_memory: dict | None) -> dict:
-    """Turn a ``max_memory``-style dict into {device: bytes}.
+class BudgetWarning(UserWarning):
+    """A ``max_memory`` that accelerate accepts but that is probably a mistake (sizes in bits, a GPU with 0 bytes).
 
-    Keys: GPU ids (int or "cuda:N"), "cpu", "disk". Values: bytes (int or
+    Raised through :func:`warnings.warn` by :func:`parse_budget` (and so by
+    :func:`preflight`); filter it with
+    ``warnings.simplefilter("error", BudgetWarning)`` to make it fatal, or
+    ``"ignore"`` when the budget is meant. Notebook 03 explains how accelerate
+    reads ``max_memory``; notebook 06 troubleshoots budgets.
+    """
+
+
+STRATEGIES = (None, "auto", "balanced", "balanced_low_0", "sequential")
+"""The ``device_map`` strings ``from_pretrained`` / ``load_checkpoint_and_dispatch`` plan with (None: by hand)."""
+
+LOADERS = (None, "load_checkpoint_and_dispatch", "dispatch_model", "from_pretrained")
+"""What :func:`preflight`'s ``loader=`` may name (None: the map is only planned, no loader-specific check)."""
+
+def _budget_key(dev):
+    """The max_memory key that budgets a canonical device.
+
+    GPU ids and "xpu:N" (any accelerator string) alike read key N: accelerate's
+    integer ids are the ids of the machine's accelerators, whatever their type.
+    """
+    if isinstance(dev, str) and ":" in dev:
+        return int(dev.rsplit(":", 1)[1])
+    return dev
+
+
+def _warn(message: str, stacklevel: int) -> None:
+    warnings.warn(message, BudgetWarning, stacklevel=stacklevel + 1)
+
+
+def _key_of(key):
+    """A max_memory key as accelerate's get_max_memory takes it (int >= 0, "mps", "cpu", "disk").
+
+    Anything else raises ValueError naming the fix (accelerate refuses it too,
+    except booleans and negative ids, which it takes as GPU ids).
+    """
+    if isinstance(key, bool):
+        raise ValueError(f"max_memory key {key!r} is a boolean, not a device: use GPU ids (0, 1, ...), "
+                         f"'cpu' or 'disk'.")
+    if isinstance(key, int):
+        if key < 0:
+            raise ValueError(f"max_memory key {key} is not a GPU id: ids count from 0 (use 0, 1, ...).")
+        return key
+    if isinstance(key, str) and key in ("cpu", "disk", "mps"):
+        return key
+    text = str(key) if isinstance(key, torch.device) else key
+    if isinstance(text, str):
+        m = re.fullmatch(r"\s*(cuda|gpu|" + "|".join(ACCELERATORS) + r")(?::(\d+))?\s*", text.lower())
+        if m:
+            n = int(m.group(2) or 0)
+            raise ValueError(
+                f"max_memory key {key!r}: accelerate's get_max_memory (and so infer_auto_device_map, "
+                f"load_checkpoint_and_dispatch and from_pretrained) refuses it ('Device {text} is not recognized'): "
+                f"name the GPU by its integer id, max_memory={{{n}: ...}} instead of {{{text!r}: ...}}.")
+        plain = text.strip().lower()
+        if plain in ("cpu", "disk", "mps") or plain.isdigit():
+            fixed = int(plain) if plain.isdigit() else plain
+            raise ValueError(f"max_memory key {key!r}: accelerate refuses it ('Device {text} is not recognized'): "
+                             f"write {fixed!r} instead.")
+    raise ValueError(f"max_memory key {key!r} is not a device: use GPU ids (0, 1, ...), 'mps', 'cpu' or 'disk'.")
+
+
+def _bytes_of(key, value, stacklevel: int) -> int:
+    """A max_memory value in bytes, refusing what cannot be meant and warning about sizes in bits."""
+    where = f"max_memory[{key!r}] = {value!r}"
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        raise ValueError(f"{where} is a boolean, not a size (accelerate would read True as 1 byte): give bytes "
+                         f"(an int) or a string such as '35GiB'.")
+    if isinstance(value, numbers.Real):
+        v = float(value)
+        if math.isnan(v):
+            raise ValueError(f"{where} is NaN, not a size (accelerate then places nothing on that device, "
+                             f"silently): give bytes (an int) or a string such as '35GiB'.")
+        if math.isinf(v):
+            raise ValueError(f"{where} is infinite: no device holds unlimited weights; give its real size "
+                             f"(e.g. '80GiB'); for 'disk', leave the key out (it needs no budget).")
+        if v < 0:
+            raise ValueError(f"{where} is negative: give a size of 0 or more (bytes, or a string such as '35GiB'); "
+                             f"to use no memory on a device, leave it out of max_memory.")
+        return int(value)
+    if isinstance(value, str):
+        try:
+            n = convert_file_size_to_int(value)  # the string as given: accelerate does not strip it either
+        except (ValueError, OverflowError):  # "infGB" overflows inside accelerate
+            raise ValueError(
+                f"{where} is not a size: give bytes (an int) or a string such as '35GiB' (2**30 bytes each) or "
+                f"'500MB' (10**6 bytes each); accelerate refuses 'TB', a bare 'G' or 'B', spaces after the unit "
+                f"and negative sizes.") from None
+        upper = value.upper()
+        if value.endswith("b") and upper.endswith(("GB", "MB", "KB")) and not upper.endswith(("GIB", "MIB", "KIB")):
+            num, letter = value[:-2], value[-2].upper()
+            _warn(f"{where} is read by accelerate as {letter}-bits (a lowercase final 'b' after G, M or K means bits): "
+                  f"{n:,} bytes, 1/8 of '{num}{letter}B'. Write '{num}{letter}B' ({num} x 10**"
+                  f"{ {'G': 9, 'M': 6, 'K': 3}[letter]} bytes) or '{num}{letter}iB' ({num} x 2**"
+                  f"{ {'G': 30, 'M': 20, 'K': 10}[letter]} bytes).", stacklevel + 1)
+        return n
+    raise ValueError(f"{where} is not a size: give bytes (an int) or a string such as '35GiB' (2**30 bytes each) "
+                     f"or '500MB' (10**6 bytes each).")
+
+
+def _parse_budget(max_memory, strategy, stacklevel: int) -> dict:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}.")
+    if max_memory is None:
+        return {}
+    if isinstance(max_memory, (str, bytes, numbers.Number)):
+        raise ValueError(
+            f"max_memory must be a dict {{device: size}}, not {max_memory!r} (accelerate fails with 'TypeError: string "
+            f"indices must be integers'): write max_memory={{0: {max_memory!r}}} for GPU 0 (one entry per GPU, plus "
+            f"'cpu' for offloading), e.g. {{0: {max_memory!r}, 'cpu': '30GiB'}}.")
+    if not isinstance(max_memory, Mapping):
+        raise ValueError(f"max_memory must be a dict {{device: size}}, not a {type(max_memory).__name__}: "
+                         f"e.g. {{0: '35GiB', 'cpu': '30GiB'}}.")
+    out = {}
+    for key, value in max_memory.items():
+        dev = _key_of(key)
+        out[dev] = _bytes_of(key, value, stacklevel + 1)
+    for dev, n in out.items():
+        if n == 0 and (isinstance(dev, int) or dev == "mps"):
+            extra = (" With strategy 'balanced_low_0' it is worse: accelerate counts only GPUs with a budget above 0, "
+                     "so it no longer keeps GPU 0 light and the weights land on GPU 0 first."
+                     if strategy == "balanced_low_0" and dev != 0 else "")
+            _warn(f"max_memory[{dev!r}] = 0: {device_label(dev)} gets no weights at all, which is rarely meant "
+                  f"(a typo, or a unit lost?).{extra} Give it its size (e.g. '20GiB'), or leave it out of max_memory "
+                  f"to say 'do not use it'.", stacklevel + 1)
+    gpus = sorted(d for d in out if isinstance(d, int))
+    if strategy == "balanced_low_0":
+        used = [d for d in gpus if out[d] > 0]
+        need = list(range(len(used)))
+        if len(used) > 1 and any(i not in out for i in need):
+            # accelerate sums max_memory[1..n-1] first, then reads max_memory[0]: the first absent key is the KeyError
+            missing = [i for i in need[1:] + [0] if i not in out]
+            raise ValueError(
+                f"with strategy 'balanced_low_0' accelerate's get_balanced_memory reads the budgets of GPUs "
+                f"0..{len(used) - 1} by id, and max_memory has GPUs {gpus}: it fails with KeyError: {missing[0]}. "
+                f"Number the GPUs from 0 without gaps (run with CUDA_VISIBLE_DEVICES={','.join(map(str, used))} so "
+                f"they become 0..{len(used) - 1}, and write max_memory={{{', '.join(f'{i}: ...' for i in need)}}}), "
+                f"or plan with 'balanced' or 'sequential'.")
+    return out
+
+
+def parse_budget(max_memory: dict | None, strategy: str | None = None) -> dict:
+    """Check a ``max_memory`` dict as accelerate 1.15 would read it, and turn it into {device: bytes}.
+
+    Keys: GPU ids (ints 0, 1, ...), ``"mps"``, ``"cpu"``, ``"disk"``: exactly
+    what accelerate's ``get_max_memory`` accepts. Values: bytes (an int or a
     float) or size strings read by accelerate's ``convert_file_size_to_int``:
-    "35GiB" is 35 * 2**30 bytes, "500MB" is 500 * 10**6.
+    "35GiB" is 35 * 2**30 bytes, "500MB" is 500 * 10**6. The dict passed in
+    is never changed (accelerate converts the strings in place; this does not).
+
+    Args:
+        max_memory: the budget, or None (no budget: returns {}).
+        strategy: the ``device_map`` string the budget is planned with
+            ("auto", "balanced", "balanced_low_0", "sequential"), or None for a
+            map written by hand; "balanced_low_0" adds its own checks.
+
+    Returns:
+        {device: bytes}, GPU ids as ints, in the order given.
 
     Raises:
-        ValueError: a key that is not a device, or a value that is not a size.
+        ValueError, naming the fix, where accelerate refuses or crashes:
+            ``max_memory`` not a dict (a string "10GB": accelerate fails with
+            TypeError); a key "cuda:0" (or "xpu:0", "gpu"): accelerate says
+            "Device cuda:0 is not recognized", use the id ``0``; a key that is
+            not a device; with ``strategy="balanced_low_0"``, GPU ids that
+            skip one (``{0: X, 2: X}``: KeyError: 1 inside accelerate's
+            ``get_balanced_memory``); a value that is not a size. And where a
+            value cannot be meant though accelerate takes it: negative,
+            boolean, infinite or NaN budgets. Also an unknown ``strategy``.
+
+    Warns:
+        :class:`BudgetWarning` where accelerate silently accepts something
+        that is probably a mistake: sizes in bits ("10Gb", "10gb", "10mb": a
+        lowercase final "b" after G/M/K means bits, 1/8 of the bytes; "24Gib"
+        is GiB, not bits) and a budget of 0 on a GPU (with "balanced_low_0" a 0
+        on GPU 1 sends everything to GPU 0).
+
+    Notebook 03 explains how ``max_memory`` is read; notebook 06 troubleshoots
+    bad budgets.
     """
-    out = {}
-    for key, value in (max_memory or {}).items():
-        dev = canonical_device(key)
-        if dev is None:
-            raise ValueError(f"max_memory key {key!r} is not a device: use GPU ids (0, 1, ...), 'cpu' or 'disk'.")
-        try:
-            out[dev] = int(value) if isinstance(value, (int, float)) else convert_file_size_to_int(value)
-        except (ValueError, AttributeError, TypeError):
-            raise ValueError(
-                f"max_memory[{key!r}] = {value!r} is not a size: give bytes (an int) or a string such as "
-                f"'35GiB' (2**30 bytes each) or '500MB' (10**6 bytes each)."
-            ) from None
-    return out
+    return _parse_budget(max_memory, strategy, stacklevel=2)
 
 
 def declared_ties(model) -> list[tuple[str, str]]:
@@ -171,17 +342,24 @@ def _quant_config(model, hf_quantizer):
 
 
 def preflight(model, device_map: dict, max_memory: dict | None = None, *, mode: str = "plan",
-              checkpoint=None, no_split_module_classes=None, dtype=None, hf_quantizer=None) -> Report:
+              checkpoint=None, no_split_module_classes=None, dtype=None, hf_quantizer=None,
+              strategy: str | None = None, loader: str | None = None, offload_folder=None) -> Report:
     """Check a device map against a model (meta or real) before anything loads.
 
     Args:
         model: a ``torch.nn.Module`` (usually a transformers model on the meta device).
-        device_map: {module-name prefix: device}; devices are GPU ids (int or
-            "cuda:N"), "cpu" or "disk". "" covers the whole model.
+        device_map: {module-name prefix: device}; devices are GPU ids (int,
+            "cuda:N" or ``torch.device``), "cpu", "disk", or the other
+            accelerators accelerate moves weights to ("mps", "xpu:0", "npu:1",
+            ...; see :func:`helpers.devicemap.canonical_device`). "" covers the whole model.
         max_memory: optional budget per device, as for ``max_memory`` in
-            accelerate: bytes or size strings ("35GiB", "500MB").
+            accelerate: {GPU id / "mps" / "cpu" / "disk": bytes or a size
+            string ("35GiB", "500MB")}; read by :func:`parse_budget`, which
+            raises or warns (:class:`BudgetWarning`) on a bad one. The dict is
+            never changed.
         mode: "plan" (devices may be hypothetical: GPU 3 on a laptop is fine)
-            or "run" (every device must exist on this machine).
+            or "run" (every device must exist on this machine, and the model
+            must hold weights, see "all-meta" below).
         checkpoint: optional checkpoint directory; parameters whose keys it
             lacks (e.g. a tied ``lm_head.weight``) are checked against the map.
         no_split_module_classes: class names that must stay whole on one
@@ -191,56 +369,161 @@ def preflight(model, device_map: dict, max_memory: dict | None = None, *, mode: 
         hf_quantizer: a transformers quantizer the meta model was prepared
             with; sizes then follow transformers' accounting (0.5 byte per
             4-bit weight, 1 per 8-bit weight, without the block scales).
+        strategy: the ``device_map`` string the map was (or will be) planned
+            with from ``max_memory`` ("auto", "balanced", "balanced_low_0",
+            "sequential"); None (default) for a map by hand. Passed to
+            :func:`parse_budget`: "balanced_low_0" refuses GPU ids with gaps
+            and warns louder about a GPU with 0 bytes.
+        loader: opt-in: the function that will load with this map, one of
+            "load_checkpoint_and_dispatch", "dispatch_model" (accelerate) or
+            "from_pretrained" (transformers). None (default): the map is only
+            planned and no loader-specific check runs. With
+            "load_checkpoint_and_dispatch" or "dispatch_model" a map that
+            uses "disk" needs ``offload_folder``; with
+            "load_checkpoint_and_dispatch" the model is expected to be an
+            empty skeleton, so "all-meta" is not reported.
+        offload_folder: the folder that loader gets as ``offload_folder``
+            (``offload_dir`` for ``dispatch_model``); only read with ``loader``.
+            transformers 5.24's ``from_pretrained`` reads safetensors
+            weights on "disk" in place and needs none.
 
     Returns:
         A :class:`Report`; ``str(report)`` lists each finding with its fix.
 
-    Finds: tensors with no device; map keys that match no module; devices
-    that are not devices (e.g. "meta") or, in run mode, absent here; tied
-    parameters whose tie was lost on the meta device, placed on different
-    devices, or absent from the checkpoint while mapped to "disk"; other
-    parameters absent from the checkpoint; a no-split module cut across
-    devices or a no-split class name that matches no module; a device over
-    its budget or without one; bitsandbytes-quantized modules offloaded.
+    Finds: tensors with no device (the fix names the map-level key, e.g.
+    ``model.layers.3``, and the device of its neighbouring entry); map keys
+    that match no module; devices that are not devices (e.g. "meta") or, in
+    run mode, absent here; in run mode, a model that came out of
+    ``from_pretrained`` with every parameter on the meta device ("all-meta":
+    loaded inside ``init_empty_weights``, its weights were never read; a
+    skeleton built with ``from_config`` is meta by construction and is not
+    flagged); tied parameters whose tie was lost on the meta device, placed
+    on different devices, or absent from the checkpoint while mapped to
+    "disk"; other parameters absent from the checkpoint; a no-split module
+    cut across devices or a no-split class name that matches no module; a
+    device over its budget or without one; bitsandbytes-quantized modules
+    offloaded; with ``loader``, "disk" without an offload folder.
 
     Raises:
         ValueError: ``mode`` is not "plan"/"run", ``device_map`` is not a dict
             (plan a string such as "auto" first with ``infer_auto_device_map``),
-            or ``max_memory`` is malformed.
+            ``strategy`` or ``loader`` is unknown, or ``max_memory`` is bad
+            (see :func:`parse_budget`: a string, "cuda:0" keys, gaps in GPU ids
+            with "balanced_low_0", negative/boolean/infinite/NaN sizes).
         FileNotFoundError: ``checkpoint`` holds no index or safetensors file.
+
+    Warns:
+        :class:`BudgetWarning`: sizes in bits ("10Gb") or a GPU with a budget
+        of 0 (see :func:`parse_budget`).
+
+    Notebook 03 designs maps and introduces this check; notebook 06 shows
+    every kind of finding on a real case.
     """
     if mode not in ("plan", "run"):
         raise ValueError(f"mode must be 'plan' or 'run', not {mode!r}.")
+    if loader not in LOADERS:
+        raise ValueError(f"loader must be one of {LOADERS}, not {loader!r}.")
     if not isinstance(device_map, dict):
         raise ValueError(
             f"preflight checks a concrete map (a dict), not {device_map!r}: plan one first, e.g. "
             f"accelerate.infer_auto_device_map(model, max_memory=..., no_split_module_classes=model._no_split_modules)."
         )
-    report = Report(budget=parse_budget(max_memory))
+    report = Report(budget=_parse_budget(max_memory, strategy, stacklevel=2))
     where = {key: canonical_device(value) for key, value in device_map.items()}  # map key -> canonical device (None: bad)
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)] + \
-            [n for n, _ in model.named_buffers(remove_duplicate=False)]
+    names = _tensor_order(model)
     owner = {n: owner_key(n, device_map) for n in names}
     device_of = {n: (where[k] if k is not None else None) for n, k in owner.items()}
     report.bytes_per_device = bytes_per_device(model, device_map, tensor_sizes(model, dtype, hf_quantizer))
     ckpt = checkpoint_keys(checkpoint) if checkpoint is not None else None
+    loaded_empty = _loaded_but_empty(model)
 
-    report.findings += _check_devices(model, device_map, where, owner, mode)
-    report.findings += _check_ties(model, device_map, device_of, ckpt)
+    report.findings += _check_devices(model, device_map, where, owner, device_of, no_split_module_classes, mode)
+    if mode == "run" and loaded_empty and loader != "load_checkpoint_and_dispatch":
+        report.findings.append(_all_meta_finding(model))
+    report.findings += _check_ties(model, device_map, device_of, ckpt, loaded_empty)
     report.findings += _check_no_split(model, device_of, no_split_module_classes)
     report.findings += _check_budget(report.bytes_per_device, report.budget)
     report.findings += _check_quantized(model, where, hf_quantizer)
+    report.findings += _check_offload_folder(where, loader, offload_folder)
     return report
 
 
-def _check_devices(model, device_map, where, owner, mode) -> list[Finding]:
+def _tensor_order(model) -> list[str]:
+    """Every parameter and buffer name (tied ones under each name), in module order.
+
+    A module's own tensors come before its children's (embedding, layers 0..N-1, norm, head).
+    """
+    out = []
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for tname, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is not None:
+                out.append(f"{mname}.{tname}" if mname else tname)
+    return list(dict.fromkeys(out))
+
+
+def _accelerator_here(dev) -> tuple[bool, str]:
+    """Is a non-CUDA accelerator device ("mps", "xpu:1", ...) present on this machine? And how that was asked."""
+    if dev == "mps":
+        return torch.backends.mps.is_available(), "torch.backends.mps.is_available()"
+    kind, index = dev.split(":")
+    mod = getattr(torch, kind, None)
+    if mod is None or not hasattr(mod, "is_available"):
+        return False, f"torch has no {kind!r} backend (torch.{kind} is missing)"
+    try:
+        n = mod.device_count() if mod.is_available() else 0
+    except Exception:  # noqa: BLE001 - a backend that cannot even count is absent
+        n = 0
+    return int(index) < n, f"torch.{kind}.device_count() = {n}"
+
+
+def _unplaced_groups(model, names, owner, device_of, no_split_module_classes):
+    """Unplaced tensors grouped at the map's granularity: [(key to add, device to give it, neighbour key)].
+
+    The key is the shortest module prefix whose tensors are all unplaced (or
+    the tensor itself), widened to the outermost no-split module around it;
+    the device is that of the no-split module's placed part, else of the
+    nearest placed tensor before it in model order (after it, at the start).
+    """
+    unplaced = {n for n in names if owner[n] is None}
+    modules = dict(model.named_modules())
+    keep_whole = set(getattr(model, "_no_split_modules", None) or []) | set(no_split_module_classes or [])
+    placed = [i for i, n in enumerate(names) if device_of.get(n) is not None]
+
+    def under(prefix):
+        return [n for n in names if n.startswith(prefix + ".")]
+
+    groups = {}
+    for name in names:
+        if name not in unplaced or any(name.startswith(k + ".") or name == k for k in groups):
+            continue
+        parts = name.split(".")
+        key = next((".".join(parts[:i]) for i in range(1, len(parts))
+                    if ".".join(parts[:i]) in modules and all(n in unplaced for n in under(".".join(parts[:i])))), name)
+        block = next((".".join(parts[:i]) for i in range(1, len(parts))
+                      if type(modules.get(".".join(parts[:i]))).__name__ in keep_whole), None)
+        if block is not None and len(block) <= len(key):  # both prefix `name`: the key lies inside the block
+            key = block
+        inside = [device_of[n] for n in under(key) if device_of.get(n) is not None]
+        if inside:  # a no-split block with a placed part: keep it whole there
+            groups[key] = (inside[0], next(owner[n] for n in under(key) if device_of.get(n) is not None))
+            continue
+        first = names.index(name)
+        before = [i for i in placed if i < first]
+        after = [i for i in placed if i > first]
+        j = before[-1] if before else (after[0] if after else None)
+        groups[key] = ("cpu", None) if j is None else (device_of[names[j]], owner[names[j]])
+    return [(k, d, nb) for k, (d, nb) in groups.items()]
+
+
+def _check_devices(model, device_map, where, owner, device_of, no_split_module_classes, mode) -> list[Finding]:
     """Bad device values, devices absent here (run mode), keys matching no module, tensors with no device."""
     out = []
     for key, value in device_map.items():
         if where[key] is None:
             why = "the meta device holds no data" if str(value).startswith("meta") else "not a device accelerate loads to"
             out.append(Finding("unknown-device", f"device_map[{key!r}] = {value!r}: {why}.",
-                               f"map {key!r} to a GPU id (0, 1, ...), 'cpu' or 'disk'."))
+                               f"map {key!r} to a GPU id (0, 1, ...), 'cpu' or 'disk' (or an accelerator accelerate "
+                               f"knows: 'mps', 'xpu:0', 'npu:0', ...)."))
     if mode == "run":
         n_gpu = torch.cuda.device_count()
         here = ", ".join(["cpu", "disk"] + [str(i) for i in range(n_gpu)])
@@ -252,23 +535,90 @@ def _check_devices(model, device_map, where, owner, mode) -> list[Finding]:
                 f"{n_gpu} CUDA GPU(s) (torch.cuda.device_count() = {n_gpu}).",
                 f"move them to a device that exists here ({here}), re-plan with a max_memory that names only this "
                 f"machine's devices, or use mode='plan' for a machine you don't have."))
+        for dev in sorted({d for d in where.values() if isinstance(d, str) and d not in ("cpu", "disk")}):
+            present, how = _accelerator_here(dev)
+            if not present:
+                keys = [k for k, d in where.items() if d == dev]
+                out.append(Finding(
+                    "absent-device", f"the map puts {len(keys)} module(s) (e.g. {keys[0]!r}) on {dev}, but this "
+                    f"machine has no such device ({how}).",
+                    f"move them to a device that exists here ({here}), or use mode='plan' for a machine you "
+                    f"don't have."))
     modules = dict(model.named_modules())
     unknown = [k for k in device_map if k != "" and k not in modules]
     if unknown:
         out.append(Finding(
             "unknown-module", f"{len(unknown)} map key(s) match no module of the model: {', '.join(map(repr, unknown[:5]))}.",
             "use names from model.named_modules() (print(model) shows them); check for a missing 'model.' prefix."))
-    unplaced = [n for n, k in owner.items() if k is None]
-    if unplaced:
-        roots = sorted({n.rsplit(".", 1)[0] for n in unplaced})
+    n_unplaced = sum(1 for k in owner.values() if k is None)
+    if n_unplaced:
+        groups = _unplaced_groups(model, list(owner), owner, device_of, no_split_module_classes)
+        shown = groups[:6]
+        more = f" (and {len(groups) - 6} more)" if len(groups) > 6 else ""
+        adds = "; ".join(
+            f"device_map[{k!r}] = {d!r}" + (
+                "" if nb is None else
+                f" (where its part {nb!r} already is, so it stays whole)" if nb.startswith(k + ".") else
+                f" (where its neighbour {nb!r} is)")
+            for k, d, nb in shown)
         out.append(Finding(
-            "unplaced", f"{len(unplaced)} tensor(s) have no device, in module(s): {', '.join(roots[:6])}"
-            + (" ..." if len(roots) > 6 else "") + ".",
-            f"add entries for them, e.g. device_map[{roots[0]!r}] = 'cpu', or a catch-all key \"\"."))
+            "unplaced", f"{n_unplaced} tensor(s) have no device, in {len(groups)} module(s) the map misses: "
+            f"{', '.join(k for k, _, _ in shown)}{more}.",
+            f"add {adds}{more}; or a catch-all key \"\" for whatever is left."))
     return out
 
 
-def _check_ties(model, device_map, device_of, ckpt) -> list[Finding]:
+def _loaded_but_empty(model) -> bool:
+    """True for a model that came out of ``from_pretrained`` but has every parameter on meta and no offload hooks.
+
+    transformers 5 marks what it loaded: parameters get ``_is_hf_initialized``,
+    the model ``_weight_conversions``. A skeleton from ``from_config`` has
+    neither (it is meta by construction); a model offloaded by
+    ``from_pretrained`` has ``hf_device_map`` and accelerate's hooks.
+    """
+    params = list(model.parameters())
+    if not params or not all(p.is_meta for p in params):
+        return False
+    loaded = getattr(model, "_weight_conversions", None) is not None or any(
+        getattr(p, "_is_hf_initialized", False) for p in params)
+    offloaded = getattr(model, "hf_device_map", None) is not None or any(
+        hasattr(m, "_hf_hook") for m in model.modules())
+    return loaded and not offloaded
+
+
+_LOAD_FOR_REAL = ("load it without init_empty_weights: from_pretrained(path, device_map=..., max_memory=...) "
+                  "reads the weights itself; or load the checkpoint into this skeleton: model.tie_weights(), "
+                  "then accelerate's load_checkpoint_and_dispatch(model, path, device_map=...) "
+                  "(or load_checkpoint_in_model)")
+
+
+def _all_meta_finding(model) -> Finding:
+    n = sum(1 for _ in model.parameters())
+    return Finding(
+        "all-meta", f"all {n} parameters are on the meta device although the model came out of from_pretrained: it was "
+        f"loaded inside init_empty_weights, so its weights were never loaded (a forward fails: 'Tensor on device "
+        f"meta is not on the expected device').",
+        _LOAD_FOR_REAL + ".")
+
+
+def _check_offload_folder(where, loader, offload_folder) -> list[Finding]:
+    """accelerate's loaders refuse "disk" without a folder to offload to."""
+    if loader not in ("load_checkpoint_and_dispatch", "dispatch_model") or offload_folder is not None:
+        return []
+    disk = [k for k, d in where.items() if d == "disk"]
+    if not disk:
+        return []
+    kw = "offload_folder" if loader == "load_checkpoint_and_dispatch" else "offload_dir"
+    said = ("'At least one of the model submodule will be offloaded to disk, please pass along an `offload_folder`.'"
+            if loader == "load_checkpoint_and_dispatch" else "'We need an `offload_dir` to dispatch this model...'")
+    return [Finding(
+        "no-offload-folder", f"the map puts {len(disk)} module(s) on disk (e.g. {disk[0]!r}) but no offload folder is "
+        f"given: {loader} refuses ({said}).",
+        f"pass {kw}=<a folder with room for them> to {loader} (and offload_folder= to preflight), e.g. "
+        f"{kw}=helpers.checkpoints.offload_folder('run'); or map those modules to 'cpu' or a GPU.")]
+
+
+def _check_ties(model, device_map, device_of, ckpt, loaded_empty=False) -> list[Finding]:
     """Every declared tied pair: tie lost on meta, ends on different devices, keys absent from the checkpoint."""
     out = []
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -281,11 +631,16 @@ def _check_ties(model, device_map, device_of, ckpt) -> list[Finding]:
                 absent = target if target not in ckpt else source
                 extra = (f" The checkpoint has no {absent!r}, so it would stay on the meta device "
                          f"('Cannot copy out of meta tensor; no data!').")
+            if loaded_empty:  # from_pretrained inside init_empty_weights: tying two empty tensors loads nothing
+                fix = ("this model came out of from_pretrained inside init_empty_weights, so tie_weights() alone "
+                       "leaves it empty (every weight on meta). To plan with it, call model.tie_weights() and plan the map "
+                       "again; to run it, " + _LOAD_FOR_REAL + ".")
+            else:
+                fix = ("call model.tie_weights() after building the empty model (or build it under "
+                       "torch.device('meta')), then plan the map again.")
             out.append(Finding(
                 "tie-lost", f"{target} and {source} are declared tied but are separate parameters (the tie is lost, "
-                f"e.g. by init_empty_weights): sizes count the pair twice and a map may split it.{extra}",
-                "call model.tie_weights() after building the empty model (or build it under torch.device('meta')), "
-                "then plan the map again."))
+                f"e.g. by init_empty_weights): sizes count the pair twice and a map may split it.{extra}", fix))
         if td is not None and sd is not None and td != sd:
             out.append(Finding(
                 "tied-split", f"tied parameters {target} ({device_label(td)}) and {source} ({device_label(sd)}) are on different devices.",
@@ -349,19 +704,30 @@ def _check_no_split(model, device_of, no_split_module_classes) -> list[Finding]:
 
 
 def _check_budget(used: dict, budget: dict) -> list[Finding]:
-    """Bytes of weights per device against max_memory (disk without a budget is unlimited)."""
+    """Bytes of weights per device against max_memory (disk without a budget is unlimited).
+
+    "xpu:N" and the other accelerator strings draw on the budget of GPU id N,
+    as accelerate's integer ids name the machine's accelerators.
+    """
     out = []
-    for dev, n in used.items() if budget else ():
-        if dev not in budget and dev != "disk":
-            out.append(Finding("no-budget", f"the map uses {device_label(dev)} ({format_size(n)}) but max_memory gives it no budget.",
-                               f"add {dev!r} to max_memory or move its modules to a budgeted device."))
-        elif dev in budget and n > budget[dev]:
-            over = format_size(n - budget[dev])
+    if not budget:
+        return out
+    shared: dict = {}  # budget key -> [devices of the map that draw on it]
+    for dev in used:
+        shared.setdefault(_budget_key(dev), []).append(dev)
+    for key, devs in shared.items():
+        n = sum(used[d] for d in devs)
+        label = " + ".join(device_label(d) for d in devs)
+        if key not in budget and key != "disk":
+            out.append(Finding("no-budget", f"the map uses {label} ({format_size(n)}) but max_memory gives it no budget.",
+                               f"add {key!r} to max_memory or move its modules to a budgeted device."))
+        elif key in budget and n > budget[key]:
+            over = format_size(n - budget[key])
             out.append(Finding(
-                "over-budget", f"{device_label(dev)} gets {format_size(n)} of weights but its budget is {format_size(budget[dev])} "
+                "over-budget", f"{label} gets {format_size(n)} of weights but its budget is {format_size(budget[key])} "
                 f"(over by {over}).",
-                f"move about {over} of modules (e.g. whole decoder layers) from {device_label(dev)} to another device, "
-                f"or raise max_memory[{dev!r}]."))
+                f"move about {over} of modules (e.g. whole decoder layers) from {label} to another device, "
+                f"or raise max_memory[{key!r}]."))
     return out
 
 
@@ -381,7 +747,8 @@ def _check_quantized(model, where, hf_quantizer) -> list[Finding]:
             f"the disk...').",
             "give it room: a budget that holds the whole quantized model on the GPU(s), or on a machine without a "
             "GPU everything on the CPU (device_map={'': 'cpu'} with enough max_memory['cpu']).")]
-    if get("llm_int8_enable_fp32_cpu_offload") and not any(isinstance(d, int) for d in values) and "disk" in values:
+    accelerators = [d for d in values if isinstance(d, int) or d not in ("cpu", "disk")]
+    if get("llm_int8_enable_fp32_cpu_offload") and not accelerators and "disk" in values:
         return [Finding(
             "quantized-offload", "llm_int8_enable_fp32_cpu_offload is set but the map has no GPU and puts modules on "
             "disk: loading succeeds, generate fails ('Cannot access accelerator device when none is available').",

@@ -42,8 +42,12 @@ def full_map(n_layers=4, layer_dev=lambda i: 0, embed=0, head=0):
 # -- budget parsing ---------------------------------------------------------
 
 def test_parse_budget_units_and_keys():
-    b = parse_budget({0: "35GiB", "cuda:1": "500MB", "cpu": 1000, "disk": 2.5e9})
+    b = parse_budget({0: "35GiB", 1: "500MB", "cpu": 1000, "disk": 2.5e9})
     assert b == {0: 35 * 2**30, 1: 500 * 10**6, "cpu": 1000, "disk": 2_500_000_000}
+    # "cuda:1" as a max_memory key: accelerate's get_max_memory refuses it ("Device cuda:1 is not recognized"),
+    # and so does from_pretrained; the workbook refuses it too, naming the id to use (tests/test_bad_budgets.py).
+    with pytest.raises(ValueError, match=r"max_memory=\{1: \.\.\.\}"):
+        parse_budget({0: "35GiB", "cuda:1": "500MB"})
 
 
 @pytest.mark.parametrize("bad", [{0: "lots"}, {"meta": "1GB"}, {"gpu0": 10}])
