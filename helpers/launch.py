@@ -32,7 +32,7 @@ class LaunchError(RuntimeError):
     """A launched group of processes failed; the message holds the end of its output."""
 
 
-def launch_env(extra: dict | None = None) -> dict:
+def _launch_env(extra: dict | None = None) -> dict:
     """A copy of ``os.environ`` with :data:`SAFE_ENV`, the repository on ``PYTHONPATH`` and ``extra``."""
     env = dict(os.environ)
     env.update(SAFE_ENV)
@@ -49,7 +49,7 @@ def launch(command: list, timeout: float = 900, extra_env: dict | None = None,
     ``"torchrun"`` as the first word runs this Python's launcher
     (``python -m torch.distributed.run``), so the processes use the kernel's
     own environment even when the ``torchrun`` script is not on ``PATH``.
-    Processes start fresh in the repository root with :func:`launch_env`.
+    Processes start fresh in the repository root with :func:`_launch_env`.
     Used by notebook 05 and the GPU reference benchmark.
 
     Args:
@@ -75,7 +75,7 @@ def launch(command: list, timeout: float = 900, extra_env: dict | None = None,
     name = next((Path(w).name for w in words if w.endswith(".py")), words[0])
     for attempt in range(retries + 1):
         try:
-            done = subprocess.run(argv, cwd=ROOT, env=launch_env(extra_env), capture_output=True, text=True,
+            done = subprocess.run(argv, cwd=ROOT, env=_launch_env(extra_env), capture_output=True, text=True,
                                   timeout=timeout)
         except subprocess.TimeoutExpired as e:
             raise LaunchError(f"{name} ran past {timeout:.0f} s") from e

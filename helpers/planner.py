@@ -139,7 +139,7 @@ def plan_device_map(model, quantizer, max_memory: dict, strategy: str = "auto") 
     return dict(device_map), {k: int(v) for k, v in caps.items()}
 
 
-def load_config(model):
+def _load_config(model):
     """The config behind a planner question, and a short label for it.
 
     Args:
@@ -184,18 +184,18 @@ def load_config(model):
 _PREPARED: dict = {}
 
 
-def prepared_model(model, fmt: str):
+def _prepared_model(model, fmt: str):
     """:func:`prepare_meta_model` for a planner question's model and format, cached (do not modify the result).
 
-    ``model`` is anything :func:`load_config` takes. Returns ``(model,
+    ``model`` is anything :func:`_load_config` takes. Returns ``(model,
     hf_quantizer)`` with every tensor on the meta device.
 
     Raises:
-        ValueError: unknown format, or a model :func:`load_config` refuses.
+        ValueError: unknown format, or a model :func:`_load_config` refuses.
         ImportError: a quantized format without bitsandbytes installed.
     """
     qconfig = _quantization_config(fmt)
-    _, config = load_config(model)
+    _, config = _load_config(model)
     key = (config.to_json_string(use_diff=False), fmt)
     if key not in _PREPARED:
         if len(_PREPARED) >= 16:
@@ -209,7 +209,7 @@ RESERVE_FILE = Path(__file__).resolve().parent.parent / "gpu-reference" / "one-g
 """The per-GPU reserve measured on a GPU by ``gpu-reference/tools/measure_reserve.py``."""
 
 
-def measured_reserve() -> tuple[int, str]:
+def _measured_reserve() -> tuple[int, str]:
     """The per-GPU reserve in bytes and a sentence naming where it was measured.
 
     Raises:
@@ -387,7 +387,7 @@ def plan(model, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24, str
         batch: sequences in flight, >= 1.
         reserve_gib: GiB kept free on each GPU for the CUDA context and
             activations; None: the reserve measured on a GPU
-            (:func:`measured_reserve`).
+            (:func:`_measured_reserve`).
 
     Returns:
         A :class:`Plan`. ``plan.fits`` is False when any module lands on
@@ -416,11 +416,11 @@ def plan(model, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24, str
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a whole number >= 1, not {batch!r}")
     if reserve_gib is None:
-        reserve, source = measured_reserve()
+        reserve, source = _measured_reserve()
     else:
         reserve, source = int(_number("reserve_gib", reserve_gib, low=-1e-12) * GiB), "given"
-    label, config = load_config(model)
-    meta, quantizer = prepared_model(config, fmt)
+    label, config = _load_config(model)
+    meta, quantizer = _prepared_model(config, fmt)
     budget = {i: int(gib_per_gpu * GiB) for i in range(n_gpus)}
     if cpu_gib is not None:
         budget["cpu"] = int(cpu_gib * GiB)

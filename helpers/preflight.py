@@ -278,7 +278,7 @@ def parse_budget(max_memory: dict | None, strategy: str | None = None) -> dict:
     return _parse_budget(max_memory, strategy, stacklevel=2)
 
 
-def declared_ties(model) -> list[tuple[str, str]]:
+def _declared_ties(model) -> list[tuple[str, str]]:
     """Tied parameter pairs (target, source) as the model declares them.
 
     From transformers' ``all_tied_weights_keys`` (set by ``from_pretrained``
@@ -301,7 +301,7 @@ def declared_ties(model) -> list[tuple[str, str]]:
     return pairs
 
 
-def checkpoint_keys(checkpoint) -> set[str]:
+def _checkpoint_keys(checkpoint) -> set[str]:
     """The tensor names stored in a checkpoint directory (or one .safetensors file).
 
     Reads ``*.safetensors.index.json`` / ``*.bin.index.json`` or the header of
@@ -319,7 +319,7 @@ def checkpoint_keys(checkpoint) -> set[str]:
     for index in sorted(p.glob("*.index.json")) if p.is_dir() else []:
         return set(json.loads(index.read_text())["weight_map"])
     if (p / "model.safetensors").is_file():
-        return checkpoint_keys(p / "model.safetensors")
+        return _checkpoint_keys(p / "model.safetensors")
     raise FileNotFoundError(
         f"{p} holds no checkpoint index (*.index.json) or model.safetensors: pass the directory "
         f"written by save_pretrained, or checkpoint=None to skip the checkpoint checks."
@@ -434,7 +434,7 @@ def preflight(model, device_map: dict, max_memory: dict | None = None, *, mode: 
     owner = {n: owner_key(n, device_map) for n in names}
     device_of = {n: (where[k] if k is not None else None) for n, k in owner.items()}
     report.bytes_per_device = bytes_per_device(model, device_map, tensor_sizes(model, dtype, hf_quantizer))
-    ckpt = checkpoint_keys(checkpoint) if checkpoint is not None else None
+    ckpt = _checkpoint_keys(checkpoint) if checkpoint is not None else None
     loaded_empty = _loaded_but_empty(model)
 
     report.findings += _check_devices(model, device_map, where, owner, device_of, no_split_module_classes, mode)
@@ -622,7 +622,7 @@ def _check_ties(model, device_map, device_of, ckpt, loaded_empty=False) -> list[
     """Every declared tied pair: tie lost on meta, ends on different devices, keys absent from the checkpoint."""
     out = []
     params = dict(model.named_parameters(remove_duplicate=False))
-    pairs = [(t, s) for t, s in declared_ties(model) if t in params and s in params]
+    pairs = [(t, s) for t, s in _declared_ties(model) if t in params and s in params]
     for target, source in pairs:
         td, sd = device_of.get(target), device_of.get(source)
         if params[target] is not params[source] and params[target].is_meta and params[source].is_meta:

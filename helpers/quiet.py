@@ -36,10 +36,10 @@ def silence_known_warnings() -> None:
     """
     for name, level in KNOWN.items():
         logging.getLogger(name).setLevel(level)
-    quiet_accelerate_progress()
+    _quiet_accelerate_progress()
 
 
-def quiet_accelerate_progress() -> None:
+def _quiet_accelerate_progress() -> None:
     """In a quiet run (``TQDM_DISABLE`` set), switch off accelerate's weight-loading bar too.
 
     accelerate creates that bar with ``disable=False``, so ``TQDM_DISABLE`` never reaches it, and in a

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import checkpoints as hm
-from helpers.checkpoints import CacheError, CheckpointError, resolve_model, verify_checkpoint
+from helpers.checkpoints import CacheError, CheckpointError, resolve_model, _verify_checkpoint as verify_checkpoint
 
 
 @pytest.fixture

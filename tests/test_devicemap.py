@@ -15,7 +15,7 @@ from accelerate.utils import compute_module_sizes
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from helpers.devicemap import device_map_of, map_table, placement, plot_device_map
-from helpers.preflight import Report, checkpoint_keys, declared_ties, parse_budget, preflight
+from helpers.preflight import Report, _checkpoint_keys as checkpoint_keys, _declared_ties as declared_ties, parse_budget, preflight
 
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from helpers.launch import ROOT, LaunchError, launch, launch_env
+from helpers.launch import ROOT, LaunchError, launch, _launch_env as launch_env
 from helpers.reference import reference_results
 
 

@@ -15,7 +15,7 @@ from helpers.units import GiB  # noqa: E402
 from helpers.memory import FORMATS  # noqa: E402
 from helpers.memory import kv_cache_bytes, kv_cache_layers  # noqa: E402
 from helpers.planner import plan as plan_with_room  # noqa: E402
-from helpers.planner import prepared_model, show_plan  # noqa: E402
+from helpers.planner import _prepared_model as prepared_model, show_plan  # noqa: E402
 from helpers.quiet import quiet_planning  # noqa: E402
 
 
@@ -239,7 +239,7 @@ def test_longest_context_is_capped_by_the_model():
 
 
 def test_measured_reserve_is_the_default():
-    from helpers.planner import RESERVE_FILE, measured_reserve
+    from helpers.planner import RESERVE_FILE, _measured_reserve as measured_reserve
 
     if not RESERVE_FILE.is_file():
         pytest.skip("no measured reserve committed yet")
