@@ -41,3 +41,54 @@ def reference_results(tier: str = "two-gpu", path: str | os.PathLike | None = No
             f"on a machine of that tier (see gpu-reference/README.md)."
         )
     return json.loads(p.read_text())
+
+
+def matching_tier(n_gpus: int) -> str:
+    """The tier whose figures a machine with ``n_gpus`` GPUs quotes: two-gpu from two GPUs up, else one-gpu.
+
+    A machine without a GPU quotes the one-GPU tier, the GPU box a learner most often has. Notebooks 04 and 05.
+    """
+    return "two-gpu" if n_gpus >= 2 else "one-gpu"
+
+
+_OLD_SECTIONS = {"single": ("one GPU", "bf16", "rows", 1), "split": ("split", "bf16", "rows", None),
+                 "split_nf4": ("split", "nf4", "rows", None), "replicas": ("replicas", "bf16", "bench", None),
+                 "tensor_parallel": ("tensor parallel", "bf16", "bench", None),
+                 "offload": ("cpu offload", "bf16", "rows", 1)}
+
+
+def records(res: dict) -> list[dict]:
+    """Every speed measurement of a results file as a record.
+
+    A record holds ``shape``, ``format``, ``path`` ("one GPU", "split",
+    "replicas", "tensor parallel", "cpu offload"), ``batch`` (sequences in
+    flight over all GPUs), ``gpus``, ``tokens_per_s`` (all their new tokens
+    per second), ``limit_tokens_per_s`` (the bandwidth limit measured in the
+    same run, or None) and ``peak_bytes_per_gpu``. A file made before records
+    existed (one section per method, as the two-GPU tier's) is read into the
+    same form, with no limit. Notebooks 04 and 05.
+    """
+    if "records" in res:
+        return res["records"]
+    n, out = len(res["hardware"]["gpus"]), []
+    for key, (path, fmt, rows, gpus) in _OLD_SECTIONS.items():
+        section = res.get(key, {})
+        peak = section.get("peak_bytes") or [r.get("peak_bytes") for r in section.get("per_rank", [])]  # whole run
+        for r in section.get(rows, []):
+            out.append({**r, "shape": res["model"]["shape"], "format": fmt, "path": path, "gpus": gpus or n,
+                        "batch": r.get("batch", r.get("batch_total")), "tokens_per_s": r["total_tokens_per_s"],
+                        "limit_tokens_per_s": None,
+                        "peak_bytes_per_gpu": [p["peak_bytes"] for p in r["per_rank"]] if "per_rank" in r else peak})
+    return out
+
+
+def by_batch(res: dict, path: str, fmt: str = "bf16") -> dict:
+    """{batch: record} of one path and format, on the file's model shape (see :func:`records`)."""
+    return {r["batch"]: r for r in records(res) if r["path"] == path and r["format"] == fmt
+            and r.get("shape", res["model"]["shape"]) == res["model"]["shape"]}
+
+
+def speed(record: dict) -> str:
+    """``"574 tokens/s (1.8% of its limit)"``: a record's total tokens/s, with its share of the limit where known."""
+    tps, lim = record["tokens_per_s"], record.get("limit_tokens_per_s")
+    return f"{tps:.{0 if tps >= 100 else 1}f} tokens/s" + (f" ({tps / lim:.1%} of its limit)" if lim else "")

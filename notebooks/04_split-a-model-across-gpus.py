@@ -40,7 +40,9 @@
 #   first half and the CPU holds the second half's weights (offloaded: copied to GPU 0 at every pass);
 #   without a GPU, the CPU and the disk play the two devices. Plans are made on the meta device, for the
 #   GPUs the machine has, or for GPU ids 0 and 1 where it has fewer than two. GPU figures come from the
-#   workbook's two-GPU reference run (`gpu-reference/two-gpu/results.json`).
+#   workbook's reference run of the tier that matches the machine (`gpu-reference/one-gpu/results.json`
+#   without a GPU or with one, `gpu-reference/two-gpu/results.json` with two or more); figures that need
+#   two GPUs, such as the split's speed, come from the two-GPU tier on every machine.
 # - Run time: about 45 s on a 2-core CPU, about 25 s on one H200 GPU.
 
 # %% tags=["parameters"]
@@ -65,7 +67,7 @@ from helpers.hardware import bnb_backend, gpu_count, print_report
 from helpers.measure import time_generate
 from helpers.memory import linear_bytes_per_weight
 from helpers.quiet import quiet_planning, silence_known_warnings
-from helpers.reference import reference_results
+from helpers.reference import by_batch, matching_tier, records, reference_results, speed
 from helpers.shapes import meta_model, n_params
 from helpers.units import MiB
 
@@ -354,7 +356,7 @@ print("same as left padding, per prompt:", same_as_left)
 # of one (plus one hop per token), less where per-layer overhead dominates, as it does for a small model in
 # eager mode: each layer's hook adds Python work. A stand-in pays more: its second half's weights are
 # brought in at every pass. We time both on this machine (a warm-up, then medians of 3 on a GPU, one run on
-# the CPU), then read the two-GPU reference run.
+# the CPU), then read the GPU reference runs.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -367,26 +369,81 @@ ratio = t_split["tokens_per_s"] / t_single["tokens_per_s"]
 print(f"split : {t_split['tokens_per_s']:.1f} tokens/s per sequence (batch {len(prompts)})")
 print(f"single: {t_single['tokens_per_s']:.1f} tokens/s per sequence; split / single: {ratio:.2f}")
 
-# %%
-ref = reference_results("two-gpu")
-hw = ref["hardware"]
-one = {r["batch"]: r["total_tokens_per_s"] for r in ref["single"]["rows"]}
-two = {r["batch"]: r["total_tokens_per_s"] for r in ref["split"]["rows"]}
-print(f"reference: {len(hw['gpus'])} x {hw['gpus'][0][0]}, torch {hw['torch']}, transformers {hw['transformers']}; "
-      f"{ref['model']['label']}, {ref['model']['dtype']}, device_map={ref['split']['device_map']!r}")
-for b in sorted(set(one) & set(two)):
-    print(f"  batch {b:>2}: split {two[b]:.0f} tokens/s, one GPU {one[b]:.0f} tokens/s: {two[b] / one[b]:.2f}x")
-lo, hi = min(one), max(one)
-print(f"one GPU at batch {hi} gives {one[hi] / one[lo]:.1f}x the tokens/s of batch {lo}: a decoding step costs "
-      f"about the same for {hi} rows as for {lo}, so the GPU's arithmetic is not what sets the pace")
+# %% [markdown]
+# The GPU reference runs are `gpu-reference/<tier>/results.json`, made by `gpu-reference/tools/gpu_bench.py`
+# on a random-weight llama-1b shape. Each measurement is a **record**: `path` (`"one GPU"`, `"split"`,
+# `"cpu offload"`, ...), `format`, `batch` (sequences in flight), `tokens_per_s` (all their new tokens per
+# second) and `limit_tokens_per_s`, the bandwidth limit for that path and batch. An older file (one section
+# per method) is read into the same form. `helpers.reference` reads them: `records(res)`, `by_batch(res, path)` ({batch: record}) and
+# `speed(record)` (tokens/s with the share of its limit).
 
 # %% [markdown]
-# The reference split ran below one GPU's speed at every batch it measured. A step that costs about
+# Which tier's file do we read? The one that matches this machine: the two-GPU tier with two GPUs or more,
+# else the one-GPU tier. A split needs two GPUs, so its figures come from the two-GPU tier wherever the
+# matching tier lacks them. The cell prints which file each figure comes from, with that file's hardware
+# and versions.
+
+# %%
+tier = matching_tier(gpu_count())  # the reference tier that matches this machine
+TIER_GPUS = {"one-gpu": 1, "two-gpu": 2}
+ref = reference_results(tier)
+two_ref = ref if tier == "two-gpu" else reference_results("two-gpu")  # for what needs two GPUs
+files = {tier: ref, "two-gpu": two_ref}  # a single entry on the two-GPU tier
+here = f"{n_gpu} GPU{'s' * (n_gpu > 1)}" if n_gpu else "no GPU"
+print(f"This machine has {here}: GPU figures come from the {tier} tier"
+      + (", the GPU box a learner most often has." if n_gpu == 0 else
+         ", which matches it." if n_gpu == TIER_GPUS[tier] else ", the largest tier measured."))
+if not by_batch(ref, "split"):
+    print(f"The {tier} tier has no split (it needs two GPUs): the split's figures come from the two-gpu tier.")
+for name, res in files.items():
+    hw = res["hardware"]
+    print(f"[{name}] gpu-reference/{name}/results.json: {len(hw['gpus'])} x {hw['gpus'][0][0]} "
+          f"({hw['gpus'][0][1]} GiB); " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
+    print(f"  {res['model']['label']}, {res['model']['dtype']}")
+    print("  the limit beside a figure is measured in the same run: the tokens/s at which every decode step\n"
+          f"  reads its bytes (weights, KV cache) at the device-to-device copy rate, {res['bandwidth']['GBps']:.0f} GB/s"
+          if "bandwidth" in res else "  an older layout: no limit recorded")
+
+# %% [markdown]
+# **Self-check.** Each file is the tier it is read as: its own `tier` entry (where it has one) and the number
+# of GPUs in its hardware report say so.
+
+# %%
+for name, res in files.items():
+    in_file = len(res["hardware"]["gpus"])
+    assert res.get("tier", name) == name, f"gpu-reference/{name}/results.json says tier {res.get('tier')!r}"
+    assert in_file == TIER_GPUS[name], f"gpu-reference/{name}/results.json was measured on {in_file} GPUs"
+assert tier == ("two-gpu" if n_gpu >= 2 else "one-gpu"), "the tier does not match this machine"
+print("figures from " + " and ".join(f"gpu-reference/{name}/ ({TIER_GPUS[name]} GPU{'s' * (name != 'one-gpu')})"
+                                     for name in files))
+
+# %%
+one2, split2 = by_batch(two_ref, "one GPU"), by_batch(two_ref, "split")
+print(f"[two-gpu] split over {split2[min(split2)]['gpus']} GPUs (device_map={two_ref['split']['device_map']!r}), "
+      f"against one GPU in the same run:")
+for b in sorted(set(one2) & set(split2)):
+    print(f"  batch {b:>2}: split {speed(split2[b])}, one GPU {speed(one2[b])}: "
+          f"{split2[b]['tokens_per_s'] / one2[b]['tokens_per_s']:.2f}x")
+one = by_batch(ref, "one GPU")
+lo, hi = min(one), max(one)
+growth = one[hi]["tokens_per_s"] / one[lo]["tokens_per_s"]
+step = hi / lo / growth  # how much longer a decoding step took at batch hi than at batch lo
+print(f"[{tier}] one GPU: batch {lo} {speed(one[lo])}, batch {hi} {speed(one[hi])}:\n  {hi // lo}x the rows gave "
+      f"{growth:.1f}x the tokens/s: a decoding step for {hi} rows took {step:.2f}x as long as one for {lo}")
+shares = [r["tokens_per_s"] / r["limit_tokens_per_s"] for r in (one[lo], one[hi]) if r.get("limit_tokens_per_s")]
+if step < 2:
+    print("  so the GPU's arithmetic did not set the pace" + (
+        f", nor did its memory reads (at most {max(shares):.1%} of the bandwidth limit)" if shares and max(shares) < 0.5
+        else ""))
+
+# %% [markdown]
+# The two-GPU reference split ran below one GPU's speed at every batch it measured. A step that costs about
 # the same for many rows as for one is bound by per-step work outside the arithmetic (Python, kernel
 # launches), and accelerate's hooks add more of it at every layer of a split.
 
 # %%
-assert all(two[b] < one[b] for b in set(one) & set(two)), "the reference split was not slower than one GPU"
+assert all(split2[b]["tokens_per_s"] < one2[b]["tokens_per_s"] for b in set(one2) & set(split2)), \
+    "the two-GPU reference split was not slower than one GPU"
 del split, single, layer
 gc.collect()  # accelerate's hooks hold reference cycles: collect them to free the memory now
 if torch.cuda.is_available():
@@ -473,16 +530,30 @@ else:
           + f", each within its {budget_4bit[gpus[0]] / MiB:.0f} MiB budget.")
 
 # %% [markdown]
-# On the GPU reference machine, `gpu-reference/tools/gpu_bench.py` split a random-weight llama-1b shape in
-# NF4 with `device_map="balanced"` (and `dtype=torch.bfloat16`). What it recorded:
+# On the GPU reference machines, `gpu-reference/tools/gpu_bench.py` loaded the random-weight llama-1b shape
+# in NF4 (with `dtype=torch.bfloat16`): on one GPU where the file has it, and split over two GPUs with
+# `device_map="balanced"` where the file has that. What the files recorded, each line naming its tier:
 
 # %%
-nf4 = ref["split_nf4"]
-print(f"NF4 split: {nf4['module_type']} with {nf4['weight_type']} on {nf4['weight_device']}, "
-      f"bitsandbytes backend {nf4['bnb_backend']}")
-print("memory after the load:", ", ".join(f"GPU {g} {b / 2**30:.2f} GiB" for g, b in enumerate(nf4["mem_after_load_bytes"])),
-      "| bf16 split:", ", ".join(f"GPU {g} {b / 2**30:.2f} GiB" for g, b in enumerate(ref["split"]["mem_after_load_bytes"])))
-print(f"batch 1: {nf4['rows'][0]['total_tokens_per_s']:.0f} tokens/s in NF4, {two[1]:.0f} in bf16")
+nf4_one, nf4_split = ref.get("nf4"), two_ref.get("split_nf4")  # one GPU (newer files); a split (older files)
+if nf4_one:
+    lib = nf4_one["bnb_library"]
+    print(f"[{tier}] NF4 on one GPU: {nf4_one['module_type']} with {nf4_one['weight_type']} on "
+          f"{nf4_one['weight_device']}, bitsandbytes library {lib['library']} ({lib['backend']})")
+    q, bf = by_batch(ref, "one GPU", "nf4"), by_batch(ref, "one GPU")
+    print(f"  memory footprint {nf4_one['footprint_bytes'] / 2**30:.2f} GiB in NF4, "
+          f"{ref['model']['weight_bytes'] / 2**30:.2f} GiB in bf16")
+    for b in sorted(set(q) & set(bf)):
+        print(f"  batch {b:>2}: {speed(q[b])} in NF4, {speed(bf[b])} in bf16")
+if nf4_split:
+    print(f"[two-gpu] NF4 split: {nf4_split['module_type']} with {nf4_split['weight_type']} on "
+          f"{nf4_split['weight_device']}, bitsandbytes backend {nf4_split['bnb_backend']}")
+    print("  memory after the load:", ", ".join(f"GPU {g} {b / 2**30:.2f} GiB"
+                                               for g, b in enumerate(nf4_split["mem_after_load_bytes"])),
+          "| bf16 split:", ", ".join(f"GPU {g} {b / 2**30:.2f} GiB"
+                                     for g, b in enumerate(two_ref["split"]["mem_after_load_bytes"])))
+    print(f"  batch 1: {speed(by_batch(two_ref, 'split', 'nf4')[1])} in NF4, {speed(split2[1])} in bf16")
+assert nf4_one or nf4_split, "neither reference file has an NF4 measurement"
 if model_4bit is not None:
     del model_4bit
 _ = gc.collect()
@@ -492,17 +563,20 @@ _ = gc.collect()
 #
 # Notebook 02 offloads layers to the CPU when a GPU is too small. On a GPU every offloaded layer is copied
 # to the GPU **at every forward pass**, so each token pays `bytes offloaded / host-to-device rate`. The
-# reference run kept a growing number of decoder layers on the CPU (batch 1); the slope of seconds per
-# token against bytes offloaded is the effective host-to-device rate, compared below with a plain copy.
+# reference run of the matching tier kept a growing number of decoder layers on the CPU of a GPU machine
+# (batch 1; records with path `"cpu offload"`); the slope of seconds per token against bytes offloaded is
+# the effective host-to-device rate, compared below with plain copies measured in the same run.
 
 # %%
-off = ref["offload"]
-xs = [r["bytes_offloaded"] / 1e9 for r in off["rows"]]
-ys = [r["s_per_token"] * 1e3 for r in off["rows"]]
-print(f"{ref['model']['label']}: {ref['model']['layers']} decoder layers, batch {off['batch']}")
-for r in off["rows"]:
-    print(f"{r['layers_on_cpu']:>2} layers on the CPU ({r['bytes_offloaded'] / 1e9:.2f} GB): "
-          f"{r['tokens_per_s_per_sequence']:.1f} tokens/s")
+off = ref["offload"]  # the fit of seconds per token against bytes offloaded
+rows = sorted((r for r in records(ref) if r["path"] == "cpu offload"), key=lambda r: r["layers_on_cpu"])
+xs = [r["bytes_offloaded"] / 1e9 for r in rows]
+ys = [r["s_per_token"] * 1e3 for r in rows]
+hw = ref["hardware"]
+print(f"[{tier}] {ref['model']['label']}: {ref['model']['layers']} decoder layers, batch {off['batch']}, "
+      f"on one {hw['gpus'][0][0]}")
+for r in rows:
+    print(f"{r['layers_on_cpu']:>2} layers on the CPU ({r['bytes_offloaded'] / 1e9:.2f} GB): {speed(r)}")
 print(f"effective host-to-device rate (slope): {off['effective_h2d_GBps']:.1f} GB/s; a plain 1 GiB copy: "
       f"{ref['h2d']['pageable_GBps']:.1f} GB/s pageable, {ref['h2d']['pinned_GBps']:.1f} GB/s pinned")
 fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -522,9 +596,9 @@ plt.show()
 # %%
 rate, pageable, pinned = off["effective_h2d_GBps"], ref["h2d"]["pageable_GBps"], ref["h2d"]["pinned_GBps"]
 assert rate < pinned, "offload ran at pinned-copy speed?"
-slow = off["rows"][-1]["tokens_per_s_per_sequence"] / off["rows"][0]["tokens_per_s_per_sequence"]
-print(f"offload moved weights at {rate / pageable:.0%} of a pageable copy's rate and {rate / pinned:.0%} of a "
-      f"pinned copy's; {off['rows'][-1]['layers_on_cpu']} layers on the CPU gave {slow:.2f}x the tokens/s of none")
+slow = rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+print(f"[{tier}] offload moved weights at {rate / pageable:.0%} of a pageable copy's rate and {rate / pinned:.0%} "
+      f"of a pinned copy's; {rows[-1]['layers_on_cpu']} layers on the CPU gave {slow:.2f}x the tokens/s of none")
 shutil.rmtree(offload, ignore_errors=True)  # the offload folder this notebook made
 
 # %% [markdown]
@@ -533,7 +607,7 @@ shutil.rmtree(offload, ignore_errors=True)  # the offload folder this notebook m
 # - A `device_map` split (`"auto"`/`"balanced"`, `"balanced_low_0"`, per-GPU budgets, or a map by hand) puts
 #   whole decoder layers on each GPU; the inputs go to the embedding's device; hooks move the hidden states.
 # - The layers run one after the other: a split buys memory, at about the speed of one GPU or less (the
-#   reference run's split was slower than one GPU).
+#   two-GPU reference run's split was slower than one GPU).
 # - Batches are padded on the left with an attention mask; greedy output of the split model is identical to
 #   the single-device run.
 # - A 4-bit model splits across GPUs like any other: plan its block Linear layers at half a byte, load it

@@ -20,8 +20,8 @@
 # once: a whole **replica** of the model on each GPU, each answering its own share of the prompts, or
 # **tensor parallelism**, which cuts every layer across the GPUs so that they all work on each token.
 # This notebook runs both as separate processes started by `torchrun`, checks each against a single
-# device, and compares them from the figures of the workbook's two-GPU reference run, at equal batch per
-# GPU and at a batch that saturates one GPU, or says which figure the run lacks.
+# device, and compares them from the figures of the workbook's GPU reference runs, at equal batch per
+# GPU and at a batch that saturates one GPU, or says which figure a run lacks.
 #
 # **What you'll learn**
 # 1. Write the `torchrun` command line that starts one process per GPU, and serve one replica per process
@@ -38,8 +38,10 @@
 # - Hardware: GPUs for the real thing (one replica per GPU; tensor parallelism needs two). The same code
 #   runs anywhere: on one GPU, one replica; without a GPU, two CPU processes stand in for two GPUs. With
 #   fewer than two GPUs, tensor parallelism runs on two CPU processes with a toy model of random weights.
-#   The measured comparison comes from the workbook's two-GPU reference run
-#   (`gpu-reference/two-gpu/results.json`).
+#   The measured comparison comes from the workbook's reference run of the tier that matches the machine
+#   (`gpu-reference/one-gpu/results.json` without a GPU or with one, `gpu-reference/two-gpu/results.json`
+#   with two or more); figures that need two GPUs (a split, tensor parallelism, two replicas) come from the
+#   two-GPU tier on every machine.
 # - Run time: about a minute on a 2-core CPU or one H200 GPU (two launches of processes).
 
 # %% tags=["parameters"]
@@ -49,7 +51,6 @@ NEW_TOKENS = 12  # greedy new tokens per prompt
 # %%
 import inspect
 import json
-import re
 import shlex
 import shutil
 import tempfile
@@ -64,7 +65,7 @@ from helpers.checkpoints import cache_dir, random_checkpoint, resolve_model
 from helpers.hardware import gpu_count, print_report
 from helpers.launch import ROOT, LaunchError, launch
 from helpers.quiet import silence_known_warnings
-from helpers.reference import REFERENCE, reference_results
+from helpers.reference import REFERENCE, by_batch, matching_tier, records, reference_results, speed
 from helpers.shapes import SHAPES, random_model
 
 silence_known_warnings()  # routine library messages, and accelerate's loading bar in quiet runs
@@ -262,157 +263,221 @@ print("logits within tolerance:", tp["logits_check"]["ok"])
 # %% [markdown]
 # ## 3. The three compared on the reference GPUs
 #
-# A split, replicas and tensor parallelism were measured on the workbook's two-GPU reference machine by
+# A split, replicas and tensor parallelism were measured on the workbook's GPU reference machines by
 # `gpu-reference/tools/gpu_bench.py` (random-weight llama-1b shape, bfloat16, eager `generate`, greedy,
-# warm-up then medians of 3). The figures below are read from `gpu-reference/two-gpu/results.json`, with
-# the hardware and versions printed beside them. The reader takes the benchmark's per-measurement records
-# (`shape`, `format`, `path`, `batch`, `tokens_per_s`, `limit_tokens_per_s`; `batch` counts the prompts in
-# flight over all GPUs, `tokens_per_s` all their tokens) where the file has them, and the older layout
-# (one section per method) otherwise.
-
-# %%
-ref = reference_results("two-gpu")
-hw = ref["hardware"]
-n_ref = len(hw["gpus"])
-print(f"{n_ref} x {hw['gpus'][0][0]} ({hw['gpus'][0][1]} GiB), CUDA {hw['cuda']}; torch {hw['torch']}, "
-      f"transformers {hw['transformers']}, accelerate {hw['accelerate']}")
-print(f"model: {ref['model']['label']}, {ref['model']['params'] / 1e9:.2f} B parameters; {ref['new_tokens']} new tokens")
-METHODS = {"single": "one GPU", "one_gpu": "one GPU", "split": "split", "device_map": "split",
-           "replicas": "replicas", "tensor_parallel": "tensor parallel", "tp": "tensor parallel"}
-
-
-def find_records(node):
-    """Every dict with path, batch and tokens_per_s anywhere in the results (the benchmark's records)."""
-    if isinstance(node, dict):
-        found = [node] if {"path", "batch", "tokens_per_s"} <= node.keys() else []
-        return found + [r for v in node.values() for r in find_records(v)]
-    return [r for v in node for r in find_records(v)] if isinstance(node, list) else []
-
-# %%
-def speeds(ref):
-    """{method: {total batch: total tokens/s}} and {method: {batch: limit tokens/s}}, and where they came from."""
-    records = find_records(ref)
-    if records:
-        shape = ref.get("model", {}).get("shape", records[0].get("shape"))
-        fmt = "bf16" if any(r.get("format") == "bf16" for r in records) else records[0].get("format")
-        tps, limit = {}, {}
-        for r in records:
-            if r.get("shape", shape) == shape and r.get("format", fmt) == fmt:
-                key = METHODS.get(re.sub(r"[- ]", "_", str(r["path"]).lower()), str(r["path"]))
-                tps.setdefault(key, {})[r["batch"]] = r["tokens_per_s"]
-                if r.get("limit_tokens_per_s"):
-                    limit.setdefault(key, {})[r["batch"]] = r["limit_tokens_per_s"]
-        return tps, limit, f"{len(records)} records ({shape}, {fmt})"
-    tps = {"one GPU": {r["batch"]: r["total_tokens_per_s"] for r in ref["single"]["rows"]},
-           "split": {r["batch"]: r["total_tokens_per_s"] for r in ref["split"]["rows"]},
-           "replicas": {r["batch_total"]: r["total_tokens_per_s"] for r in ref["replicas"]["bench"]},
-           "tensor parallel": {r["batch"]: r["total_tokens_per_s"] for r in ref["tensor_parallel"]["bench"]}}
-    return tps, {}, "one section per method (no records in the file)"
-
-
-tps, limit, source = speeds(ref)
-print("read from:", source)
-one = tps["one GPU"]
+# warm-up then medians of 3), one file per hardware tier: `gpu-reference/<tier>/results.json`. Each
+# measurement is a **record**: `path` (`"one GPU"`, `"split"`, `"replicas"`, `"tensor parallel"`), `format`,
+# `batch` (the prompts in flight over all GPUs), `tokens_per_s` (all their tokens) and `limit_tokens_per_s`,
+# the bandwidth limit for that path and batch. An older file (one section per method) is read into the same
+# form. `helpers.reference` reads them: `records(res)`, `by_batch(res, path)` ({batch: record}) and
+# `speed(record)` (tokens/s with the share of its limit).
 
 # %% [markdown]
-# First the plain table: total tokens/s at each total batch the file holds, and in brackets each method
-# against one GPU **at the same total batch**. At equal total batch, two replicas give each GPU half the prompts.
+# Which tier's file do we read? The one that matches this machine: the two-GPU tier with two GPUs or more,
+# else the one-GPU tier. A split, tensor parallelism and two replicas need two GPUs, so those figures come
+# from the two-GPU tier wherever the matching tier lacks them. The cell prints which file each figure
+# comes from, with that file's hardware and versions; every figure below names its tier in brackets.
 
 # %%
-batches = sorted(set().union(*tps.values()))
-print(f"{'total batch':>11}" + "".join(f"{name:>18}" for name in tps))
-for b in batches:
-    print(f"{b:>11}" + "".join(f"{row[b]:>10.0f} ({row[b] / one[b]:.2f}x)" if b in row and b in one
-                               else f"{'-':>18}" for row in tps.values()))
+tier = matching_tier(gpu_count())  # the reference tier that matches this machine
+TIER_GPUS = {"one-gpu": 1, "two-gpu": 2}
+ref = reference_results(tier)
+two_ref = ref if tier == "two-gpu" else reference_results("two-gpu")  # for what needs two GPUs
+files = {tier: ref, "two-gpu": two_ref}  # a single entry on the two-GPU tier
+here = f"{n_gpu} GPU{'s' * (n_gpu > 1)}" if n_gpu else "no GPU"
+print(f"This machine has {here}: GPU figures come from the {tier} tier"
+      + (", the GPU box a learner most often has." if n_gpu == 0 else
+         ", which matches it." if n_gpu == TIER_GPUS[tier] else ", the largest tier measured."))
+lacks = [p for p in ("split", "tensor parallel") if not by_batch(ref, p)]
+lacks += [] if any(r["gpus"] >= 2 for r in by_batch(ref, "replicas").values()) else ["two replicas"]
+if lacks:
+    print(f"The {tier} tier has no {', no '.join(lacks)} (they need two GPUs): those come from the two-gpu tier.")
+for name, res in files.items():
+    hw = res["hardware"]
+    print(f"[{name}] gpu-reference/{name}/results.json: {len(hw['gpus'])} x {hw['gpus'][0][0]} "
+          f"({hw['gpus'][0][1]} GiB); " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
+    print(f"  {res['model']['label']}, {res['model']['params'] / 1e9:.2f} B parameters; {res['new_tokens']} new tokens")
+    print("  the limit beside a figure is measured in the same run: the tokens/s at which every decode step\n"
+          f"  reads its bytes (weights, KV cache) at the device-to-device copy rate, {res['bandwidth']['GBps']:.0f} GB/s"
+          if "bandwidth" in res else "  an older layout: no limit recorded")
+
+# %% [markdown]
+# **Self-check.** Each file is the tier it is read as: its own `tier` entry (where it has one) and the number
+# of GPUs in its hardware report say so.
+
+# %%
+for name, res in files.items():
+    in_file = len(res["hardware"]["gpus"])
+    assert res.get("tier", name) == name, f"gpu-reference/{name}/results.json says tier {res.get('tier')!r}"
+    assert in_file == TIER_GPUS[name], f"gpu-reference/{name}/results.json was measured on {in_file} GPUs"
+assert tier == ("two-gpu" if n_gpu >= 2 else "one-gpu"), "the tier does not match this machine"
+print("figures from " + " and ".join(f"gpu-reference/{name}/ ({TIER_GPUS[name]} GPU{'s' * (name != 'one-gpu')})"
+                                     for name in files))
+
+# %% [markdown]
+# First the plain table, one per file: total tokens/s at each total batch the file holds, its share of the
+# limit where the file records one, and each method against one GPU **at the same total batch, in the same
+# file**. At equal total batch, two replicas give each GPU half the prompts.
+
+# %%
+PATHS = ("one GPU", "split", "replicas", "tensor parallel")
+tables = {name: {p: by_batch(res, p) for p in PATHS if by_batch(res, p)} for name, res in files.items()}
+for name, tps in tables.items():
+    one = tps["one GPU"]
+    print(f"[{name}] total tokens/s (share of the limit) ratio to one GPU\n{'total batch':>11}"
+          + "".join(f"{p:>24}" for p in tps))
+    for b in sorted(set().union(*tps.values())):
+        cells = []
+        for r in (row.get(b) for row in tps.values()):
+            share = f"({r['tokens_per_s'] / r['limit_tokens_per_s']:.1%})" if r and r["limit_tokens_per_s"] else ""
+            ratio = f"{r['tokens_per_s'] / one[b]['tokens_per_s']:.2f}x" if r and b in one else ""
+            cells.append(f"{r['tokens_per_s']:.0f} {share} {ratio}" if r else "-")
+        print(f"{b:>11}" + "".join(f"{c:>24}" for c in cells))
 fig, ax = plt.subplots(figsize=(6, 3.5))
-for name, row in tps.items():
-    ax.plot(sorted(row), [row[b] for b in sorted(row)], "o-", label=name)
+for name, tps in tables.items():
+    for p, row in tps.items():
+        ax.plot(sorted(row), [row[b]["tokens_per_s"] for b in sorted(row)], "o-" if name == tier else "s--",
+                label=f"{p} [{name}]")
 ax.set_xscale("log", base=2)
 ax.set_xlabel("total batch (prompts in flight over all GPUs)")
 ax.set_ylabel("total tokens/s")
-ax.set_title(f"Reference: random-weight llama-1b, bf16, {n_ref} x {hw['gpus'][0][0]}")
-ax.legend()
+ax.set_title("Reference runs: random-weight llama-1b, bf16, "
+             + " / ".join(sorted({res["hardware"]["gpus"][0][0] for res in files.values()})))
+ax.legend(fontsize=7)
 plt.show()
 
 # %% [markdown]
 # Memory is the other side: a replica holds the whole model on every GPU, a split and tensor parallelism
-# hold about half of it on each of two. The peak bytes per GPU the reference run recorded for each method:
+# hold about half of it on each of two. The peak bytes per GPU each file recorded for each method, at the
+# largest batch it measured (an older file keeps one peak per method, over all its batches):
 
 # %%
-peaks = {"one GPU": ref.get("single", {}).get("peak_bytes"), "split": ref.get("split", {}).get("peak_bytes"),
-         "replicas": [r["peak_bytes"] for r in ref.get("replicas", {}).get("bench", [{}])[-1].get("per_rank", [])],
-         "tensor parallel": [r.get("peak_bytes") for r in ref.get("tensor_parallel", {}).get("per_rank", [])]}
-for name, per_gpu in peaks.items():
-    shown = ", ".join(f"GPU {g} {b / 2**30:.2f} GiB" for g, b in enumerate(per_gpu or []) if b)
-    print(f"{name:<16}{shown or 'not in the file'}")
+for name, tps in tables.items():
+    for p, row in tps.items():
+        top = max(row)
+        shown = ", ".join(f"GPU {g} {b / 2**30:.2f} GiB" for g, b in enumerate(row[top]["peak_bytes_per_gpu"] or [])
+                          if b)
+        print(f"[{name}] {p:<16}batch {top:>3}: {shown or 'not in the file'}")
 
 # %% [markdown]
 # A ratio at equal total batch says little on its own: if one GPU is far from busy at that batch, halving
 # each GPU's batch saves almost nothing. Replicas pay when each GPU gets as much work as one GPU would
-# (**equal batch per GPU**: one GPU at batch *b* against two replicas at a total of 2*b*), and they pay most
+# (**equal batch per GPU**: one GPU at batch *b* against *n* replicas at a total of *n b*), and they pay most
 # once one GPU is **saturated**: the smallest batch at which doubling it raises one GPU's tokens/s by less
-# than 10%. The next cell computes both from the file, or says which measurement it lacks.
+# than 10%. With one GPU, *n* is 1: one replica against plain `generate` at equal batch. The next cells
+# compute both for each file, or say which measurement a file lacks.
 
 # %%
-rep = tps.get("replicas", {})
-equal = {b: rep[n_ref * b] / one[b] for b in sorted(one) if n_ref * b in rep}
-doubling, b, saturated = {}, min(one), None  # walk the doublings from the smallest batch: b, 2b, 4b, ...
-while 2 * b in one and saturated is None:
-    doubling[b] = one[2 * b] / one[b]
-    saturated = b if doubling[b] < 1.10 else None
-    b *= 2
-for b, x in equal.items():
-    print(f"equal batch per GPU ({b}): {n_ref} replicas at total {n_ref * b} gave {x:.2f}x one GPU at {b} "
-          f"(ideal {n_ref}.00x)")
-if not equal:
-    print(f"MISSING for equal batch per GPU: one GPU at a batch b together with replicas at a total of {n_ref}*b.\n"
-          f"  The file has one GPU at batches {sorted(one)} and replicas at totals {sorted(rep)}.")
-for b, g in doubling.items():
-    print(f"one GPU, batch {b} -> {2 * b}: tokens/s x{g:.2f}")
-if saturated is not None and n_ref * saturated in rep and n_ref * saturated in one:
-    B = n_ref * saturated
-    print(f"one GPU saturates at batch {saturated}; at total {B}, {n_ref} replicas gave {rep[B] / one[B]:.2f}x one GPU")
-elif saturated is None:
-    print(f"MISSING for the saturating batch: one GPU at batches a doubling apart ({min(one)}, {2 * min(one)}, "
-          f"{4 * min(one)}, ...) up to the\n  first doubling that adds less than 10%. The file has one GPU at "
-          f"batches {sorted(one)}: one GPU at batch {2 * b} is the next one missing.")
-else:
-    print(f"MISSING: one GPU saturates at batch {saturated}, but the file lacks replicas at a total of {n_ref * saturated}.")
+def saturation_walk(one):
+    """One GPU's tokens/s ratio per doubling from the smallest batch, the saturating batch (or None), the last batch."""
+    doubling, b, saturated = {}, min(one), None
+    while 2 * b in one and saturated is None:
+        doubling[b] = one[2 * b] / one[b]
+        saturated = b if doubling[b] < 1.10 else None
+        b *= 2
+    return doubling, saturated, b
+
+
+walks, missing = {}, {}
+for name, res in files.items():
+    one = {b: r["tokens_per_s"] for b, r in by_batch(res, "one GPU").items()}
+    walks[name] = doubling, saturated, last = saturation_walk(one)
+    for b, g in doubling.items():
+        print(f"[{name}] one GPU, batch {b} -> {2 * b}: tokens/s x{g:.2f}")
+    if saturated is not None:
+        print(f"[{name}] one GPU saturates at batch {saturated}")
+    elif doubling and last == max(one):
+        print(f"[{name}] one GPU was not saturated by the largest batch measured: tokens/s still rose "
+              f"{doubling[last // 2] - 1:.0%} from batch {last // 2} to {last}")
+    else:
+        missing[name] = True
+        print(f"[{name}] MISSING for the saturating batch: one GPU at batches a doubling apart ({min(one)}, "
+              f"{2 * min(one)}, {4 * min(one)}, ...) up to the\n  first doubling that adds less than 10%. The file "
+              f"has one GPU at batches {sorted(one)}: one GPU at batch {2 * last} is the next one missing.")
+    if "saturation" in res:
+        print(f"[{name}] the file's own finding: {res['saturation']}")
+
+# %%
+equals = {}
+for name, res in files.items():
+    one, rep = by_batch(res, "one GPU"), by_batch(res, "replicas")
+    n = max(r["gpus"] for r in rep.values())
+    equals[name] = {b: rep[n * b]["tokens_per_s"] / one[b]["tokens_per_s"] for b in sorted(one) if n * b in rep}
+    for b, x in equals[name].items():
+        if n == 1:
+            print(f"[{name}] batch {b}: one replica {speed(rep[b])}, plain generate {speed(one[b])}: {x:.2f}x")
+        else:
+            print(f"[{name}] equal batch per GPU ({b}): {n} replicas at total {n * b} gave {x:.2f}x one GPU at {b} "
+                  f"(ideal {n}.00x)")
+    if not equals[name]:
+        missing[name] = True
+        print(f"[{name}] MISSING for equal batch per GPU: one GPU at a batch b together with replicas at a total "
+              f"of {n}*b.\n  The file has one GPU at batches {sorted(one)} and replicas at totals {sorted(rep)}.")
+    saturated = walks[name][1]
+    if saturated is not None and n * saturated in rep and n * saturated in one:
+        B = n * saturated
+        print(f"[{name}] at total {B}, {n} replica{'s' * (n > 1)} gave "
+              f"{rep[B]['tokens_per_s'] / one[B]['tokens_per_s']:.2f}x one GPU")
+    elif saturated is not None:
+        missing[name] = True
+        print(f"[{name}] MISSING: one GPU saturates at batch {saturated}, but the file lacks replicas at a total "
+              f"of {n * saturated}.")
 
 # %% [markdown]
 # What the figures say, in sentences computed from them (they change when the benchmark is remade):
 
 # %%
-lo, hi = min(one), max(one)
-growth = one[hi] / one[lo]
-scaling = growth > 0.5 * hi / lo  # tokens/s grew with the batch at least half as fast as the batch itself
-print(f"- One GPU at batch {hi} gave {growth:.1f}x its tokens/s at batch {lo} ({hi // lo}x the prompts): "
-      + (f"a step cost about the same for {hi} rows as for {lo}, so one GPU was far from saturated below {hi}."
-         if scaling else f"one GPU was already close to saturation at {hi}."))
-if lo in rep and lo < n_ref:
-    print(f"- At total batch {lo}, {n_ref - lo} of {n_ref} replicas had no prompt: {rep[lo] / one[lo]:.2f}x one GPU. "
-          "Replicas do not make one prompt faster.")
-if hi in rep:
-    x = rep[hi] / one[hi]
-    print(f"- At total batch {hi}, {n_ref} replicas ({hi // n_ref} per GPU) gave {x:.2f}x one GPU: "
-          + (f"giving each GPU half of {hi} prompts that one GPU served at almost the cost of {lo} gained nothing."
-             if scaling and x < 1.2 else "the other GPUs' shares paid off." if x >= 1.2 else "no gain."))
-if equal:
-    b = saturated if saturated in equal else max(equal)
-    x = equal[b]
-    print(f"- At equal batch per GPU ({b}), replicas reached {x / n_ref:.0%} of the ideal {n_ref}x.")
-if not equal or saturated is None:
-    print("- So the file cannot yet say how much replicas gain when every GPU is busy: that needs the "
-          "measurements marked MISSING above.")
+for name, res in files.items():
+    one = by_batch(res, "one GPU")
+    lo, hi = min(one), max(one)
+    growth = one[hi]["tokens_per_s"] / one[lo]["tokens_per_s"]
+    step = hi / lo / growth  # how much longer a decoding step took at batch hi than at batch lo
+    print(f"- [{name}] One GPU at batch {hi} gave {growth:.1f}x its tokens/s at batch {lo} ({hi // lo}x the "
+          f"prompts): a step for {hi} rows took {step:.2f}x as long as one for {lo}"
+          + (f", so one GPU was far from saturated below {hi}." if step < 2 else "."))
+    if one[lo]["limit_tokens_per_s"] and one[hi]["limit_tokens_per_s"]:
+        print(f"- [{name}] One GPU reached {one[lo]['tokens_per_s'] / one[lo]['limit_tokens_per_s']:.1%} of its "
+              f"memory-bandwidth limit at batch {lo} and "
+              f"{one[hi]['tokens_per_s'] / one[hi]['limit_tokens_per_s']:.1%} at batch {hi}.")
+
+# %%
+for name, res in files.items():
+    one, rep = by_batch(res, "one GPU"), by_batch(res, "replicas")
+    n, lo, hi = max(r["gpus"] for r in rep.values()), min(one), max(one)
+    x = {b: rep[b]["tokens_per_s"] / one[b]["tokens_per_s"] for b in sorted(set(rep) & set(one))}
+    if n == 1:
+        print(f"- [{name}] One replica adds no GPU: against plain generate it gave {min(x.values()):.2f}x to "
+              f"{max(x.values()):.2f}x at batches {sorted(x)}.\n  Both time the same model on the same GPU, in two "
+              f"processes, so a ratio away from 1.00x is a difference between two runs, not a gain:\n  a gain from "
+              f"replicas needs a second GPU.")
+        continue
+    if lo in x and lo < n:
+        print(f"- [{name}] At total batch {lo}, {n - lo} of {n} replicas had no prompt: {x[lo]:.2f}x one GPU. "
+              "Replicas do not make one prompt faster.")
+    if hi in x:
+        gain = "gained nothing" if x[hi] <= 1 else f"gained {x[hi] - 1:.0%}"
+        print(f"- [{name}] At total batch {hi}, {n} replicas ({hi // n} per GPU) gave {x[hi]:.2f}x one GPU: "
+              f"giving each GPU {hi // n} of the {hi} prompts {gain}.")
+    if equals[name]:
+        b = walks[name][1] if walks[name][1] in equals[name] else max(equals[name])
+        print(f"- [{name}] At equal batch per GPU ({b}), replicas reached {equals[name][b] / n:.0%} of the ideal {n}x.")
+    if missing.get(name):
+        print(f"- [{name}] So the file cannot yet say how much replicas gain when every GPU is busy: that needs "
+              "the measurements marked MISSING above.")
+    elif walks[name][1] is None:
+        print(f"- [{name}] One GPU was not saturated by batch {hi}: how much replicas gain when every GPU is busy "
+              "needs larger batches.")
+
+# %%
 why = {"split": "a split buys memory, not speed", "tensor parallel": "two all-reduces per layer add to its work"}
-for name in why:
-    both = sorted(set(tps.get(name, {})) & set(one))
-    if both:
-        r_lo, r_hi = tps[name][both[0]] / one[both[0]], tps[name][both[-1]] / one[both[-1]]
-        print(f"- {name}: {r_lo:.2f}x one GPU at total batch {both[0]}, {r_hi:.2f}x at {both[-1]} "
-              f"(eager decoding; {why[name]}).")
-if "one GPU" in limit and lo in limit["one GPU"]:
-    print(f"- One GPU at batch {lo} reached {one[lo] / limit['one GPU'][lo]:.0%} of its memory-bandwidth limit.")
+for name, tps in tables.items():
+    one = tps["one GPU"]
+    for p in why:
+        both = sorted(set(tps.get(p, {})) & set(one))
+        if both:
+            r_lo, r_hi = (tps[p][b]["tokens_per_s"] / one[b]["tokens_per_s"] for b in (both[0], both[-1]))
+            print(f"- [{name}] {p}: {r_lo:.2f}x one GPU at total batch {both[0]}, {r_hi:.2f}x at {both[-1]} "
+                  f"(eager decoding; {why[p]}).")
 
 # %% [markdown]
 # Published material says the same about the split: it runs one GPU at a time (accelerate's
@@ -420,18 +485,29 @@ if "one GPU" in limit and lo in limit["one GPU"]:
 # tensor parallelism it shows the other side: with the per-layer overhead compiled away, gpt-fast's
 # [README](https://github.com/pytorch-labs/gpt-fast/blob/main/README.md) reports tensor parallelism on 2, 4
 # and 8 GPUs faster than one at batch 1. `docs/published-figures.md` in this repository quotes those
-# figures with their hardware. The reference run here is eager `generate`, and measures the first side only.
+# figures with their hardware. The reference runs here are eager `generate`, and measure the first side only.
 #
-# **Self-check.** The comparison's own numbers are consistent: no method exceeded the number of GPUs times
-# one GPU's tokens/s, and the tensor-parallel logits check on the GPUs passed.
+# **Self-check.** The comparison's own numbers are consistent: in the two-GPU file no method exceeded the
+# number of GPUs times one GPU's tokens/s; in each file no figure exceeded the limit recorded beside it, and
+# a saturating batch the file states agrees with its records; and the tensor-parallel logits check on the
+# GPUs passed.
 
 # %%
-assert all(v <= n_ref * one[b] * 1.05 for row in tps.values() for b, v in row.items() if b in one), \
-    "a method beat (number of GPUs) x one GPU?"
-tp_ref = ref["tensor_parallel"]["logits_check"]
+n_ref, one2 = len(two_ref["hardware"]["gpus"]), by_batch(two_ref, "one GPU")
+assert all(r["tokens_per_s"] <= n_ref * one2[b]["tokens_per_s"] * 1.05 for row in tables["two-gpu"].values()
+           for b, r in row.items() if b in one2), "a method beat (number of GPUs) x one GPU?"
+for name, res in files.items():
+    assert all(r["tokens_per_s"] <= r["limit_tokens_per_s"] for r in records(res) if r["limit_tokens_per_s"]), \
+        f"a figure of the {name} file beat its own bandwidth limit?"
+    if "saturation" in res:
+        doubling, saturated, last = walks[name]
+        assert res["saturation"]["found"] == (saturated is not None), f"the {name} file's saturation disagrees"
+        assert res["saturation"]["batch"] == (saturated if saturated is not None else last), \
+            f"the {name} file's saturating batch disagrees with its records"
+tp_ref = two_ref["tensor_parallel"]["logits_check"]
 assert tp_ref["ok"], "the reference tensor-parallel logits check failed"
-print(f"reference tensor-parallel logits: max difference {tp_ref['max_abs_diff']:.1e} "
-      f"(tolerance {tp_ref['tolerance']:.0e}), API {ref['tensor_parallel']['api']}")
+print(f"[two-gpu] reference tensor-parallel logits: max difference {tp_ref['max_abs_diff']:.1e} "
+      f"(tolerance {tp_ref['tolerance']:.0e}), API {two_ref['tensor_parallel']['api']}")
 shutil.rmtree(work, ignore_errors=True)  # this notebook's temporary folder
 
 # %% [markdown]
@@ -446,7 +522,7 @@ shutil.rmtree(work, ignore_errors=True)  # this notebook's temporary folder
 #   in transformers 5.24 and 5.17 alike; the attention and key/value head counts must divide by N, and
 #   the logits match a single device within float32 rounding.
 # - Compare replicas with one GPU at equal batch per GPU and at a batch that saturates one GPU; a ratio at
-#   equal total batch, where one GPU is far from busy, says little. The reference file's figures and what
+#   equal total batch, where one GPU is far from busy, says little. The reference files' figures and what
 #   they lack are printed above.
 #
 # ## Exercises
@@ -458,15 +534,17 @@ shutil.rmtree(work, ignore_errors=True)  # this notebook's temporary folder
 #    divide by 3) and not llama-1b (32 and 4 do not).
 # 3. On two GPUs, extend `gpu-reference/tools/gpu_bench.py --batches` with batches a doubling apart and
 #    run it; then section 3 finds the saturating batch. *Self-check:* the MISSING lines disappear.
-# 4. The executable self-check below: in the reference file, how many times one GPU's tokens/s did the
-#    replicas give at the largest total batch that has both figures? Two decimals.
+# 4. The executable self-check below: in the two-GPU reference file, how many times one GPU's tokens/s did
+#    the replicas give at the largest total batch that has both figures? Two decimals.
 
 # %%
 answer = None  # your answer, e.g. 1.23
-top = max(set(rep) & set(one))  # the largest total batch with both figures
-truth = round(rep[top] / one[top], 2)
+rep2 = {b: r["tokens_per_s"] for b, r in by_batch(two_ref, "replicas").items()}
+one2 = {b: r["tokens_per_s"] for b, r in by_batch(two_ref, "one GPU").items()}
+top = max(set(rep2) & set(one2))  # the largest total batch with both figures
+truth = round(rep2[top] / one2[top], 2)
 if answer is None:
-    print(f"not answered yet: read the replicas column of the table in section 3, at total batch {top}")
+    print(f"not answered yet: read the replicas column of the [two-gpu] table in section 3, at total batch {top}")
 elif abs(answer - truth) < 0.006:
     print(f"right: {truth:.2f}x at total batch {top}, with {top // n_ref} prompts per GPU")
 else:
