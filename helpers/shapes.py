@@ -32,14 +32,17 @@ SHAPES = {
     "llama-2-7b": dict(
         model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False,
+        max_position_embeddings=4096,
     ),
     "llama-2-13b": dict(
         model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
         num_attention_heads=40, num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False,
+        max_position_embeddings=4096,
     ),
     "llama-2-70b": dict(
         model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
         num_attention_heads=64, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False,
+        max_position_embeddings=4096,
     ),
 }
 """Shape name -> ``model_type`` (the key transformers' ``AutoConfig.for_model`` takes) and config fields."""

@@ -25,15 +25,20 @@
 # 1. The manual recipe, step by step: config, an empty model on the meta device with a dtype,
 #    `_no_split_modules`, `infer_auto_device_map` with a budget per device, `load_checkpoint_in_model`,
 #    `dispatch_model`, then `generate`.
-# 2. What `max_memory`'s keys mean (GPU ids, `"cpu"`, `"disk"`) and how its size strings are read.
-# 3. How `balanced`, `balanced_low_0` and `sequential` differ on the same budget.
+# 2. What `max_memory`'s keys mean (GPU ids, `"cpu"`, `"disk"`), how its size strings are read, and
+#    how the workbook's check catches the budgets that go wrong (sizes in bits, `"cuda:0"` keys).
+# 3. How `balanced`, `balanced_low_0` and `sequential` differ on the same budget (and why
+#    `balanced_low_0` fails on GPU ids that skip one).
 # 4. How to plan for GPUs you don't have (2 x 24 GiB, 4 x 80 GiB, 8 x 80 GiB) in bf16 and NF4, with
 #    transformers' own quantizer and sizing, and where that sizing differs from the real bytes.
-# 5. How to check a map before loading (`helpers.preflight.preflight`), and explore plans live.
+# 5. How to check a map before loading (`helpers.preflight.preflight`).
+# 6. How big the KV cache gets (a formula, checked against a real cache; sliding windows), and how to
+#    plan any model (a config, a checkpoint folder) with room for it: the longest context that fits.
+#    Then explore plans live.
 #
 # **What you'll need**: notebook 02 (the meta device, `init_empty_weights`, offload hooks). A CPU
 # is enough: the recipe runs on the bundled model, and every plan for big GPUs is computed on the
-# meta device, without allocating its weights. About 20 s on an idle 2-core CPU. On a GPU
+# meta device, without allocating its weights. About 30 s on an idle 2-core CPU. On a GPU
 # machine section 1 puts part of the model on GPU 0 and offloads the rest to the CPU.
 
 # %% tags=["parameters"]
@@ -248,6 +253,41 @@ assert convert_file_size_to_int("8Gb") == 10**9, "a lowercase final b after G, M
 assert convert_file_size_to_int("8Gib") == 8 * 2**30, "an iB unit, in any case, is a power of 2: never bits"
 
 # %% [markdown]
+# accelerate takes `"24Gb"` without a word and plans with an eighth of the memory you meant. The
+# workbook's check reads budgets the same way (`helpers.preflight.parse_budget`, which `preflight`
+# runs on its `max_memory`), and warns (`helpers.preflight.BudgetWarning`) when a size is in bits:
+
+# %%
+import warnings
+
+from helpers.preflight import BudgetWarning, parse_budget
+
+warned = {}
+for size in ("24Gb", "24GB", "24GiB"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        n = parse_budget({0: size})[0]
+    warned[size] = [str(w.message) for w in caught if issubclass(w.category, BudgetWarning)]
+    print(f"{size!r}: {n:,} bytes (as accelerate reads it: {n == convert_file_size_to_int(size)})")
+    for message in warned[size]:
+        print(f"  BudgetWarning: {message}")
+assert warned["24Gb"] and not warned["24GB"] and not warned["24GiB"], "only the size in bits should warn"
+
+# %% [markdown]
+# A `"cuda:0"` key (torch's name for the device) is the other common slip: accelerate refuses it, as the
+# `get_max_memory` call above showed, but only once planning starts; a bare string instead of a dict
+# fails inside accelerate with `TypeError: string indices must be integers`. The check refuses both
+# before anything runs, and names the fix:
+
+# %%
+for bad in ({"cuda:0": "24GiB"}, "24GiB"):
+    try:
+        parse_budget(bad)
+    except ValueError as e:
+        print(f"{type(e).__name__}: {e}")
+assert parse_budget({0: "24GiB", "cpu": "30GiB"}) == {0: 24 * 2**30, "cpu": 30 * 2**30}, "GPU ids are ints"
+
+# %% [markdown]
 # ## 3. `balanced`, `balanced_low_0` and `sequential` on the same budget
 #
 # Take the Llama-2-7B shape (built on the meta device from its published config: no weights, no
@@ -299,14 +339,37 @@ assert used["sequential"] == [0] and 0 not in used["balanced_low_0"] and used["b
 # does all the work and holds all the memory. `balanced` spreads the weights (and so the KV cache, which
 # lives beside each layer); it does not make a single sequence faster (notebook 04: the layers still run
 # one GPU at a time).
+#
+# **Skipped GPU ids.** Say GPU 1 is busy and you write `max_memory={0: ..., 2: ...}`. `balanced` and
+# `sequential` take it, but `balanced_low_0` reads the budgets of GPUs 0, 1, ... by position and stops
+# with a bare `KeyError: 1` (`from_pretrained(device_map="balanced_low_0")` fails the same way:
+# notebook 06, case 10). The check says why, and what to write instead:
+
+# %%
+SKIPPED = {0: "24GiB", 2: "24GiB"}  # GPU 1 left out
+try:
+    with quiet_planning():
+        get_balanced_memory(llama7, max_memory=dict(SKIPPED), no_split_module_classes=no_split, low_zero=True)
+except KeyError as e:
+    print(f"accelerate: {type(e).__name__}: {e}")
+try:
+    parse_budget(SKIPPED, strategy="balanced_low_0")
+    refused = False
+except ValueError as e:
+    refused = True
+    print(f"the check: {type(e).__name__}: {e}")
+print("the same budget with 'balanced':", parse_budget(SKIPPED, strategy="balanced"))
+assert refused, "the check should refuse GPU ids with a gap for balanced_low_0"
 
 # %% [markdown]
 # ## 4. Plan for GPUs you don't have
 #
 # The same calls work for any budget, because the model is on the meta device and no GPU is touched.
-# `helpers.planner.plan` runs them for a named shape and format and returns the map, the bytes per
-# device and a verdict: *fits* when every module is on a GPU. (For NF4 it prepares the model with
-# transformers' quantizer; section 5 shows those steps.) Nine setups per format:
+# `helpers.planner.plan` runs them for a named shape (or any config: section 6) and format and returns
+# the map, the bytes per device and a verdict. *Fits* needs every module on a GPU and, on each GPU, the
+# weights plus the KV cache (by default 4,096 tokens of context, batch 1: section 6) plus a reserve for
+# the CUDA context and activations (measured on a GPU) within its budget. (For NF4 it prepares the
+# model with transformers' quantizer; section 5 shows those steps.) Nine setups per format:
 
 # %%
 from helpers.planner import plan
@@ -320,7 +383,8 @@ print(f"{'model':<12} {'format':<6} {'GPUs':>10}  {'weights':>10}  {'max on a GP
 for (s, f, n, g), p in plans.items():
     gpus = [d for d in p.bytes_per_device if isinstance(d, int)]
     on_gpu = max(p.bytes_per_device[d] for d in gpus)
-    verdict = "fits" if p.fits else "does not fit: " + ", ".join(d for d in p.bytes_per_device if d in ("cpu", "disk"))
+    spilled = ", ".join(d for d in p.bytes_per_device if d in ("cpu", "disk")) or "no room for KV cache + reserve"
+    verdict = "fits" if p.fits else f"does not fit: {spilled}"
     print(f"{s:<12} {f:<6} {n:>2} x {g:>2} GiB  {p.total_bytes / 2**30:6.2f} GiB  {on_gpu / 2**30:9.2f} GiB  "
           f"{len(gpus):>5} of {n}  {verdict}")
 
@@ -346,8 +410,9 @@ for fmt in FORMATS:
 
 # %% [markdown]
 # Check every plan before you rent the GPUs: the pre-flight check in planning mode accepts GPU ids this
-# machine does not have. It passes the maps that fit; the one that spills to disk is flagged only if
-# the disk part breaks a rule (here it does not: whole layers on disk are legal, just slow).
+# machine does not have. It checks the map and the weights against the budget (the KV cache and the
+# reserve are the planner's part); a map that spills to disk is flagged only if the disk part breaks a
+# rule (here it does not: whole layers on disk are legal, just slow).
 
 # %%
 passed = 0
@@ -512,35 +577,210 @@ total7 = plan("llama-2-7b", "nf4", 1, 80).total_bytes
 gpu_gib = round(total7 / 2**30 + 0.2, 1)
 tight = plan("llama-2-7b", "nf4", 1, gpu_gib, "sequential")
 print(f"llama-2-7b NF4: {total7 / 2**30:.2f} GiB of weights (transformers' count) on one {gpu_gib} GiB GPU: "
-      f"bytes fit: {total7 < gpu_gib * 2**30}, plan fits: {tight.fits}")
+      f"bytes fit: {total7 < gpu_gib * 2**30}, every module placed on the GPU: {tight.on_gpus}")
 
 # %% [markdown]
-# Neither figure includes the KV cache, activations or the CUDA context (several hundred MiB per
-# GPU): leave headroom beyond the plan.
+# Neither figure holds the KV cache, the activations or the CUDA context. `plan`'s verdict adds them:
+# the KV cache for its `context` and `batch`, and a per-GPU reserve for the rest (section 6).
 #
 # **Self-check.** Using the table in section 4, which setups would let you serve the 70B shape in
-# NF4, and how much room per GPU is left for the KV cache on 2 x 24 GiB?
+# NF4? (Section 6 asks the next question: for how long a context, and how many sequences at once?)
 
 # %% [markdown]
-# ## 6. An interactive planner
+# ## 6. Plan any model with room for the KV cache
 #
-# `helpers.planner.show_plan` prints a plan and draws it; this is the plain view the widget below
-# shows (widget output is not stored or checked, so the same view is called here in a checked cell):
+# Weights are not all a GPU holds while it generates. Every decoder layer keeps the key and the value
+# of every token it has seen, so that the next token can attend to them without recomputing them:
+# the **KV cache**. Per token of context it takes
+#
+# $$2 \text{ (a key and a value)} \times \text{layers} \times \text{KV heads} \times \text{head dim} \times \text{bytes per value}$$
+#
+# where *KV heads* is `num_key_value_heads` (grouped-query attention shares each key/value head among
+# several query heads, so it can be far below `num_attention_heads`) and *head dim* is `hidden_size /
+# num_attention_heads` unless the config sets `head_dim`. It grows linearly with the context and with
+# the batch (sequences in flight). `helpers.memory.kv_cache_bytes(config, tokens, batch,
+# bytes_per_value)` computes it; `kv_cache_layers` gives one figure per layer.
+#
+# ### 6.1 The formula against a real cache
+#
+# Written out for the bundled model, then checked against the cache `generate` really built (the
+# model loaded whole, as in 1.5): with `return_dict_in_generate=True` it returns it as
+# `past_key_values`, a `DynamicCache` holding one layer of key and value tensors per decoder layer.
+
+# %%
+from helpers.memory import kv_cache_bytes, kv_cache_layers
+
+kv_heads, layers = config.num_key_value_heads, config.num_hidden_layers
+head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+per_token = 2 * layers * kv_heads * head_dim * dtype.itemsize
+print(f"2 x {layers} layers x {kv_heads} KV heads (for {config.num_attention_heads} query heads) x head dim "
+      f"{head_dim} x {dtype.itemsize} bytes = {per_token:,} bytes per token")
+
+whole = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": 0 if N_GPUS else "cpu"})
+with torch.inference_mode():
+    gen = whole.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
+del whole
+cache = gen.past_key_values
+measured = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+tokens = cache.get_seq_length()
+formula = kv_cache_bytes(config, tokens, bytes_per_value=dtype.itemsize)
+print(f"{type(cache).__name__}, {len(cache.layers)} layers: {tokens} tokens cached of the {gen.sequences.shape[1]} "
+      f"in the sequence, {measured:,} bytes")
+print(f"kv_cache_bytes(config, {tokens}) = {formula:,} bytes")
+assert measured == formula == per_token * tokens, "the formula should give the cache's exact size"
+assert tokens == gen.sequences.shape[1] - 1, "the last generated token is fed back only to make the next one"
+
+# %% [markdown]
+# The cache holds one token fewer than the sequence: the last token generated has not been fed back
+# yet (it would be, to make the next one).
+#
+# ### 6.2 Long contexts, and sliding windows
+#
+# The formula needs only the config, so it prices contexts no machine here could hold. Two shapes of
+# `helpers.shapes.SHAPES`, one sequence at 4k, 32k and 128k tokens, in bf16; the 70B shape uses
+# grouped-query attention, the 7B shape does not (the table prints their KV heads):
+
+# %%
+from helpers.shapes import shape_config
+
+CONTEXTS = (4096, 32768, 131072)
+print(f"{'shape':<12} {'layers':>6} {'KV heads':>8} {'per token':>11}" + "".join(f"{t:>12,}" for t in CONTEXTS))
+for name in ("llama-2-7b", "llama-2-70b"):
+    c = shape_config(name)
+    row = "".join(f"{kv_cache_bytes(c, t) / 2**30:>8.2f} GiB" for t in CONTEXTS)
+    print(f"{name:<12} {c.num_hidden_layers:>6} {c.num_key_value_heads:>8} {kv_cache_bytes(c, 1) / 2**20:>7.3f} MiB{row}")
+l7, l70 = shape_config("llama-2-7b"), shape_config("llama-2-70b")
+print("max_position_embeddings of these shapes (LlamaConfig's default):", l70.max_position_embeddings)
+assert kv_cache_bytes(l70, 131072) == 32 * kv_cache_bytes(l70, 4096), "the cache grows linearly with the context"
+assert kv_cache_bytes(l7, 4096, batch=8) == 8 * kv_cache_bytes(l7, 4096), "... and with the batch"
+assert kv_cache_bytes(l7, 4096) > kv_cache_bytes(l70, 4096), "more KV heads outweigh more layers"
+
+# %% [markdown]
+# Compare the 128k column with the weights column of section 4's table: at long contexts the cache of
+# one sequence rivals the weights. The 7B shape's cache is the larger at every length: without
+# grouped-query attention it keeps a key/value head per query head. The formula does not ask whether a
+# model was trained for that length; the planner below caps its longest context at the config's
+# `max_position_embeddings` (printed above for these shapes).
+#
+# A **sliding window** caps the cache. A layer with `sliding_window` attends only to the last
+# `sliding_window` tokens, so its cache stops growing there. Mistral 7B's published fields with and
+# without the window (v0.1 sets `sliding_window=4096`; v0.2 and later set none); configs that list
+# `layer_types` (Gemma 2 and 3 alternate sliding and full layers) window only their
+# `"sliding_attention"` layers, and `kv_cache_bytes` counts each layer by its type:
+
+# %%
+from transformers import MistralConfig
+
+MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768)
+windowed = MistralConfig(**MISTRAL_7B, sliding_window=4096)  # Mistral 7B v0.1
+full = MistralConfig(**MISTRAL_7B, sliding_window=None)  # Mistral 7B v0.2 and later: no window
+for t in (1024, 4096, 16384, 32768):
+    print(f"{t:>6,} tokens: window 4096 {kv_cache_bytes(windowed, t) / 2**30:5.2f} GiB | "
+          f"no window {kv_cache_bytes(full, t) / 2**30:5.2f} GiB")
+assert kv_cache_bytes(windowed, 32768) == kv_cache_bytes(windowed, 4096) == kv_cache_bytes(full, 4096)
+
+# %% [markdown]
+# Does a real cache stop growing? A toy Mistral with random weights (`helpers.shapes.random_model`) and
+# an 8-token window, generating more and more tokens:
+
+# %%
+from helpers.shapes import random_model
+
+toy_config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=100, sliding_window=8)
+toy = random_model(toy_config, dtype=torch.bfloat16)
+prompt = torch.ones(1, 5, dtype=torch.long)
+held = {}
+for new in (1, 10, 40):
+    gen = toy.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    cache = gen.past_key_values
+    seen = cache.get_seq_length()
+    held[seen] = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    print(f"{seen:>2} tokens seen: {type(cache.layers[0]).__name__} keeps {cache.layers[0].keys.shape[-2]} per layer, "
+          f"{held[seen]:,} bytes | kv_cache_bytes: {kv_cache_bytes(toy_config, seen):,}")
+sizes_past_window = [n for s, n in held.items() if s >= toy_config.sliding_window]
+assert len(set(sizes_past_window)) == 1, "past the window the cache should stop growing"
+assert all(kv_cache_bytes(toy_config, s) >= n for s, n in held.items()), "the formula should never count less"
+
+# %% [markdown]
+# Past the window the cache stays the same size: transformers keeps `sliding_window - 1` tokens per
+# layer (the token being processed completes the window), and the formula counts `sliding_window`,
+# one token per layer on the safe side.
+#
+# ### 6.3 A Mistral-7B-shaped config on two 16 GiB GPUs
+#
+# `plan` takes any transformers config of a decoder-only model, not only the named shapes
+# (`MistralConfig(...)`, `Qwen2Config`, `GemmaConfig`, `GPT2Config`, `BloomConfig`, ...), and
+# `context` and `batch`. Here the Mistral 7B fields without a window (`full` above, as v0.2 and later)
+# in bf16 on two 16 GiB GPUs, for one sequence of 4,096 tokens and for eight. The verdict counts, on
+# each GPU, its weights, the KV cache of the layers it holds, and the reserve (the summary's "reserve"
+# line says where that was measured; `reserve_gib=` plans with your own). `max_context` is the longest
+# context that still fits at that batch.
+
+# %%
+p1 = plan(full, "bf16", n_gpus=2, gib_per_gpu=16, context=4096, batch=1)
+p8 = plan(full, "bf16", n_gpus=2, gib_per_gpu=16, context=4096, batch=8)
+print(p1.summary())
+print()
+for p in (p1, p8):
+    why = " (the config's max_position_embeddings: memory is not the limit)" if p.max_context_capped else ""
+    kv = " + ".join(f"{n / 2**30:.2f}" for n in p.kv_bytes_per_device.values())
+    print(f"batch {p.batch}: {'fits' if p.fits else 'does not fit'} (KV cache {kv} GiB at 4,096 tokens); "
+          f"longest context that fits: {p.max_context:,} tokens{why}")
+
+# %%
+# Self-check: at batch 8 the longest context fits and one token more does not (unless the config's limit set it)
+edge = plan(full, "bf16", 2, 16, context=p8.max_context, batch=8)
+beyond = plan(full, "bf16", 2, 16, context=p8.max_context + 1, batch=8)
+print(f"{p8.max_context:,} tokens x 8: fits {edge.fits} | {p8.max_context + 1:,} tokens x 8: fits {beyond.fits}")
+assert edge.fits and (p8.max_context_capped or not beyond.fits), "max_context should be the edge of fitting"
+assert p1.max_context >= p8.max_context, "more sequences leave room for shorter contexts"
+on_gpu0 = [int(k.split(".")[2]) for k, d in p8.device_map.items() if k.startswith("model.layers.") and d == 0]
+per_layer = kv_cache_layers(full, 4096, batch=8)
+assert p8.kv_bytes_per_device[0] == sum(per_layer[i] for i in on_gpu0), "each layer's cache sits on its GPU"
+
+# %% [markdown]
+# A checkpoint folder works the same (`plan` reads only its `config.json`: here the bundled model's),
+# and so does a hub id on a machine that is online (only the config is fetched). Offline, as the
+# workbook runs by default, `plan` refuses a hub id with a `ValueError` that says what to pass instead:
+
+# %%
+print(plan(path, "bf16", n_gpus=1, gib_per_gpu=4).summary().splitlines()[0])
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# needs the internet: offline (the workbook's default) a ValueError, online (HF_HUB_OFFLINE=0) the plan
+try:
+    print(plan("Qwen/Qwen2.5-7B-Instruct", "bf16", n_gpus=2, gib_per_gpu=16).summary().splitlines()[0])
+except ValueError as e:
+    print(f"{type(e).__name__}: {e}")
+
+# %% [markdown]
+# ### 6.4 An interactive planner
+#
+# `helpers.planner.show_plan` takes the same arguments as `plan`, prints the plan and draws it; this is
+# the plain view the widget below shows (widget output is not stored or checked, so the same view is
+# called here in a checked cell). At 32k tokens for eight sequences the weights still fit, but the KV
+# cache does not, and the verdict says which GPUs run over:
 
 # %%
 from helpers.planner import planner_widget, show_plan
 
-show_plan("llama-2-70b", "nf4", n_gpus=2, gib_per_gpu=24)
+shown = show_plan(full, "bf16", n_gpus=2, gib_per_gpu=16, context=32768, batch=8)
 plt.show()
+assert shown.on_gpus and not shown.fits, "the weights fit, the cache for 8 x 32k tokens does not"
 
 # %% [markdown]
-# Pick a model shape, a format, the number of GPUs and the memory per GPU; the map and the verdict
-# update as you change them (run the notebook yourself: a stored copy shows no widget).
+# Pick a model shape (or type a checkpoint folder, such as the bundled model's, or a hub id in the
+# "or" box), a format, the number of GPUs, the memory per GPU, the context and the batch; the map and
+# the verdict update as you change them (run the notebook yourself: a stored copy shows no widget).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 # widget output lives in widget state, which is not stored nor compared; show_plan above is its checked twin
-planner_widget()
+planner_widget("llama-2-70b", "nf4", n_gpus=2, gib_per_gpu=24, context=4096, batch=1)
 
 # %% [markdown]
 # ## Clean up
@@ -561,18 +801,25 @@ print("offload folder removed:", not OFFLOAD.exists())
 #    `dispatch_model` load and hook it; the dispatched model generates the same tokens as the whole one.
 # 2. `max_memory` keys are GPU ids, `"cpu"` and `"disk"` (unlimited, always last); `GiB` (in any
 #    case, `"24Gib"` too) is 2^30, `GB` 10^9, and `Gb`/`gb` (a lowercase final `b` without the `i`)
-#    means bits.
+#    means bits. `helpers.preflight.parse_budget` (run by `preflight`) warns about bits and refuses
+#    `"cuda:0"` keys and a string instead of a dict, naming the fix.
 # 3. `sequential` fills GPU 0 first; `balanced` (= `"auto"`) spreads the model with a margin;
-#    `balanced_low_0` keeps GPU 0 light.
+#    `balanced_low_0` keeps GPU 0 light, and needs GPU ids without gaps (`{0: ..., 2: ...}` fails
+#    with `KeyError: 1`).
 # 4. Plans for any GPUs run on the meta device in a fraction of a second; for 4-bit, prepare the meta
 #    model with transformers' quantizer: only the Linear layers in the blocks shrink.
 # 5. transformers counts 0.5 byte per 4-bit weight (the real cost is 0.5625, or about 0.516 with
 #    double quantization) and plans with 90% of each budget; check maps with the pre-flight check.
+# 6. The KV cache takes 2 x layers x KV heads x head dim x bytes per value per token, times the
+#    batch (exactly what `generate`'s cache holds); a sliding window caps it. `plan` takes any config
+#    (or a checkpoint folder, or a hub id when online), counts weights + KV cache + a per-GPU reserve
+#    measured on a GPU, and gives the longest context that fits (`max_context`).
 #
 # ## Exercises
 #
 # 1. Plan `llama-2-13b` in bf16 on 2 x 24 GiB. Does it fit? What is the smallest GPU memory (in whole
-#    GiB) at which it fits on two GPUs? Put your answer in `smallest_gib` below and run the check.
+#    GiB) at which it fits on two GPUs, with `plan`'s default room for the KV cache (4,096 tokens,
+#    batch 1) and the reserve? Put your answer in `smallest_gib` below and run the check.
 # 2. In section 1.3, give the main device `"400MiB"` instead. What does the map look like, and does
 #    `dispatch_model` still add hooks? *Self-check:* `len(set(device_map.values())) == 1` and
 #    `hasattr(model.model.layers[0], "_hf_hook")` is False.
@@ -581,10 +828,13 @@ print("offload folder removed:", not OFFLOAD.exists())
 # 4. Write a map by hand that puts `model.layers.5.mlp` on another device than `model.layers.5.self_attn`
 #    (every other module somewhere too) and put it in `cut_map` below. The check runs `preflight` on it:
 #    its report should have a `no-split-cut` finding.
+# 5. Without calling `kv_cache_bytes`, work out the KV cache (GiB, bf16) of the `llama-2-70b` shape
+#    for 8 sequences of 32,768 tokens (its fields: `shape_config("llama-2-70b")`). Put it in `kv_gib`.
 
 # %%
 smallest_gib = None  # exercise 1: a whole number of GiB per GPU
 cut_map = None       # exercise 4: a dict {module name: device} for the bundled model
+kv_gib = None        # exercise 5: GiB of KV cache
 
 # %%
 if smallest_gib is None:
@@ -604,6 +854,16 @@ else:
     kinds = preflight(bundled_meta, cut_map).kinds()
     print("Exercise 4:", "right: the check reports no-split-cut" if "no-split-cut" in kinds
           else f"wrong: the check found {kinds or 'no problem'}; layer 5's attention and MLP must sit on two devices.")
+
+# %%
+expected_gib = kv_cache_bytes(shape_config("llama-2-70b"), 32768, batch=8) / 2**30
+if kv_gib is None:
+    print("Exercise 5: not answered yet. Hint: 2 x layers x KV heads x head dim x 2 bytes, per token and sequence.")
+elif abs(kv_gib - expected_gib) < 0.05 * expected_gib:
+    print(f"Exercise 5: right: {expected_gib:.1f} GiB.")
+else:
+    print(f"Exercise 5: wrong: {kv_gib} GiB; count KV heads (num_key_value_heads), not query heads, "
+          f"and multiply by tokens and sequences.")
 
 # %% [markdown]
 # ## Further reading

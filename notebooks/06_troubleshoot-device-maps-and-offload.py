@@ -18,7 +18,7 @@
 # ways that users keep reporting: tied weights that come apart, a head that is never loaded, an
 # offload folder with a key missing, a decoder layer cut in two, a quantized model with too little
 # room. Most of these crash late (at generation, or on a GPU you only rent for an hour) with a
-# message that points elsewhere. This notebook reproduces nine such failures from public bug
+# message that points elsewhere. This notebook reproduces eleven such failures from public bug
 # reports on a real model, explains each, shows the working form, and lets a pre-flight check catch
 # the mistake *before* anything loads.
 #
@@ -29,7 +29,9 @@
 # 3. Why a decoder layer must stay on one device, and how a misspelt `no_split_module_classes`
 #    silently removes that guarantee.
 # 4. How quantized models and offload interact on a machine without a GPU.
-# 5. How to run `helpers.preflight.preflight` on a map, in planning mode (GPUs you don't have) or
+# 5. Two mistakes the map does not show: GPU ids that skip one with `balanced_low_0`, and a model
+#    loaded inside `init_empty_weights` (every weight on the meta device).
+# 6. How to run `helpers.preflight.preflight` on a map, in planning mode (GPUs you don't have) or
 #    run mode (this machine), and read its fixes.
 #
 # **What you'll need**: any machine (a CPU is enough; nothing here needs a GPU), about 3 GB of free
@@ -64,7 +66,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from helpers.checkpoints import offload_folder, resolve_model
 from helpers.devicemap import device_map_of, device_of, map_table, plot_device_map
 from helpers.planner import plan_device_map, prepare_meta_model
-from helpers.preflight import preflight
+from helpers.preflight import parse_budget, preflight
 from helpers.quiet import quiet_planning, silence_known_warnings
 
 silence_known_warnings()  # routine library messages and, in quiet runs, accelerate's bar: helpers/quiet.py
@@ -570,6 +572,85 @@ print("NF4 with room:", repr(generate(model_nf4)))
 del model_nf4
 
 # %% [markdown]
+# ## Case 10. GPU ids that skip one
+#
+# GPU 1 is busy, so the budget names GPUs 0 and 2, with `device_map="balanced_low_0"` (keep GPU 0
+# light for `generate`):
+
+# %%
+SKIPPED = {0: "200MB", 2: "200MB", "cpu": "2GB"}  # GPU 1 left out
+try:
+    with quiet_planning():  # "Device N is not available" on a machine without these GPUs: expected
+        AutoModelForCausalLM.from_pretrained(path, device_map="balanced_low_0", max_memory=dict(SKIPPED))
+    failed10 = None
+except KeyError as e:
+    failed10 = e
+    print(error(e))
+assert isinstance(failed10, KeyError), "balanced_low_0 should fail on GPU ids with a gap"
+
+# %% [markdown]
+# **Why.** To keep GPU 0 light, the planner (`get_balanced_memory` with `low_zero=True`, in
+# transformers' copy as in accelerate's) reads the budgets of GPUs 0, 1, ... by position, one per GPU
+# with a budget: two GPUs, so ids 0 and 1, and there is no 1. With `"balanced"` or `"sequential"` the
+# same dict plans without complaint. The check refuses it before anything loads when told the
+# strategy (`strategy="balanced_low_0"`), and names the fix: renumber the GPUs with
+# `CUDA_VISIBLE_DEVICES`, so that GPUs 0 and 2 become 0 and 1:
+
+# %%
+try:
+    preflight(planned, plan, SKIPPED, strategy="balanced_low_0")
+    caught10 = None
+except ValueError as e:
+    caught10 = e
+    print(error(e, 400))
+print("renumbered:", preflight(planned, plan, TWO_GPUS, strategy="balanced_low_0"))
+assert caught10 is not None and "CUDA_VISIBLE_DEVICES" in str(caught10), "the check should refuse and name the fix"
+
+# %% [markdown]
+# ## Case 11. `from_pretrained` inside `init_empty_weights`
+#
+# The two recipes mixed: `from_pretrained` called inside `init_empty_weights()`, hoping for a quick
+# load. It returns without an error:
+
+# %%
+with init_empty_weights():
+    hollow = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+print("parameters on:", {p.device.type for p in hollow.parameters()},
+      "| hf_device_map:", getattr(hollow, "hf_device_map", None))
+try:
+    generate(hollow)
+    failed11 = None
+except Exception as e:
+    failed11 = e
+    print("generate ->", error(e))
+assert failed11 is not None, "a model with every weight on the meta device cannot generate"
+
+# %% [markdown]
+# **Why.** Inside `init_empty_weights` every parameter is created on the meta device, and what
+# `from_pretrained` reads from the checkpoint does not end up in the model: every parameter is still on
+# meta (printed above), and no offload hook brings one in. A map cannot show it (any map looks fine).
+# The check in run mode looks at the model itself and reports `all-meta` with the fix (planning mode
+# does not: a model on the meta device is what planning works on). It also sees the tie lost (case 1):
+
+# %%
+report11 = preflight(hollow, {"": "cpu"}, mode="run")
+print(report11)
+assert "all-meta" in report11.kinds(), "run mode should see that the model holds no weights"
+del hollow
+
+# %% [markdown]
+# **Fix**: `from_pretrained` without `init_empty_weights` (it reads the weights itself; give it a
+# `device_map` to spread or offload them), or case 2's fix (a tied skeleton, then
+# `load_checkpoint_and_dispatch`):
+
+# %%
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+answer = generate(model)
+print(preflight(model, device_map_of(model), mode="run"), "| generate:", repr(answer))
+assert answer == REFERENCE and preflight(model, device_map_of(model), mode="run").ok
+del model
+
+# %% [markdown]
 # ## Summary
 #
 # | case | symptom | cause | fix | caught by `preflight` |
@@ -583,6 +664,8 @@ del model_nf4
 # | 7 | unexpected keyword `load_in_4bit` | transformers 5 API | `quantization_config=BitsAndBytesConfig(...)` | no (a keyword) |
 # | 8 | a decoder layer cut across GPUs | empty or misspelt no-split classes | `model._no_split_modules` | yes: `no-split-cut`, `no-split-unknown` |
 # | 9 | "enough GPU RAM" with no GPU in the budget; all-disk 8-bit can't generate | quantized model offloaded | a budget that fits | yes: `quantized-offload`, `over-budget` |
+# | 10 | bare `KeyError: 1` while planning | `balanced_low_0` with GPU ids that skip one (`{0: ..., 2: ...}`) | `CUDA_VISIBLE_DEVICES` renumbers them 0, 1, ... | yes: `ValueError` naming the fix (with `strategy="balanced_low_0"`) |
+# | 11 | "Tensor on device meta is not on the expected device" at `generate` | `from_pretrained` inside `init_empty_weights` | `from_pretrained` alone, or a skeleton + `load_checkpoint_and_dispatch` | yes: `all-meta` (in run mode) |
 #
 # The check works on the meta device, before any weight is read: run it on every hand-written or
 # planned map, in planning mode for machines you don't have and in run mode on the machine that loads.
@@ -601,11 +684,15 @@ print("offload folder removed:", not offload_root.exists())
 #    much does it ask you to move? Put the kind (a string such as `"tied-split"`) in `kind_2`.
 # 3. Give `no_split_module_classes=["LlamaAttention"]` to the planner for case 8's budgets. Is the
 #    plan safe? (Hint: which module does the check still protect?) Put `True` or `False` in `safe_3`.
+# 4. GPUs 1 and 3 of a four-GPU machine are free, and you want `device_map="balanced_low_0"` with
+#    200 MB on each (as in case 10). Write the `max_memory` you would pass after
+#    `CUDA_VISIBLE_DEVICES=1,3` in `budget_4`; the check reads it as case 10's does.
 
 # %%
-my_map = None  # exercise 1: a dict {module name: device}
-kind_2 = None  # exercise 2: the kind of the finding, a string
-safe_3 = None  # exercise 3: True or False
+my_map = None    # exercise 1: a dict {module name: device}
+kind_2 = None    # exercise 2: the kind of the finding, a string
+safe_3 = None    # exercise 3: True or False
+budget_4 = None  # exercise 4: a dict {GPU id: size}
 
 # %%
 if my_map is None:
@@ -634,6 +721,17 @@ if safe_3 is None:
     print("Exercise 3: not answered yet.")
 else:
     print("Exercise 3:", "right:" if safe_3 is False else "wrong:", ex3.findings[0].message)
+
+# %%
+if budget_4 is None:
+    print("Exercise 4: not answered yet. Hint: after CUDA_VISIBLE_DEVICES, torch numbers the visible GPUs from 0.")
+else:
+    try:
+        gpus_4 = sorted(d for d in parse_budget(budget_4, strategy="balanced_low_0") if isinstance(d, int))
+        print("Exercise 4:", "right: GPUs 1 and 3 are now 0 and 1." if gpus_4 == [0, 1]
+              else f"wrong: this budget names GPUs {gpus_4}; with CUDA_VISIBLE_DEVICES=1,3 there are GPUs 0 and 1.")
+    except ValueError as e:
+        print("Exercise 4: wrong:", error(e, 400))
 
 # %% [markdown]
 # ## Further reading
