@@ -61,8 +61,14 @@ GPU_NEEDS="torch transformers accelerate bitsandbytes safetensors gguf numpy mat
 
 setup_gpu_check() {
     # Offline GPU boxes: keep what is installed, or install a folder of wheels; else the usual set-up.
-    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$VENV"
     local py="$VENV/bin/python" missing
+    if [ ! -x "$py" ]; then
+        "$PYTHON" -m venv --system-site-packages "$VENV"
+        # --system-site-packages leaves out the user site (where some GPU boxes keep torch): add the base
+        # interpreter's package folders, user site included, with a .pth file
+        "$PYTHON" -c 'import site, sys; print("\n".join([p for p in sys.path if p.endswith(("site-packages", "dist-packages"))] + [site.getusersitepackages()]))' \
+            > "$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/base-python.pth"
+    fi
     if [ -n "${WORKBOOK_WHEELS:-}" ]; then
         echo "== installing the wheels in $WORKBOOK_WHEELS (no index)"
         "$py" -m pip install --quiet --disable-pip-version-check --no-index --no-deps "$WORKBOOK_WHEELS"/*.whl
