@@ -92,3 +92,44 @@ def speed(record: dict) -> str:
     """``"574 tokens/s (1.8% of its limit)"``: a record's total tokens/s, with its share of the limit where known."""
     tps, lim = record["tokens_per_s"], record.get("limit_tokens_per_s")
     return f"{tps:.{0 if tps >= 100 else 1}f} tokens/s" + (f" ({tps / lim:.1%} of its limit)" if lim else "")
+
+
+TIER_GPUS = {"one-gpu": 1, "two-gpu": 2}
+"""How many GPUs each tier was measured on."""
+
+
+def reference_files(n_gpus: int) -> dict:
+    """{tier: results} for a machine with ``n_gpus`` GPUs: its matching tier first, and the two-GPU tier for
+    what needs two GPUs (one entry when they are the same). Each file must be the tier it is read as.
+
+    Raises:
+        ValueError: a file whose ``tier`` entry or GPU count is not its folder's. FileNotFoundError: as
+        :func:`reference_results`. Notebooks 04 and 05.
+    """
+    files = {name: reference_results(name) for name in dict.fromkeys([matching_tier(n_gpus), "two-gpu"])}
+    for name, res in files.items():
+        in_file = len(res["hardware"]["gpus"])
+        if res.get("tier", name) != name or in_file != TIER_GPUS[name]:
+            raise ValueError(f"gpu-reference/{name}/results.json says tier {res.get('tier')!r}, {in_file} GPU(s)")
+    return files
+
+
+def print_sources(files: dict, n_gpus: int) -> None:
+    """Print which tier's figures this machine quotes, and each file's hardware, versions, model and limit.
+
+    Notebooks 04 and 05 call it before quoting any GPU figure.
+    """
+    tier = matching_tier(n_gpus)
+    here = f"{n_gpus} GPU{'s' * (n_gpus > 1)}" if n_gpus else "no GPU"
+    print(f"This machine has {here}: GPU figures come from the {tier} tier"
+          + (", the GPU box a learner most often has." if n_gpus == 0 else
+             ", which matches it." if n_gpus == TIER_GPUS[tier] else ", the largest tier measured."))
+    for name, res in files.items():
+        hw = res["hardware"]
+        print(f"[{name}] gpu-reference/{name}/results.json: {len(hw['gpus'])} x {hw['gpus'][0][0]} "
+              f"({hw['gpus'][0][1]} GiB); " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
+        print(f"  {res['model']['label']}, {res['model']['params'] / 1e9:.2f} B parameters, {res['model']['dtype']}; "
+              f"{res['new_tokens']} new tokens")
+        print("  the limit beside a figure is measured in the same run: the tokens/s at which every decode step\n"
+              f"  reads its bytes (weights, KV cache) at the device-to-device copy rate, {res['bandwidth']['GBps']:.0f} GB/s"
+              if "bandwidth" in res else "  an older layout: no limit recorded")

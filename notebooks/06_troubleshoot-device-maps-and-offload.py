@@ -65,9 +65,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 
 from helpers.checkpoints import offload_folder, resolve_model
 from helpers.devicemap import device_map_of, device_of, map_table, plot_device_map
+from helpers.exercises import check_answer
 from helpers.planner import plan_device_map, prepare_meta_model
 from helpers.preflight import parse_budget, preflight
 from helpers.quiet import quiet_planning, silence_known_warnings
+from helpers.refusals import refused
 
 silence_known_warnings()  # routine library messages and, in quiet runs, accelerate's bar: helpers/quiet.py
 path = resolve_model(MODEL)
@@ -84,12 +86,6 @@ def generate(model):
     """Greedy continuation of the prompt, as text."""
     out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
-
-
-def error(e: BaseException, width: int = 200) -> str:
-    """`Type: first line of the message`, cut at `width` characters."""
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {msg[:width]}" + ("..." if len(msg) > width else "")
 
 
 def empty_model(tie: bool):
@@ -202,12 +198,8 @@ assert plan_tied["lm_head"] == plan_tied["model.embed_tokens"], "after tie_weigh
 # The same untied skeleton, loaded with every module on the CPU:
 
 # %%
-try:
-    load_checkpoint_and_dispatch(empty_model(tie=False), path, device_map={"": "cpu"})
-    failed2 = None
-except Exception as e:
-    failed2 = e
-    print(error(e, 60))
+failed2 = refused(lambda: load_checkpoint_and_dispatch(empty_model(tie=False), path, device_map={"": "cpu"}),
+                  Exception, width=60)
 assert failed2 is not None, "loading the untied skeleton should fail"
 
 # %% [markdown]
@@ -238,12 +230,7 @@ folder = offload_dir("case3")
 model = load_checkpoint_and_dispatch(empty_model(tie=True), path, device_map=hand_map("disk", "disk"),
                                      offload_folder=folder)
 print("loaded; the offload index lists:", sorted(json.load(open(f"{folder}/index.json"))))
-try:
-    generate(model)
-    failed3 = None
-except Exception as e:
-    failed3 = e
-    print("generate ->", error(e))
+failed3 = refused(lambda: generate(model), Exception, width=200, label="generate ->")
 del model
 assert isinstance(failed3, KeyError), "generate should fail: the head is not in the offload index"
 
@@ -254,10 +241,7 @@ assert isinstance(failed3, KeyError), "generate should fail: the head is not in 
 # %%
 model = AutoModelForCausalLM.from_pretrained(path, device_map=hand_map("cpu", "disk"),
                                              offload_folder=offload_dir("case3b"), dtype=torch.float32)
-try:
-    generate(model)
-except Exception as e:
-    print("generate ->", error(e))
+refused(lambda: generate(model), Exception, width=200, label="generate ->")
 del model
 
 # %% [markdown]
@@ -296,13 +280,9 @@ del model
 # Embedding on disk, head on the CPU, with `from_pretrained`:
 
 # %%
-try:
-    AutoModelForCausalLM.from_pretrained(path, device_map=hand_map("disk", "cpu"),
-                                         offload_folder=offload_dir("case4"), dtype=torch.float32)
-    failed4 = None
-except Exception as e:
-    failed4 = e
-    print(error(e))
+failed4 = refused(lambda: AutoModelForCausalLM.from_pretrained(path, device_map=hand_map("disk", "cpu"),
+                                                              offload_folder=offload_dir("case4"), dtype=torch.float32),
+                  Exception, width=200)
 assert failed4 is not None, "loading with the tied pair split across disk and CPU should fail"
 
 # %% [markdown]
@@ -343,12 +323,7 @@ assert answer == REFERENCE, "the fixed map should generate the reference text"
 # %%
 SINGLE = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
 model = AutoModelForCausalLM.from_pretrained(path, device_map=SINGLE, dtype=torch.float32)
-try:
-    print(model.hf_device_map)
-    failed5 = None
-except AttributeError as e:
-    failed5 = e
-    print(error(e))
+failed5 = refused(lambda: print(model.hf_device_map), AttributeError, width=200)
 assert isinstance(failed5, AttributeError), "a model on one device should have no hf_device_map"
 
 # %% [markdown]
@@ -389,15 +364,10 @@ del model
 offloaded_map = fixed_map  # layers 25-29 on disk
 model = AutoModelForCausalLM.from_pretrained(path, device_map=offloaded_map, offload_folder=offload_dir("case6"),
                                              dtype=torch.float32)
-refused = 0
-for target in ("cpu", torch.float16):
-    try:
-        model.to(target)
-    except RuntimeError as e:
-        refused += 1
-        print(f"model.to({target}) ->", error(e))
+moves = [refused(lambda: model.to(target), RuntimeError, width=200, label=f"model.to({target}) ->")
+         for target in ("cpu", torch.float16)]
 del model
-assert refused == 2, "accelerate should refuse to move a model with offloaded modules"
+assert all(moves), "accelerate should refuse to move a model with offloaded modules"
 
 # %% [markdown]
 # **Why.** Offloaded weights live in the folder and are brought in by hooks, one module at a time;
@@ -419,12 +389,7 @@ del model
 # Tutorials written for transformers 4 pass `load_in_4bit=True` to `from_pretrained`:
 
 # %%
-try:
-    AutoModelForCausalLM.from_pretrained(path, load_in_4bit=True)
-    failed7 = None
-except TypeError as e:
-    failed7 = e
-    print(error(e))
+failed7 = refused(lambda: AutoModelForCausalLM.from_pretrained(path, load_in_4bit=True), TypeError, width=200)
 assert isinstance(failed7, TypeError), "transformers 5 should refuse the load_in_4bit keyword"
 
 # %% [markdown]
@@ -493,10 +458,7 @@ plt.show()
 if torch.cuda.device_count() >= 2:  # machines with two GPUs only: both plans, run
     for name, dm in (("the cut plan", plans8["[]"]), ("the plan with model._no_split_modules", good8)):
         model = load_checkpoint_and_dispatch(empty_model(tie=True), path, device_map=dm)
-        try:
-            print(f"{name}: generates {generate(model)!r}")
-        except RuntimeError as e:
-            print(f"{name}: {error(e)}")
+        refused(lambda: print(f"{name}: generates {generate(model)!r}"), RuntimeError, width=200, label=f"{name}:")
         del model
 else:
     print(f"{torch.cuda.device_count()} GPU(s) here: running the two plans needs two GPUs.")
@@ -507,13 +469,10 @@ else:
 # 4-bit (or 8-bit) with `device_map="auto"` and a `max_memory` smaller than the model:
 
 # %%
-try:
-    AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4, device_map="auto",
-                                         max_memory={"cpu": "100MB"}, offload_folder=offload_dir("case9"))
-    failed9 = None
-except ValueError as e:
-    failed9 = e
-    print(error(e, 140))
+failed9 = refused(lambda: AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4, device_map="auto",
+                                                              max_memory={"cpu": "100MB"},
+                                                              offload_folder=offload_dir("case9")),
+                  ValueError, width=140)
 assert isinstance(failed9, ValueError), "from_pretrained should refuse a quantized model that does not fit"
 
 # %% [markdown]
@@ -528,12 +487,9 @@ int8_offload = BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_of
 model = AutoModelForCausalLM.from_pretrained(path, quantization_config=int8_offload, device_map="auto",
                                              max_memory={"cpu": "100MB"}, offload_folder=offload_dir("case9b"))
 print("loaded; map:", device_map_of(model))
-try:
-    generate(model)
-except (RuntimeError, AttributeError) as e:
-    # no GPU: RuntimeError "Cannot access accelerator device..."; with GPUs, the int8 weights still sit on
-    # disk and accelerate fails while moving them (AttributeError: the two-GPU reference run shows it)
-    print("generate ->", error(e))
+# no GPU: RuntimeError "Cannot access accelerator device..."; with GPUs, the int8 weights still sit on
+# disk and accelerate fails while moving them (AttributeError: the two-GPU reference run shows it)
+refused(lambda: generate(model), RuntimeError, AttributeError, width=200, label="generate ->")
 del model
 
 # %% [markdown]
@@ -579,13 +535,9 @@ del model_nf4
 
 # %%
 SKIPPED = {0: "200MB", 2: "200MB", "cpu": "2GB"}  # GPU 1 left out
-try:
-    with quiet_planning():  # "Device N is not available" on a machine without these GPUs: expected
-        AutoModelForCausalLM.from_pretrained(path, device_map="balanced_low_0", max_memory=dict(SKIPPED))
-    failed10 = None
-except KeyError as e:
-    failed10 = e
-    print(error(e))
+with quiet_planning():  # "Device N is not available" on a machine without these GPUs: expected
+    failed10 = refused(lambda: AutoModelForCausalLM.from_pretrained(path, device_map="balanced_low_0",
+                                                                   max_memory=dict(SKIPPED)), KeyError, width=200)
 assert isinstance(failed10, KeyError), "balanced_low_0 should fail on GPU ids with a gap"
 
 # %% [markdown]
@@ -597,12 +549,7 @@ assert isinstance(failed10, KeyError), "balanced_low_0 should fail on GPU ids wi
 # `CUDA_VISIBLE_DEVICES`, so that GPUs 0 and 2 become 0 and 1:
 
 # %%
-try:
-    preflight(planned, plan, SKIPPED, strategy="balanced_low_0")
-    caught10 = None
-except ValueError as e:
-    caught10 = e
-    print(error(e, 400))
+caught10 = refused(lambda: preflight(planned, plan, SKIPPED, strategy="balanced_low_0"), ValueError, width=400)
 print("renumbered:", preflight(planned, plan, TWO_GPUS, strategy="balanced_low_0"))
 assert caught10 is not None and "CUDA_VISIBLE_DEVICES" in str(caught10), "the check should refuse and name the fix"
 
@@ -617,12 +564,7 @@ with init_empty_weights():
     hollow = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 print("parameters on:", {p.device.type for p in hollow.parameters()},
       "| hf_device_map:", getattr(hollow, "hf_device_map", None))
-try:
-    generate(hollow)
-    failed11 = None
-except Exception as e:
-    failed11 = e
-    print("generate ->", error(e))
+failed11 = refused(lambda: generate(hollow), Exception, width=200, label="generate ->")
 assert failed11 is not None, "a model with every weight on the meta device cannot generate"
 
 # %% [markdown]
@@ -695,15 +637,16 @@ safe_3 = None    # exercise 3: True or False
 budget_4 = None  # exercise 4: a dict {GPU id: size}
 
 # %%
-if my_map is None:
-    print("Exercise 1: not answered yet. Hint: start from {f'model.layers.{i}': 0 if i < 15 else 1 ...}.")
-else:
-    report_1 = preflight(planned, my_map, {0: "400MB", 1: "400MB"})
-    asked = all(device_of(f"model.layers.{i}", my_map) == (0 if i < 15 else 1) for i in range(config.num_hidden_layers))
-    if report_1.ok and asked:
-        print("Exercise 1: right. Run mode here says:", preflight(planned, my_map, mode="run").kinds() or "OK")
-    else:
-        print("Exercise 1: wrong:", "layers 0-14 belong on GPU 0, the rest on GPU 1." if not asked else report_1)
+def as_asked(m):
+    """Layers 0 to 14 on GPU 0 and the rest on GPU 1, as exercise 1 asks."""
+    return all(device_of(f"model.layers.{i}", m) == (0 if i < 15 else 1) for i in range(config.num_hidden_layers))
+
+
+check_answer(my_map, lambda m: as_asked(m) and preflight(planned, m, {0: "400MB", 1: "400MB"}).ok,
+             lambda m: f"Run mode here says: {preflight(planned, m, mode='run').kinds() or 'OK'}",
+             lambda m: str(preflight(planned, m, {0: "400MB", 1: "400MB"})) if as_asked(m)
+             else "layers 0-14 belong on GPU 0, the rest on GPU 1.",
+             "start from {f'model.layers.{i}': 0 if i < 15 else 1 ...}.", label="Exercise 1");
 
 # %%
 answer_map = {"model.embed_tokens": 0, "lm_head": 0, "model.norm": 1, "model.rotary_emb": 1}  # one right answer
@@ -713,25 +656,21 @@ with quiet_planning():
     plan_attention = infer_auto_device_map(planned, max_memory=BUDGET8, no_split_module_classes=["LlamaAttention"])
 ex3 = preflight(planned, plan_attention, BUDGET8, no_split_module_classes=["LlamaAttention"])
 assert tight.kinds() == ["over-budget"] and "no-split-cut" in ex3.kinds(), "the answers below rest on these findings"
-if kind_2 is None:
-    print("Exercise 2: not answered yet.")
-else:
-    print("Exercise 2:", "right:" if kind_2 == "over-budget" else f"wrong ({kind_2!r}):", tight.findings[0].message)
-if safe_3 is None:
-    print("Exercise 3: not answered yet.")
-else:
-    print("Exercise 3:", "right:" if safe_3 is False else "wrong:", ex3.findings[0].message)
+check_answer(kind_2, "over-budget", tight.findings[0].message,
+             lambda k: f"{k!r} is not it; {tight.findings[0].message}", label="Exercise 2")
+check_answer(safe_3, lambda s: s is False, ex3.findings[0].message, ex3.findings[0].message, label="Exercise 3");
 
 # %%
-if budget_4 is None:
-    print("Exercise 4: not answered yet. Hint: after CUDA_VISIBLE_DEVICES, torch numbers the visible GPUs from 0.")
-else:
-    try:
-        gpus_4 = sorted(d for d in parse_budget(budget_4, strategy="balanced_low_0") if isinstance(d, int))
-        print("Exercise 4:", "right: GPUs 1 and 3 are now 0 and 1." if gpus_4 == [0, 1]
-              else f"wrong: this budget names GPUs {gpus_4}; with CUDA_VISIBLE_DEVICES=1,3 there are GPUs 0 and 1.")
-    except ValueError as e:
-        print("Exercise 4: wrong:", error(e, 400))
+def gpus_named(budget):
+    """The GPU ids the check reads in `budget` for balanced_low_0 (a ValueError for ids with a gap)."""
+    return sorted(d for d in parse_budget(budget, strategy="balanced_low_0") if isinstance(d, int))
+
+
+# a budget the check refuses is wrong already: refused() prints the check's reason
+if budget_4 is None or not refused(lambda: gpus_named(budget_4), ValueError, width=400, label="Exercise 4: wrong:"):
+    check_answer(budget_4, lambda b: gpus_named(b) == [0, 1], "GPUs 1 and 3 are now 0 and 1.",
+                 lambda b: f"this budget names GPUs {gpus_named(b)}; after CUDA_VISIBLE_DEVICES=1,3 they are 0 and 1.",
+                 "after CUDA_VISIBLE_DEVICES, torch numbers the visible GPUs from 0.", label="Exercise 4")
 
 # %% [markdown]
 # ## Further reading

@@ -1,0 +1,31 @@
+"""Exercises: the self-check that ends each notebook, right, wrong or not answered yet.
+
+Each notebook's exercises leave a variable at None for the learner to fill in; the check cell prints
+a verdict with an explanation and never fails, so CI can run it unanswered. Notebooks 00 to 06 use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+def check_answer(answer: Any, expected: Any, right: str | Callable[[Any], str], wrong: str | Callable[[Any], str],
+                 not_yet: str = "", *, label: str = "") -> str | None:
+    """Print the verdict on ``answer`` and return it: ``"right"``, ``"wrong"``, or None when not answered.
+
+    ``answer is None`` prints ``not answered yet: <not_yet>`` (the hint). Otherwise the answer is right
+    when it equals ``expected``, or, when ``expected`` is a callable, when ``expected(answer)`` is true
+    (for answers with a tolerance), and ``right: <right>`` or ``wrong: <wrong>`` is printed. ``right`` and
+    ``wrong`` are strings, or callables given the answer that return the string (called only for the
+    verdict printed). ``label`` (e.g. ``"Exercise 1"``) starts the line, followed by a colon.
+    Never raises for a wrong answer. Used by the exercise checks of notebooks 00 to 06.
+    """
+    if answer is None:
+        verdict, message = "not answered yet", not_yet
+    else:
+        ok = bool(expected(answer) if callable(expected) else answer == expected)
+        verdict, message = ("right", right) if ok else ("wrong", wrong)
+        message = message(answer) if callable(message) else message
+    line = f"{verdict}: {message}" if message else f"{verdict}."
+    print(f"{label}: {line}" if label else line)
+    return None if answer is None else verdict
