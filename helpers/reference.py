@@ -133,3 +133,18 @@ def print_sources(files: dict, n_gpus: int) -> None:
         print("  the limit beside a figure is measured in the same run: the tokens/s at which every decode step\n"
               f"  reads its bytes (weights, KV cache) at the device-to-device copy rate, {res['bandwidth']['GBps']:.0f} GB/s"
               if "bandwidth" in res else "  an older layout: no limit recorded")
+
+
+def batch_growth(res: dict, path: str = "one GPU") -> tuple[int, int, float, float]:
+    """How throughput grew across a file's batch sweep: ``(lo, hi, growth, step)``.
+
+    ``lo`` and ``hi`` are the smallest and largest batch measured on ``path``;
+    ``growth`` is tokens/s at ``hi`` over tokens/s at ``lo``; ``step`` is how
+    much longer one decoding step took at ``hi`` than at ``lo``
+    (``hi / lo / growth``: 1.0 means the larger batch came for free, i.e. the
+    GPU was far from saturated). Notebooks 04 and 05.
+    """
+    rows = by_batch(res, path)
+    lo, hi = min(rows), max(rows)
+    growth = rows[hi]["tokens_per_s"] / rows[lo]["tokens_per_s"]
+    return lo, hi, growth, hi / lo / growth

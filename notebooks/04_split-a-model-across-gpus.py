@@ -67,7 +67,7 @@ from helpers.hardware import bnb_backend, gpu_count, print_report
 from helpers.measure import time_generate
 from helpers.memory import linear_bytes_per_weight
 from helpers.quiet import quiet_planning, silence_known_warnings
-from helpers.reference import (TIER_GPUS, by_batch, matching_tier, print_sources, records, reference_files,
+from helpers.reference import (TIER_GPUS, batch_growth, by_batch, matching_tier, print_sources, records, reference_files,
                                speed)
 from helpers.shapes import meta_model, n_params
 from helpers.units import MiB
@@ -386,8 +386,7 @@ print(f"single: {t_single['tokens_per_s']:.1f} tokens/s per sequence; split / si
 # and versions.
 
 # %%
-tier = matching_tier(n_gpu)  # the reference tier that matches this machine
-files = reference_files(n_gpu)  # {tier: results}; the two-GPU tier too, for what needs two GPUs
+tier, files = matching_tier(n_gpu), reference_files(n_gpu)  # this machine's tier, and two-gpu for two GPUs
 ref, two_ref = files[tier], files["two-gpu"]
 print_sources(files, n_gpu)
 if not by_batch(ref, "split"):
@@ -411,9 +410,7 @@ for b in sorted(set(one2) & set(split2)):
     print(f"  batch {b:>2}: split {speed(split2[b])}, one GPU {speed(one2[b])}: "
           f"{split2[b]['tokens_per_s'] / one2[b]['tokens_per_s']:.2f}x")
 one = by_batch(ref, "one GPU")
-lo, hi = min(one), max(one)
-growth = one[hi]["tokens_per_s"] / one[lo]["tokens_per_s"]
-step = hi / lo / growth  # how much longer a decoding step took at batch hi than at batch lo
+lo, hi, growth, step = batch_growth(ref)  # step: how much longer a decoding step took at batch hi than at lo
 print(f"[{tier}] one GPU: batch {lo} {speed(one[lo])}, batch {hi} {speed(one[hi])}:\n  {hi // lo}x the rows gave "
       f"{growth:.1f}x the tokens/s: a decoding step for {hi} rows took {step:.2f}x as long as one for {lo}")
 shares = [r["tokens_per_s"] / r["limit_tokens_per_s"] for r in (one[lo], one[hi]) if r.get("limit_tokens_per_s")]

@@ -65,7 +65,7 @@ from helpers.checkpoints import cache_dir, random_checkpoint, resolve_model
 from helpers.hardware import gpu_count, print_report
 from helpers.launch import ROOT, LaunchError, launch
 from helpers.quiet import silence_known_warnings
-from helpers.reference import (REFERENCE, TIER_GPUS, by_batch, matching_tier, print_sources, records,
+from helpers.reference import (REFERENCE, TIER_GPUS, batch_growth, by_batch, matching_tier, print_sources, records,
                                reference_files, speed)
 from helpers.shapes import SHAPES, random_model
 
@@ -281,8 +281,7 @@ print("logits within tolerance:", tp["logits_check"]["ok"])
 # comes from, with that file's hardware and versions; every figure below names its tier in brackets.
 
 # %%
-tier = matching_tier(n_gpu)  # the reference tier that matches this machine
-files = reference_files(n_gpu)  # {tier: results}; the two-GPU tier too, for what needs two GPUs
+tier, files = matching_tier(n_gpu), reference_files(n_gpu)  # this machine's tier, and two-gpu for two GPUs
 ref, two_ref = files[tier], files["two-gpu"]
 print_sources(files, n_gpu)
 lacks = [p for p in ("split", "tensor parallel") if not by_batch(ref, p)]
@@ -291,14 +290,14 @@ if lacks:
     print(f"The {tier} tier has no {', no '.join(lacks)} (they need two GPUs): those come from the two-gpu tier.")
 
 # %% [markdown]
-# **Self-check.** Each file is the tier it is read as: its own `tier` entry (where it has one) and the number
-# of GPUs in its hardware report say so.
+# **Self-check.** Each file is the tier it is read as (`reference_files` refuses one whose `tier` entry or
+# GPU count is not its folder's), and its replicas ran one process per GPU of that tier.
 
 # %%
-assert tier == ("two-gpu" if n_gpu >= 2 else "one-gpu"), "the tier does not match this machine"
-assert all(len(res["hardware"]["gpus"]) == TIER_GPUS[name] for name, res in files.items())
-print("figures from " + " and ".join(f"gpu-reference/{name}/ ({TIER_GPUS[name]} GPU{'s' * (name != 'one-gpu')})"
-                                     for name in files))
+assert tier == matching_tier(n_gpu), "the tier does not match this machine"
+for name, res in files.items():
+    assert all(r["gpus"] == TIER_GPUS[name] for r in by_batch(res, "replicas").values()), f"{name}: replicas"
+print("replicas, one process per GPU:", ", ".join(f"{name} {TIER_GPUS[name]}" for name in files))
 
 # %% [markdown]
 # First the plain table, one per file: total tokens/s at each total batch the file holds, its share of the
@@ -414,10 +413,7 @@ for name, res in files.items():
 
 # %%
 for name, res in files.items():
-    one = by_batch(res, "one GPU")
-    lo, hi = min(one), max(one)
-    growth = one[hi]["tokens_per_s"] / one[lo]["tokens_per_s"]
-    step = hi / lo / growth  # how much longer a decoding step took at batch hi than at batch lo
+    lo, hi, growth, step = batch_growth(res)  # step: how much longer a decoding step took at batch hi than at lo
     print(f"- [{name}] One GPU at batch {hi} gave {growth:.1f}x its tokens/s at batch {lo} ({hi // lo}x the "
           f"prompts): a step for {hi} rows took {step:.2f}x as long as one for {lo}"
           + (f", so one GPU was far from saturated below {hi}." if step < 2 else "."))

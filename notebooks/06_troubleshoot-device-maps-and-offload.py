@@ -78,7 +78,7 @@ tokenizer = AutoTokenizer.from_pretrained(path)
 inputs = tokenizer("The capital of France is", return_tensors="pt")
 
 # %% [markdown]
-# Four small functions the cases share: greedy generation, an error printed as `type: message`, the
+# Small functions the cases share: greedy generation (and its check against the reference text), the
 # empty model the way the starting material builds it, and a hand-written map.
 
 # %%
@@ -86,6 +86,13 @@ def generate(model):
     """Greedy continuation of the prompt, as text."""
     out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
+
+
+def says_the_reference(model, label: str) -> None:
+    """Generate, print the text beside the reference check, and assert that it is the reference text."""
+    answer = generate(model)
+    print(label, repr(answer), "| same as the reference:", answer == REFERENCE)
+    assert answer == REFERENCE, f"{label} the model should generate the reference text"
 
 
 def empty_model(tie: bool):
@@ -214,9 +221,7 @@ assert "tie-lost" in report2.kinds(), "with the checkpoint given, the check shou
 
 # %%
 model = load_checkpoint_and_dispatch(empty_model(tie=True), path, device_map={"": "cpu"})
-answer = generate(model)
-print("fixed with tie_weights():", repr(answer), "| same as the reference:", answer == REFERENCE)
-assert answer == REFERENCE, "the dispatched model should generate the reference text"
+says_the_reference(model, "fixed with tie_weights():")
 del model
 
 # %% [markdown]
@@ -269,9 +274,7 @@ folder = offload_dir("case3-fixed")
 model = load_checkpoint_and_dispatch(empty_model(tie=True), path, device_map=fixed_map, offload_folder=folder)
 index = json.load(open(f"{folder}/index.json"))
 print(f"offload index: {len(index)} tensors, lm_head.weight among them: {'lm_head.weight' in index}")
-answer = generate(model)
-print("generate:", repr(answer), "| same as the reference:", answer == REFERENCE)
-assert answer == REFERENCE, "the offloaded model should generate the reference text"
+says_the_reference(model, "generate:")
 del model
 
 # %% [markdown]
