@@ -6,6 +6,7 @@ from .checkpoints import CacheError, CheckpointError, bundled_checkpoint
 
 
 def main(argv: list[str]) -> int:
+    """``prepare``: build or verify the bundled checkpoint; 0 on success. Run by the set-up; notebook 00 explains the model."""
     if argv[:1] != ["prepare"]:
         print("usage: python -m helpers prepare", file=sys.stderr)
         return 2

@@ -49,11 +49,11 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class CacheError(RuntimeError):
-    """The cache location cannot be used (it says what to change)."""
+    """The cache location cannot be used (it says what to change). Notebook 00."""
 
 
 class CheckpointError(RuntimeError):
-    """A model path is missing, is not a checkpoint, or is damaged."""
+    """A model path is missing, is not a checkpoint, or is damaged. Notebook 00."""
 
 
 # --------------------------------------------------------------------------
@@ -68,6 +68,8 @@ def cache_dir(create: bool = True) -> Path:
     Raises:
         CacheError: the path exists but is not a directory, or it cannot be
             created or written (the message names ``WORKBOOK_CACHE``).
+
+    Notebook 00 explains the cache.
     """
     raw = os.environ.get(CACHE_ENV) or os.path.join(
         os.path.expanduser("~"), ".cache", "bigmodel-workbook"
@@ -280,6 +282,8 @@ def bundled_checkpoint(progress: bool = True) -> Path:
             command) or its GGUF does not match its RECORD.
         CacheError: the cache location cannot be used, or a folder that the
             workbook did not create stands where the entry goes.
+
+    Notebook 00 explains it.
     """
     gguf, expected = wheel_gguf()
     if not gguf.is_file():

@@ -63,19 +63,19 @@ def canonical_device(value):
 
 
 def device_label(dev) -> str:
-    """``"GPU 0"`` for a GPU id, else the device's name (``"cpu"``, ``"disk"``)."""
+    """``"GPU 0"`` for a GPU id, else the device's name (``"cpu"``, ``"disk"``). Notebook 02 introduces device maps."""
     return f"GPU {dev}" if isinstance(dev, int) else str(dev)
 
 
 def device_order(dev):
-    """Sort key of devices: GPUs by id, then cpu, then disk, then anything else (None last)."""
+    """Sort key of devices: GPUs by id, then cpu, then disk, then anything else (None last). Notebook 02 introduces device maps."""
     if dev is None:
         return (9, 0, "")
     return (0, dev, "") if isinstance(dev, int) else (_ORDER.get(dev, 3), 0, str(dev))
 
 
 def owner_key(name: str, device_map: dict):
-    """The map key that covers a tensor or module name (longest prefix; ``""`` covers all), or None."""
+    """The map key that covers a tensor or module name (longest prefix; ``""`` covers all), or None. Notebook 02 explains the longest-prefix rule."""
     parts = name.split(".")
     for i in range(len(parts), 0, -1):
         key = ".".join(parts[:i])
@@ -85,7 +85,7 @@ def owner_key(name: str, device_map: dict):
 
 
 def device_of(name: str, device_map: dict):
-    """The canonical device of the map entry that covers ``name``, or None when no entry does."""
+    """The canonical device of the map entry that covers ``name``, or None when no entry does. Notebook 02 explains the longest-prefix rule."""
     key = owner_key(name, device_map)
     return None if key is None else canonical_device(device_map[key])
 
@@ -96,6 +96,8 @@ def tensor_sizes(model, dtype=None, hf_quantizer=None) -> dict[str, int]:
     With ``dtype``, floating-point tensors count in that dtype; with a
     transformers quantizer, as transformers counts them (0.5 byte per 4-bit
     weight, 1 per 8-bit weight, without the block scales).
+
+    Notebooks 02 and 03 size maps with it.
     """
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
     if hf_quantizer is not None:
@@ -112,6 +114,8 @@ def bytes_per_device(model, device_map: dict, sizes: dict[str, float]) -> dict:
 
     Tensors the map does not place are left out. Returns {device: bytes}
     (ints), sorted GPUs, cpu, disk.
+
+    Notebooks 02 and 03.
     """
     out: dict = {}
     for name, n in sizes.items():

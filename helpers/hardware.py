@@ -41,6 +41,8 @@ def bnb_library() -> dict:
         None, "cuda": "13.0" or None}``; ``backend`` is ``"not installed"``
         without bitsandbytes, and ``"none"`` when it loaded no native library
         (it then runs its pure-torch fallbacks on the CPU).
+
+    Notebook 00 prints it.
     """
     from .quiet import silence_known_warnings
 
@@ -60,7 +62,7 @@ def bnb_library() -> dict:
 
 
 def bnb_backend() -> str:
-    """One line for :func:`report`: e.g. ``"cuda (libbitsandbytes_cuda130.so, CUDA 13.0)"`` or ``"cpu (libbitsandbytes_cpu.so)"``."""
+    """One line for :func:`report`: e.g. ``"cuda (libbitsandbytes_cuda130.so, CUDA 13.0)"`` or ``"cpu (libbitsandbytes_cpu.so)"``. Notebook 00."""
     lib = bnb_library()
     if lib["library"] is None:
         return lib["backend"]
@@ -81,6 +83,8 @@ def report(cache: str | Path | None = None) -> dict:
         ``(name, total GiB)``), ``cpu_cores``, ``ram_total_gib``,
         ``ram_available_gib``, ``disk_free_gib`` (all GiB = 2**30 bytes,
         rounded to 0.1).
+
+    Notebook 00 explains each entry.
     """
     import psutil
     import torch

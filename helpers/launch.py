@@ -29,7 +29,7 @@ nothing on other machines. ``workbook.sh`` exports the same three.
 
 
 class LaunchError(RuntimeError):
-    """A launched group of processes failed; the message holds the end of its output."""
+    """A launched group of processes failed; the message holds the end of its output. Notebook 05."""
 
 
 def _launch_env(extra: dict | None = None) -> dict:

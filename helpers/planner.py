@@ -260,6 +260,8 @@ class Plan:
             whether that cap, not memory, set it.
         model, hf_quantizer: the meta model planned and its quantizer (None
             when unquantized), for drawing and checking.
+
+    Notebook 03.
     """
 
     shape: str

@@ -44,6 +44,8 @@ class Finding:
           "over-budget", "no-budget", "quantized-offload", "no-offload-folder".
     message: what is wrong, naming the parameters/modules/devices.
     fix: what to change.
+
+    Notebooks 03 and 06.
     """
 
     kind: str
@@ -59,6 +61,8 @@ class Report:
     "disk", other accelerators as :func:`helpers.devicemap.canonical_device` writes them: "mps",
     "xpu:0") to the bytes assigned to it; ``budget`` holds the parsed budget in
     bytes (empty without one), keyed as accelerate keys ``max_memory``.
+
+    Notebooks 03 and 06.
     """
 
     findings: list[Finding] = field(default_factory=list)

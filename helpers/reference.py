@@ -31,6 +31,8 @@ def reference_results(tier: str = "two-gpu", path: str | os.PathLike | None = No
     Raises:
         ValueError: an unknown tier (the message lists :data:`TIERS`).
         FileNotFoundError: no results file; the message says how to make one.
+
+    Notebooks 04 and 05.
     """
     if path is None and tier not in TIERS:
         raise ValueError(f"unknown GPU reference tier {tier!r}; choose one of {', '.join(TIERS)}")
@@ -83,13 +85,13 @@ def records(res: dict) -> list[dict]:
 
 
 def by_batch(res: dict, path: str, fmt: str = "bf16") -> dict:
-    """{batch: record} of one path and format, on the file's model shape (see :func:`records`)."""
+    """{batch: record} of one path and format, on the file's model shape (see :func:`records`). Notebooks 04 and 05."""
     return {r["batch"]: r for r in records(res) if r["path"] == path and r["format"] == fmt
             and r.get("shape", res["model"]["shape"]) == res["model"]["shape"]}
 
 
 def speed(record: dict) -> str:
-    """``"574 tokens/s (1.8% of its limit)"``: a record's total tokens/s, with its share of the limit where known."""
+    """``"574 tokens/s (1.8% of its limit)"``: a record's total tokens/s, with its share of the limit where known. Notebooks 04 and 05."""
     tps, lim = record["tokens_per_s"], record.get("limit_tokens_per_s")
     return f"{tps:.{0 if tps >= 100 else 1}f} tokens/s" + (f" ({tps / lim:.1%} of its limit)" if lim else "")
 

@@ -70,6 +70,8 @@ def as_config(name_or_config):
     Raises:
         TypeError: neither a name of :data:`SHAPES` nor a ``PretrainedConfig``.
         ValueError: an unknown name.
+
+    Notebook 00.
     """
     from transformers import PretrainedConfig
 
