@@ -471,9 +471,9 @@ plt.show()
 # %% [markdown]
 # Each layer on disk adds time to every token, because every token reads every offloaded weight again
 # (from the page cache if the files fit in RAM, as here, otherwise from the disk itself) and converts
-# it to the model's dtype. Nothing is kept between tokens. The right-hand plot shows the extra
-# milliseconds per token against the MiB offloaded: its slope is the inverse of a read-and-convert rate,
-# and the cost per token is bytes on disk / that rate. On a real big
+# it to the model's dtype. Nothing is kept between tokens. The right-hand plot shows the time per
+# token against the MiB of weights offloaded: its slope is the time each offloaded MiB adds to every token
+# (the rate printed above counts the offload files' bytes instead). On a real big
 # model the bytes per token are gigabytes: disk offload makes a model *run*, not run fast. Prefer, in
 # order: a smaller format (notebook 01), more GPUs (notebook 04), CPU offload on a GPU machine, and
 # disk offload last.

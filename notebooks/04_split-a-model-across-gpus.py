@@ -544,7 +544,8 @@ _ = gc.collect()
 # %% [markdown]
 # ## 6. The price of CPU offload on a GPU
 #
-# Notebook 02 offloads layers to the CPU when a GPU is too small. On a GPU every offloaded layer is copied
+# Notebook 02 offloads layers when the main device is too small (to CPU RAM first on a GPU machine, to disk
+# on a CPU-only one). On a GPU every offloaded layer is copied
 # to the GPU **at every forward pass**, so each token pays `bytes offloaded / host-to-device rate`. The
 # reference run of the matching tier kept a growing number of decoder layers on the CPU of a GPU machine
 # (batch 1; records with path `"cpu offload"`); the slope of seconds per token against bytes offloaded is

@@ -416,7 +416,7 @@ for name, res in files.items():
     lo, hi, growth, step = batch_growth(res)  # step: how much longer a decoding step took at batch hi than at lo
     print(f"- [{name}] One GPU at batch {hi} gave {growth:.1f}x its tokens/s at batch {lo} ({hi // lo}x the "
           f"prompts): a step for {hi} rows took {step:.2f}x as long as one for {lo}"
-          + (f", so one GPU was far from saturated below {hi}." if step < 2 else "."))
+          + (f": in this run (one timed sweep), one GPU was far from saturated below {hi}." if step < 2 else "."))
     if one[lo]["limit_tokens_per_s"] and one[hi]["limit_tokens_per_s"]:
         print(f"- [{name}] One GPU reached {one[lo]['tokens_per_s'] / one[lo]['limit_tokens_per_s']:.1%} of its "
               f"memory-bandwidth limit at batch {lo} and "
