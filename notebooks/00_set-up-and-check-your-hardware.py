@@ -330,8 +330,8 @@ check_answer(answer_1, predicted["bf16"] + model.config.vocab_size * model.confi
              "An untied head is a second vocab_size x hidden_size matrix, at 2 bytes a weight in bf16.",
              hint_1, hint_1, label="Exercise 1")
 hint_2 = "compare the nf4-dq column with 24."
-check_answer(answer_2, min((n for n in estimates if estimates[n]["nf4-dq"] > 24), key=lambda n: estimates[n]["nf4-dq"]),
-             "It is the only one of the four whose nf4-dq weights exceed 24 GiB.", hint_2, hint_2, label="Exercise 2");
+_ = check_answer(answer_2, min((n for n in estimates if estimates[n]["nf4-dq"] > 24), key=lambda n: estimates[n]["nf4-dq"]),
+                 "It is the only one of the four whose nf4-dq weights exceed 24 GiB.", hint_2, hint_2, label="Exercise 2")
 
 # %% [markdown]
 # ## Further reading

@@ -417,10 +417,10 @@ check_answer(kl_bf16, lambda kl: 0 < kl < 10,
              "a KL divergence from fp32 is a small positive number of nats (see section 6).",
              "load with configs['nf4']'s options and bnb_4bit_compute_dtype=torch.bfloat16, then use log_probs() "
              "as in section 6.", label="Exercise 1")
-check_answer(frac, lambda f: abs(f - expected_frac) < 0.01,
-             "The embedding is not quantized: it keeps its load dtype (printed in section 4).",
-             "divide the embedding's bytes (not its parameter count) by the footprint.",
-             "numel() x element_size() / get_memory_footprint().", label="Exercise 2");
+_ = check_answer(frac, lambda f: abs(f - expected_frac) < 0.01,
+                 "The embedding is not quantized: it keeps its load dtype (printed in section 4).",
+                 "divide the embedding's bytes (not its parameter count) by the footprint.",
+                 "numel() x element_size() / get_memory_footprint().", label="Exercise 2")
 
 # %% [markdown]
 # ## Further reading

@@ -540,11 +540,11 @@ check_answer(layers_in_memory, kept,
              "layer, so only a few layers fit.",
              "plan on a fresh empty model with tie_weights() called, as in section 4.",
              "count the layers whose device in the plan is not 'disk'.", label="Exercise 1")
-check_answer(head_tied, tied_on_meta,
-             "Under torch.device('meta') the model is built normally, so transformers ties it." if tied_on_meta
-             else "Under torch.device('meta') the tie is lost too: call tie_weights().",
-             "test `model.lm_head.weight is model.model.embed_tokens.weight`.",
-             "build it under torch.device('meta') and test the identity.", label="Exercise 2");
+_ = check_answer(head_tied, tied_on_meta,
+                 "Under torch.device('meta') the model is built normally, so transformers ties it." if tied_on_meta
+                 else "Under torch.device('meta') the tie is lost too: call tie_weights().",
+                 "test `model.lm_head.weight is model.model.embed_tokens.weight`.",
+                 "build it under torch.device('meta') and test the identity.", label="Exercise 2")
 
 # %% [markdown]
 # ## Further reading

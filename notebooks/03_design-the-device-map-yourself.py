@@ -226,7 +226,7 @@ with quiet_planning():  # accelerate warns "Device N is not available" for GPUs 
 mine = {"cpu": "160MiB"}
 get_max_memory(mine)
 print("the dict passed in, afterwards:", mine)
-refused(lambda: get_max_memory({"cuda:0": "24GiB"}), ValueError);
+_ = refused(lambda: get_max_memory({"cuda:0": "24GiB"}), ValueError)
 
 # %% [markdown]
 # **Values** are bytes (an int) or strings read by `accelerate.utils.convert_file_size_to_int`. It
@@ -737,8 +737,8 @@ print(plan(path, "bf16", n_gpus=1, gib_per_gpu=4).summary().splitlines()[0])
 # %%
 # NBVAL_IGNORE_OUTPUT
 # needs the internet: offline (the workbook's default) a ValueError, online (HF_HUB_OFFLINE=0) the plan
-refused(lambda: print(plan("Qwen/Qwen2.5-7B-Instruct", "bf16", n_gpus=2, gib_per_gpu=16).summary().splitlines()[0]),
-        ValueError);
+_ = refused(lambda: print(plan("Qwen/Qwen2.5-7B-Instruct", "bf16", n_gpus=2, gib_per_gpu=16).summary().splitlines()[0]),
+            ValueError)
 
 # %% [markdown]
 # ### 6.4 An interactive planner
@@ -834,17 +834,17 @@ check_answer(smallest_gib, lambda g: fits(g) == "fits" and fits(g - 1) != "fits"
              lambda g: f"it fits on 2 x {g} GiB and not on one GiB less.",
              lambda g: f"on 2 x {g} GiB it {fits(g)}, on 2 x {g - 1} GiB it {fits(g - 1)}.",
              "try plan('llama-2-13b', 'bf16', 2, g).fits for a few g.", label="Exercise 1")
-check_answer(cut_map, lambda m: "no-split-cut" in cut_kinds(m), "the check reports no-split-cut",
-             lambda m: f"the check found {cut_kinds(m) or 'no problem'}; layer 5's attention and MLP must sit on "
-                       "two devices.",
-             "start from {'': 0}, then add 'model.layers.5.mlp': 1.", label="Exercise 4");
+_ = check_answer(cut_map, lambda m: "no-split-cut" in cut_kinds(m), "the check reports no-split-cut",
+                 lambda m: f"the check found {cut_kinds(m) or 'no problem'}; layer 5's attention and MLP must sit on "
+                           "two devices.",
+                 "start from {'': 0}, then add 'model.layers.5.mlp': 1.", label="Exercise 4")
 
 # %%
 expected_gib = kv_cache_bytes(shape_config("llama-2-70b"), 32768, batch=8) / 2**30
-check_answer(kv_gib, lambda g: abs(g - expected_gib) < 0.05 * expected_gib, f"{expected_gib:.1f} GiB.",
-             lambda g: f"{g} GiB; count KV heads (num_key_value_heads), not query heads, "
-                       "and multiply by tokens and sequences.",
-             "2 x layers x KV heads x head dim x 2 bytes, per token and sequence.", label="Exercise 5");
+_ = check_answer(kv_gib, lambda g: abs(g - expected_gib) < 0.05 * expected_gib, f"{expected_gib:.1f} GiB.",
+                 lambda g: f"{g} GiB; count KV heads (num_key_value_heads), not query heads, "
+                           "and multiply by tokens and sequences.",
+                 "2 x layers x KV heads x head dim x 2 bytes, per token and sequence.", label="Exercise 5")
 
 # %% [markdown]
 # ## Further reading

@@ -617,9 +617,9 @@ from helpers.exercises import check_answer
 answer = None  # your answer: a whole number of decoder layers
 plan_budget = plans[f"max_memory={budget}"]
 right_answer = sum(1 for k, d in plan_budget.items() if k.startswith("model.layers.") and d == gpus[0])
-check_answer(answer, right_answer, f"{right_answer} layers fit GPU 0's budget next to the embedding and the tied head",
-             lambda a: f"you said {a}; read the layer range on GPU 0 (a range a-b holds b - a + 1 layers)",
-             "count the layers placement() lists for GPU 0 under max_memory=...");
+_ = check_answer(answer, right_answer, f"{right_answer} layers fit GPU 0's budget next to the embedding and the tied head",
+                 lambda a: f"you said {a}; read the layer range on GPU 0 (a range a-b holds b - a + 1 layers)",
+                 "count the layers placement() lists for GPU 0 under max_memory=...")
 
 # %% [markdown]
 # ## Further reading

@@ -527,10 +527,10 @@ rep2 = {b: r["tokens_per_s"] for b, r in by_batch(two_ref, "replicas").items()}
 one2 = {b: r["tokens_per_s"] for b, r in by_batch(two_ref, "one GPU").items()}
 top = max(set(rep2) & set(one2))  # the largest total batch with both figures
 truth = round(rep2[top] / one2[top], 2)
-check_answer(answer, lambda a: abs(a - truth) < 0.006,
-             f"{truth:.2f}x at total batch {top}, with {top // n_ref} prompts per GPU",
-             lambda a: f"{a} is not it; divide replicas' tokens/s by one GPU's at total batch {top}",
-             f"read the replicas column of the [two-gpu] table in section 3, at total batch {top}");
+_ = check_answer(answer, lambda a: abs(a - truth) < 0.006,
+                 f"{truth:.2f}x at total batch {top}, with {top // n_ref} prompts per GPU",
+                 lambda a: f"{a} is not it; divide replicas' tokens/s by one GPU's at total batch {top}",
+                 f"read the replicas column of the [two-gpu] table in section 3, at total batch {top}")
 
 # %% [markdown]
 # ## Further reading

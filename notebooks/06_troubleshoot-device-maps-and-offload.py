@@ -645,11 +645,11 @@ def as_asked(m):
     return all(device_of(f"model.layers.{i}", m) == (0 if i < 15 else 1) for i in range(config.num_hidden_layers))
 
 
-check_answer(my_map, lambda m: as_asked(m) and preflight(planned, m, {0: "400MB", 1: "400MB"}).ok,
-             lambda m: f"Run mode here says: {preflight(planned, m, mode='run').kinds() or 'OK'}",
-             lambda m: str(preflight(planned, m, {0: "400MB", 1: "400MB"})) if as_asked(m)
-             else "layers 0-14 belong on GPU 0, the rest on GPU 1.",
-             "start from {f'model.layers.{i}': 0 if i < 15 else 1 ...}.", label="Exercise 1");
+_ = check_answer(my_map, lambda m: as_asked(m) and preflight(planned, m, {0: "400MB", 1: "400MB"}).ok,
+                 lambda m: f"Run mode here says: {preflight(planned, m, mode='run').kinds() or 'OK'}",
+                 lambda m: str(preflight(planned, m, {0: "400MB", 1: "400MB"})) if as_asked(m)
+                 else "layers 0-14 belong on GPU 0, the rest on GPU 1.",
+                 "start from {f'model.layers.{i}': 0 if i < 15 else 1 ...}.", label="Exercise 1")
 
 # %%
 answer_map = {"model.embed_tokens": 0, "lm_head": 0, "model.norm": 1, "model.rotary_emb": 1}  # one right answer
@@ -661,7 +661,7 @@ ex3 = preflight(planned, plan_attention, BUDGET8, no_split_module_classes=["Llam
 assert tight.kinds() == ["over-budget"] and "no-split-cut" in ex3.kinds(), "the answers below rest on these findings"
 check_answer(kind_2, "over-budget", tight.findings[0].message,
              lambda k: f"{k!r} is not it; {tight.findings[0].message}", label="Exercise 2")
-check_answer(safe_3, lambda s: s is False, ex3.findings[0].message, ex3.findings[0].message, label="Exercise 3");
+_ = check_answer(safe_3, lambda s: s is False, ex3.findings[0].message, ex3.findings[0].message, label="Exercise 3")
 
 # %%
 def gpus_named(budget):
