@@ -88,3 +88,13 @@ def test_main_job_parameters_are_injected_after_the_parameters_cell():
     i = next(k for k, t in enumerate(tags) if "parameters" in t)
     assert "injected-parameters" in tags[i + 1]
     assert "MODEL = \"/tmp/other-model\"" in nb.cells[i + 1].source
+
+
+@pytest.mark.parametrize("ipynb", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_cell_hides_its_value_with_a_semicolon(ipynb):
+    """nbval's kernel keeps no input history, so IPython cannot see a trailing ';' there and shows the value
+    the stored run hid: assign it to _ instead."""
+    nb = json.loads(ipynb.read_text())
+    for i, c in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
+        lines = "".join(c["source"]).rstrip().splitlines()
+        assert not (lines and lines[-1].rstrip().endswith(";")), f"{ipynb.name}: code cell {i} ends with ';'"
