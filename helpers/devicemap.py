@@ -25,6 +25,9 @@ from .units import GiB, MiB, format_size
 _ORDER = {"cpu": 1, "disk": 2}
 
 
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+"""The string values of ``device_map`` that make transformers plan ("auto" is "balanced"). Notebook 03."""
+
 ACCELERATORS = ("xpu", "npu", "mlu", "musa", "sdaa", "hpu")
 """Accelerator types besides CUDA that accelerate 1.15 moves weights to by name ("xpu:0", ...)."""
 

@@ -54,14 +54,12 @@ from pathlib import Path
 
 import torch
 
-from .devicemap import bytes_per_device, device_of, placement, tensor_sizes
+from .devicemap import STRATEGIES, bytes_per_device, device_of, placement, tensor_sizes
 from .memory import FORMATS, QUANTIZED, kv_cache_layers, linear_bytes_per_weight
 from .quiet import quiet_planning
 from .shapes import SHAPES, as_config
 from .units import GiB
 
-STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-"""The string values of ``device_map`` that make transformers plan ("auto" is "balanced")."""
 
 
 def _quantization_config(fmt: str):

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import convert_file_size_to_int, find_tied_parameters
 
-from .devicemap import ACCELERATORS, bytes_per_device, canonical_device, device_label, device_order, owner_key, tensor_sizes
+from .devicemap import ACCELERATORS, STRATEGIES, bytes_per_device, canonical_device, device_label, device_order, owner_key, tensor_sizes
 from .units import format_size
 
 @dataclass
@@ -108,11 +108,9 @@ class BudgetWarning(UserWarning):
     """
 
 
-STRATEGIES = (None, "auto", "balanced", "balanced_low_0", "sequential")
-"""The ``device_map`` strings ``from_pretrained`` / ``load_checkpoint_and_dispatch`` plan with (None: by hand)."""
-
 LOADERS = (None, "load_checkpoint_and_dispatch", "dispatch_model", "from_pretrained")
 """What :func:`preflight`'s ``loader=`` may name (None: the map is only planned, no loader-specific check)."""
+
 
 def _budget_key(dev):
     """The max_memory key that budgets a canonical device.
@@ -200,8 +198,8 @@ def _bytes_of(key, value, stacklevel: int) -> int:
 
 
 def _parse_budget(max_memory, strategy, stacklevel: int) -> dict:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}.")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {(None,) + STRATEGIES}, not {strategy!r}.")
     if max_memory is None:
         return {}
     if isinstance(max_memory, (str, bytes, numbers.Number)):

@@ -148,7 +148,7 @@ def record(fmt: str, path: str, batch: int, gpus: int, r: dict, limit: float | N
     import torch
 
     row = {"shape": SHAPE, "format": fmt, "path": path, "batch": batch, "gpus": gpus,
-           "tokens_per_s": r["tokens_per_s"] * batch if "total_tokens_per_s" not in r else r["total_tokens_per_s"],
+           "tokens_per_s": r["total_tokens_per_s"],
            "tokens_per_s_per_sequence": r["tokens_per_s"], "ttft_s": r.get("ttft_s"),
            "limit_tokens_per_s": limit, "peak_bytes_per_gpu": per_gpu(torch.cuda.max_memory_allocated)}
     share = f" = {row['tokens_per_s'] / limit:.1%} of {limit:,.0f}" if limit else ""
