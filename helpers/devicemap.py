@@ -16,6 +16,7 @@ KV cache, no CUDA context), counted by accelerate's ``compute_module_sizes``
 from __future__ import annotations
 
 import re
+import textwrap
 
 import torch
 from accelerate.utils import compute_module_sizes
@@ -216,29 +217,93 @@ def map_table(model, device_map: dict, dtype=None, hf_quantizer=None):
 
 
 def _color(dev):
-    import matplotlib.pyplot as plt
+    import matplotlib
 
     if dev is None:
         return "white"
     if isinstance(dev, int):  # tab10 without its grey (index 7), which reads as the CPU's
-        return plt.get_cmap("tab10")([0, 1, 2, 3, 4, 5, 6, 8, 9][dev % 9])
+        return matplotlib.colormaps["tab10"]([0, 1, 2, 3, 4, 5, 6, 8, 9][dev % 9])
     return {"cpu": "0.6", "disk": "saddlebrown"}.get(dev, "black")
 
 
+FIG_WIDTH = 8.4
+"""Width in inches of the figures :func:`plot_device_map` makes: 840 px at matplotlib's 100 dpi, within the
+848 px of JupyterLab 4.6's output area (:mod:`helpers.text`), so the image is shown unscaled. Notebook 02."""
+
+_TEXT_PT = 8  # points: the strip's labels and the legend (11 px at 100 dpi)
+_ROW_PT = 11  # points: one row of module names under the strip
+_NUMBERS_PT = 17  # points: the strip's tick marks and layer numbers, above the first row of names
+
+
+def _text_inches(s: str) -> float:
+    """A generous width in inches of ``s`` in matplotlib's default font at ``_TEXT_PT`` points."""
+    return 0.62 * _TEXT_PT / 72 * len(s)
+
+
+def _label_strip(ax, units) -> int:
+    """Label the strip: decoder-layer numbers as ticks, other modules by name on rows under it.
+
+    The numbers are horizontal and thinned (every 1, 2, 5, 10, ... layers) so they never touch;
+    each other module (embedding, norm, head, ...) is named in full, horizontally, on the first
+    row where it touches no other name, joined to its cell by a thin line. Names in the left half
+    hang to the right of their cell, the others to the left; placing them from the middle outward
+    keeps every joining line clear of the names on the rows above. Returns the number of rows.
+    """
+    n = len(units)
+    cell = ax.get_position().width * ax.figure.get_figwidth() / max(n, 1)  # inches per cell
+    layers = [i for i, ((_, idx), _) in enumerate(units) if idx is not None]
+    digits = max((len(str(units[i][0][1])) for i in layers), default=1)
+    step = next(s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500) if s * cell >= _text_inches("0" * digits) + 0.05)
+    ticks = [i for i in layers if units[i][0][1] % step == 0]
+    ax.set_xticks(ticks, [str(units[i][0][1]) for i in ticks], fontsize=_TEXT_PT)
+    named = [i for i in range(n) if units[i][0][1] is None]
+    texts, lines = {}, {}  # row -> [(left, right)] of names (inches); row -> [x] of lines crossing it
+    for i in [i for i in reversed(named) if i < n / 2] + [i for i in named if i >= n / 2]:
+        x, w, left = (i + 0.5) * cell, _text_inches(_short(units[i][0][0])), i < n / 2
+        a, b = (x, x + w) if left else (x - w, x)
+        row = 0
+        while (any(a < r + 0.06 and l - 0.06 < b for l, r in texts.get(row, []))
+               or any(a <= v <= b for v in lines.get(row, []))
+               or any(l <= x <= r for k in range(row) for l, r in texts.get(k, []))):
+            row += 1
+        texts.setdefault(row, []).append((a, b))
+        for k in range(row):
+            lines.setdefault(k, []).append(x)
+        ax.annotate(_short(units[i][0][0]), xy=(i, 0), xycoords=("data", "axes fraction"),
+                    xytext=(0, -(_NUMBERS_PT + row * _ROW_PT)), textcoords="offset points",
+                    ha="left" if left else "right", va="top", fontsize=_TEXT_PT,
+                    arrowprops=dict(arrowstyle="-", color="0.35", lw=0.6, shrinkA=0, shrinkB=0,
+                                    relpos=(0 if left else 1, 1)))
+    return len(texts)
+
+
 def plot_device_map(model, device_map: dict, max_memory: dict | None = None, title: str | None = None, ax=None,
-                    dtype=None, hf_quantizer=None):
+                    dtype=None, hf_quantizer=None, pyplot: bool = True, stacked: dict | None = None):
     """Draw which parts of the model sit on which device, and bytes per device against its budget.
 
     Top panel: a horizontal strip, one cell per unit in model order
     (embedding, decoder layers 0..N-1, norm, head), coloured by device; a cell
-    split across devices is striped and hatched. Bottom panel: bytes per
+    split across devices is striped and hatched. Layers are numbered under it
+    (every few layers when they are many); every other module is named in
+    full under it, joined to its cell by a line. Bottom panel: bytes per
     device (GiB, or MiB below 1 GiB) with its ``max_memory`` budget as a
-    black outline (red bar when over budget).
+    black outline (red bar when over budget). Legends sit outside the axes,
+    so they never cover a cell, a bar or an outline (budgeted GPUs left empty
+    share one entry). A figure made here is
+    :data:`FIG_WIDTH` inches wide (JupyterLab shows it unscaled), and its
+    height grows with the rows of names, so the strip keeps its height.
 
     Args:
         ax: None (a new figure with both panels), a pair of Axes (strip, bars),
             or one Axes (strip only; the legend then states bytes and budgets).
         dtype, hf_quantizer: as in :func:`preflight`.
+        pyplot: with ``ax=None``, True makes the figure with pyplot (shown by
+            ``plt.show()``); False makes a bare ``matplotlib.figure.Figure``,
+            safe to draw on another thread (a widget callback), shown by
+            displaying it or saving it (``helpers.planner_widget``).
+        stacked: {label: {device: bytes}} drawn on top of each device's
+            weights, hatched (the planner passes the KV cache and the
+            reserve); a bar is red when its total is over the budget.
 
     Returns:
         The matplotlib Figure. Call ``plt.show()`` after it. Explained in notebook 02.
@@ -253,7 +318,10 @@ def plot_device_map(model, device_map: dict, max_memory: dict | None = None, tit
     devices = [None if d == "(none)" else d for d in table["device"]]
     used = dict(zip(devices, table["bytes"]))
     if ax is None:
-        fig, (ax_strip, ax_bar) = plt.subplots(2, 1, figsize=(10, 4.2), gridspec_kw={"height_ratios": [1, 2]})
+        from matplotlib.figure import Figure
+
+        fig = plt.figure(figsize=(FIG_WIDTH, 3.6)) if pyplot else Figure(figsize=(FIG_WIDTH, 3.6))
+        ax_strip, ax_bar = fig.subplots(2, 1, gridspec_kw={"height_ratios": [1, 3]})
     elif isinstance(ax, (list, tuple)):
         ax_strip, ax_bar = ax
         fig = ax_strip.figure
@@ -261,46 +329,68 @@ def plot_device_map(model, device_map: dict, max_memory: dict | None = None, tit
         ax_strip, ax_bar, fig = ax, None, ax.figure
 
     units = list(_units(model, device_map).items())
-    labels = []
     for x, ((prefix, idx), members) in enumerate(units):
         devs = sorted({d for _, d in members}, key=device_order)
         h = 1 / len(devs)
         for j, dev in enumerate(devs):
             ax_strip.bar(x, h, bottom=j * h, width=1.0, color=_color(dev), edgecolor="black", linewidth=0.3,
                          hatch="//" if len(devs) > 1 else None)
-        labels.append(str(idx) if idx is not None else _short(prefix))
-    step = max(1, len(units) // 24)
-    ticks = [i for i in range(len(units)) if units[i][0][1] is None or i % step == 0]
-    ax_strip.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=7)
     ax_strip.set_yticks([])
     ax_strip.set_xlim(-0.5, len(units) - 0.5)
-    ax_strip.set_xlabel("module, in model order (numbers: decoder layers; hatched: cut across devices)")
-    ax_strip.set_title(title or "Device map: where each part of the model sits")
+    cut = any(len({d for _, d in members}) > 1 for _, members in units)
+    ax_strip.set_xlabel("modules in model order (numbers: decoder layers" + ("; hatched: cut across devices)" if cut else ")"),
+                        fontsize=9)
+    title = textwrap.fill(title or "Device map: where each part of the model sits", 64)  # a long title: two lines
+    ax_strip.set_title(title)
 
     def legend_label(d):
         s = f"{device_label(d) if d is not None else 'no device'}: {format_size(used.get(d, 0))}"
         return s + (f" / {format_size(budget[d])}" if d in budget else "")
 
-    listed = devices + [d for d in budget if isinstance(d, int) and d not in devices]  # empty GPUs too
-    ax_strip.legend(handles=[Patch(facecolor=_color(d), edgecolor="black", label=legend_label(d)) for d in listed],
-                    loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False,
-                    title="device: weights" + (" / budget" if budget else ""), title_fontsize=8)
+    handles = [Patch(facecolor=_color(d), edgecolor="black", label=legend_label(d)) for d in devices]
+    empty = [d for d in budget if isinstance(d, int) and d not in devices]  # budgeted GPUs left empty: one entry a size
+    for size in dict.fromkeys(budget[d] for d in empty):
+        ids = [d for d in empty if budget[d] == size]
+        handles.append(Patch(fill=False, edgecolor="black", linewidth=0.5,
+                             label=f"GPU{'s' * (len(ids) > 1)} {_layer_ranges(ids)}: empty / {format_size(size)}"
+                                   + (" each" if len(ids) > 1 else "")))
+    legend = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=_TEXT_PT, frameon=False,
+                  title="device: weights" + (" / budget" if budget else ""), title_fontsize=_TEXT_PT)
+    if ax_bar is None:  # beside the strip
+        ax_strip.legend(handles=handles, **legend)
     if ax_bar is not None:
         # devices that hold weights, plus budgeted GPUs left empty (an unused cpu/disk budget is not drawn)
         shown = [d for d in devices if d is not None] + [d for d in budget if d not in devices and isinstance(d, int)]
-        big = max([used.get(d, 0) for d in shown] + [budget.get(d, 0) for d in shown] + [1])
+        stacked = stacked or {}
+        total = {d: used.get(d, 0) + sum(part.get(d, 0) for part in stacked.values()) for d in shown}
+        big = max([total[d] for d in shown] + [budget.get(d, 0) for d in shown] + [1])
         unit, uname = (GiB, "GiB") if big >= GiB else (MiB, "MiB")
         xs = range(len(shown))
+        over = {d: d in budget and total[d] > budget[d] for d in shown}
         ax_bar.bar(xs, [used.get(d, 0) / unit for d in shown], width=0.6,
-                   color=["red" if d in budget and used.get(d, 0) > budget[d] else _color(d) for d in shown])
+                   color=["red" if over[d] else _color(d) for d in shown])
+        bottom = [used.get(d, 0) / unit for d in shown]
+        for (label, part), hatch in zip(stacked.items(), ("..", "xx", "++", "--")):
+            heights = [part.get(d, 0) / unit for d in shown]
+            ax_bar.bar(xs, heights, bottom=bottom, width=0.6, color="white", edgecolor="0.35", linewidth=0.5,
+                       hatch=hatch)
+            bottom = [b + h for b, h in zip(bottom, heights)]
         ax_bar.bar([x for x, d in zip(xs, shown) if d in budget], [budget[d] / unit for d in shown if d in budget],
-                   width=0.6, fill=False, edgecolor="black", linewidth=1.2, label="budget (max_memory)")
+                   width=0.6, fill=False, edgecolor="black", linewidth=1.2)
         ax_bar.set_xticks(list(xs), [device_label(d) for d in shown])
-        ax_bar.set_ylabel(f"weights ({uname})")
+        what = " + ".join(["weights"] + list(stacked))
+        ax_bar.set_ylabel(f"{'bytes' if stacked else 'weights'} ({uname})")
         ax_bar.set_xlabel("device")
-        ax_bar.set_title("Bytes of weights per device" + (" against its budget (red: over)" if budget else ""))
-        if budget:
-            ax_bar.legend(fontsize=8)
+        ax_bar.set_title(f"{what[0].upper()}{what[1:]} per device" + (" against its budget (red: over)" if budget else ""))
+        outline = [Patch(fill=False, edgecolor="black", linewidth=1.2, label="budget (max_memory)")] if budget else []
+        parts = [Patch(facecolor="white", edgecolor="0.35", hatch=hatch, label=label)
+                 for label, hatch in zip(stacked, ("..", "xx", "++", "--"))]
+        ax_bar.legend(handles=handles + parts + outline, **legend)  # beside the bars, never over them
+    fig.tight_layout()  # first the axes' final widths, then the labels that depend on them
+    rows = _label_strip(ax_strip, units)
+    ax_strip.xaxis.labelpad = rows * _ROW_PT + 4
+    if ax is None:  # the rows of names take room of their own, not the strip's
+        fig.set_size_inches(FIG_WIDTH, fig.get_figheight() + (rows * _ROW_PT + 14 * title.count("\n")) / 72)
     fig.tight_layout()
     return fig
 

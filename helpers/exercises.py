@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from .text import wrap
+
 
 def check_answer(answer: Any, expected: Any, right: str | Callable[[Any], str], wrong: str | Callable[[Any], str],
                  not_yet: str = "", *, label: str = "") -> str | None:
@@ -17,7 +19,8 @@ def check_answer(answer: Any, expected: Any, right: str | Callable[[Any], str], 
     when it equals ``expected``, or, when ``expected`` is a callable, when ``expected(answer)`` is true
     (for answers with a tolerance), and ``right: <right>`` or ``wrong: <wrong>`` is printed. ``right`` and
     ``wrong`` are strings, or callables given the answer that return the string (called only for the
-    verdict printed). ``label`` (e.g. ``"Exercise 1"``) starts the line, followed by a colon.
+    verdict printed). ``label`` (e.g. ``"Exercise 1"``) starts the line, followed by a colon. A long
+    verdict is wrapped at words to fit a JupyterLab output line (:func:`helpers.text.wrap`).
     Never raises for a wrong answer. Used by the exercise checks of notebooks 00 to 06.
     """
     if answer is None:
@@ -27,5 +30,5 @@ def check_answer(answer: Any, expected: Any, right: str | Callable[[Any], str], 
         verdict, message = ("right", right) if ok else ("wrong", wrong)
         message = message(answer) if callable(message) else message
     line = f"{verdict}: {message}" if message else f"{verdict}."
-    print(f"{label}: {line}" if label else line)
+    print(wrap(f"{label}: {line}" if label else line))
     return None if answer is None else verdict

@@ -8,7 +8,7 @@ would compute, with the bytes per device and a verdict that counts weights,
 the KV cache and a per-GPU reserve (CUDA context and activations, measured on
 a GPU: ``gpu-reference/one-gpu/reserve.json``), and the longest context that
 fits at that batch.
-:func:`show_plan` prints and draws it; :func:`planner_widget` wraps it in
+:func:`show_plan` prints and draws it; :mod:`helpers.planner_widget` wraps it in
 ipywidgets for live exploration.
 
 Everything happens on the meta device (no weight bytes are allocated; a
@@ -58,6 +58,7 @@ from .devicemap import STRATEGIES, bytes_per_device, device_of, placement, tenso
 from .memory import FORMATS, QUANTIZED, kv_cache_layers, linear_bytes_per_weight
 from .quiet import quiet_planning
 from .shapes import SHAPES, as_config
+from .text import wrap
 from .units import GiB
 
 
@@ -120,20 +121,22 @@ def plan_device_map(model, quantizer, max_memory: dict, strategy: str = "auto") 
     Returns:
         ``(device_map, caps)``: the map, and the per-device caps (bytes) the placement used.
     """
-    from transformers.integrations.accelerate import get_balanced_memory, get_max_memory, infer_auto_device_map
+    from transformers.integrations.accelerate import (get_balanced_memory, get_max_memory,
+                                                      infer_auto_device_map)
 
     no_split = model._no_split_modules
     with quiet_planning():
         if strategy == "sequential":
             caps = get_max_memory(dict(max_memory))
         else:
-            caps = get_balanced_memory(model, max_memory=dict(max_memory), no_split_module_classes=no_split,
-                                       hf_quantizer=quantizer, low_zero=(strategy == "balanced_low_0"))
+            caps = get_balanced_memory(model, max_memory=dict(max_memory),
+                                       no_split_module_classes=no_split, hf_quantizer=quantizer,
+                                       low_zero=(strategy == "balanced_low_0"))
         if quantizer is not None:
             caps = quantizer.adjust_max_memory(caps)
+        no_placement = getattr(model, "_no_placement_params", None)
         device_map = infer_auto_device_map(model, max_memory=caps, no_split_module_classes=no_split,
-                                           hf_quantizer=quantizer,
-                                           no_placement_params=getattr(model, "_no_placement_params", None))
+                                           hf_quantizer=quantizer, no_placement_params=no_placement)
     return dict(device_map), {k: int(v) for k, v in caps.items()}
 
 
@@ -296,7 +299,10 @@ class Plan:
         return sum(self.true_bytes_per_device.values())
 
     def summary(self) -> str:
-        """A few lines: the question, the verdict, each device's modules and bytes (GiB), the longest context."""
+        """A few lines: the question, the verdict, each device's modules and bytes (GiB), the longest context.
+
+        Lines are wrapped at words to :data:`helpers.text.LINE_WIDTH` characters. Notebook 03, section 6.
+        """
         spilled = [d for d in ("cpu", "disk") if d in self.device_map.values()]
         if not self.on_gpus:
             verdict = "DOES NOT FIT: " + ", ".join(
@@ -322,7 +328,7 @@ class Plan:
             lines.append(f"{line}: {where.get(dev, '')}")
         cap = " (the model's max_position_embeddings)" if self.max_context_capped else ""
         lines.append(f"  longest context that fits at batch {self.batch}: {self.max_context:,} tokens{cap}")
-        return "\n".join(lines)
+        return wrap("\n".join(lines))  # each line fits a JupyterLab output line (helpers.text)
 
 
 def _true_sizes(model, quantizer, fmt: str, sizes: dict) -> dict:
@@ -469,56 +475,23 @@ def show_plan(model, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24
     p = plan(model, fmt, n_gpus, gib_per_gpu, strategy, cpu_gib, context, batch, reserve_gib)
     print(p.summary())
     if draw:
-        verdict = "fits" if p.fits else "does not fit"
-        title = f"{p.shape} {fmt} on {n_gpus} x {gib_per_gpu:g} GiB ({strategy}), {context:,} tokens x {batch}: {verdict}"
-        plot_device_map(p.model, p.device_map, max_memory=p.max_memory, title=title, ax=ax,
-                        hf_quantizer=p.hf_quantizer)
+        plot_device_map(p.model, p.device_map, max_memory=p.max_memory, title=plan_title(p), ax=ax,
+                        hf_quantizer=p.hf_quantizer, stacked=plan_stacked(p))
     return p
 
 
-def planner_widget(model: str = "llama-2-70b", fmt: str = "nf4", n_gpus: int = 2, gib_per_gpu: float = 24,
-                   strategy: str = "balanced", context: int = 4096, batch: int = 1):
-    """An ipywidgets planner: pick a model, a format, GPUs, memory, context and batch; the map and verdict update.
+def plan_stacked(p: Plan) -> dict:
+    """What a plan's drawing stacks on each GPU's weights: {"KV cache": {GPU: bytes}, "reserve": {GPU: bytes}}.
 
-    The model is a named shape from the list, or whatever is typed in the text
-    box (a local checkpoint directory or a hub id, as :func:`plan` takes; the
-    box wins when it is not empty). Each change calls :func:`show_plan` and
-    redraws; a model that cannot be read prints the reason instead. Its
-    output lives in widget state, which nbval does not check: call
-    :func:`show_plan` in a checked cell for the same view.
-
-    Returns:
-        An ``ipywidgets.VBox`` (display it as a cell's last value).
-
-    Raises:
-        ImportError: ipywidgets is not installed (``pip install ipywidgets``).
-
-    Notebook 03, section 6.
+    Empty when the weights do not all land on GPUs (then the KV cache is not counted). Notebook 03.
     """
-    import ipywidgets as w
-    import matplotlib.pyplot as plt
+    if not p.on_gpus:
+        return {}
+    return {"KV cache": dict(p.kv_bytes_per_device), "reserve": {d: p.reserve_bytes for d in range(p.n_gpus)}}
 
-    controls = dict(
-        shape=w.Dropdown(options=list(SHAPES), value=model if model in SHAPES else "llama-2-70b", description="model"),
-        typed=w.Text(value="" if model in SHAPES else str(model), placeholder="or a config path / hub id",
-                     description="or"),
-        fmt=w.Dropdown(options=list(FORMATS), value=fmt, description="format"),
-        n_gpus=w.IntSlider(value=n_gpus, min=1, max=8, description="GPUs"),
-        gib_per_gpu=w.Dropdown(options=[8, 12, 16, 24, 40, 48, 80, 94, 141], value=gib_per_gpu,
-                               description="GiB / GPU"),
-        strategy=w.Dropdown(options=list(STRATEGIES), value=strategy, description="device_map"),
-        context=w.Dropdown(options=[1024, 4096, 8192, 32768, 131072], value=context, description="context"),
-        batch=w.Dropdown(options=[1, 2, 4, 8, 16, 32, 64], value=batch, description="batch"),
-    )
 
-    def draw(shape, typed, **kw):
-        try:
-            show_plan(typed.strip() or shape, **kw)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"{type(e).__name__}: {e}")
-            return
-        plt.show()
-
-    out = w.interactive_output(draw, controls)
-    rows = [("shape", "typed"), ("fmt", "strategy"), ("n_gpus", "gib_per_gpu"), ("context", "batch")]
-    return w.VBox([w.HBox([controls[a], controls[b]]) for a, b in rows] + [out])
+def plan_title(p: Plan) -> str:
+    """The title :func:`show_plan` and the planner widget give a plan's drawing: the question and the verdict."""
+    verdict = "fits" if p.fits else "does not fit"
+    return (f"{p.shape} {p.fmt} on {p.n_gpus} x {p.gib_per_gpu:g} GiB ({p.strategy}), "
+            f"{p.context:,} tokens x {p.batch}: {verdict}")

@@ -32,6 +32,7 @@ import torch
 from accelerate.utils import convert_file_size_to_int, find_tied_parameters
 
 from .devicemap import ACCELERATORS, STRATEGIES, bytes_per_device, canonical_device, device_label, device_order, owner_key, tensor_sizes
+from .text import wrap
 from .units import format_size
 
 @dataclass
@@ -85,11 +86,11 @@ class Report:
     def __str__(self) -> str:
         used = ", ".join(f"{device_label(d)} {format_size(b)}" for d, b in self.bytes_per_device.items())
         if self.ok:
-            return "pre-flight check: OK" + (f" ({used})" if used else "")
+            return wrap("pre-flight check: OK" + (f" ({used})" if used else ""))
         lines = [f"pre-flight check: {len(self.findings)} problem(s)"]
         for i, f in enumerate(self.findings, 1):
             lines += [f"{i}. [{f.kind}] {f.message}", f"   fix: {f.fix}"]
-        return "\n".join(lines)
+        return wrap("\n".join(lines))  # lines fit a JupyterLab output line (helpers.text)
 
 
 

@@ -22,6 +22,26 @@ KNOWN = {
     "bitsandbytes.autograd._functions": logging.ERROR,
 }
 
+KNOWN_MESSAGES = {
+    # dispatch_model (so load_checkpoint_and_dispatch and from_pretrained with a map) logs "Some parameters are
+    # on the meta device because they were offloaded to the disk and cpu." for every map that offloads: that is
+    # what offload means (the weights wait off the device until their hook loads them; notebook 02, section 4).
+    "accelerate.big_modeling": ("Some parameters are on the meta device because they were offloaded",),
+}
+"""Messages, by the start of their text, dropped from one logger; the logger's other messages still show."""
+
+
+class _DropKnownMessages(logging.Filter):
+    """A logging filter that drops the records whose message starts with one of ``starts``."""
+
+    def __init__(self, starts):
+        super().__init__()
+        self.starts = tuple(starts)
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
 PLANNING = (
     "accelerate.utils.modeling",  # "Device 0 is not available, available devices are []"
     "transformers.integrations.accelerate",  # "Current model requires N bytes of buffer for offloaded layers"
@@ -30,12 +50,17 @@ PLANNING = (
 
 
 def silence_known_warnings() -> None:
-    """Raise the level of the loggers in :data:`KNOWN`, and quiet accelerate's loading bar in quiet runs.
+    """Raise the level of the loggers in :data:`KNOWN`, drop the :data:`KNOWN_MESSAGES`, and quiet accelerate's
+    loading bar in quiet runs. Calling it again adds nothing.
 
     Called at the top of every notebook (00 to 06).
     """
     for name, level in KNOWN.items():
         logging.getLogger(name).setLevel(level)
+    for name, starts in KNOWN_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownMessages) for f in logger.filters):
+            logger.addFilter(_DropKnownMessages(starts))
     _quiet_accelerate_progress()
 
 

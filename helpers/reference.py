@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from .launch import ROOT
+from .text import say
 
 REFERENCE = ROOT / "gpu-reference"
 """The folder of the GPU reference tiers."""
@@ -129,9 +130,10 @@ def print_sources(files: dict, n_gpus: int) -> None:
     for name, res in files.items():
         hw = res["hardware"]
         print(f"[{name}] gpu-reference/{name}/results.json: {len(hw['gpus'])} x {hw['gpus'][0][0]} "
-              f"({hw['gpus'][0][1]} GiB); " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
-        print(f"  {res['model']['label']}, {res['model']['params'] / 1e9:.2f} B parameters, {res['model']['dtype']}; "
-              f"{res['new_tokens']} new tokens")
+              f"({hw['gpus'][0][1]} GiB)")
+        say("  " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
+        say(f"  {res['model']['label']}, {res['model']['params'] / 1e9:.2f} B parameters, {res['model']['dtype']}; "
+            f"{res['new_tokens']} new tokens")
         print("  the limit beside a figure is measured in the same run: the tokens/s at which every decode step\n"
               f"  reads its bytes (weights, KV cache) at the device-to-device copy rate, {res['bandwidth']['GBps']:.0f} GB/s"
               if "bandwidth" in res else "  an older layout: no limit recorded")

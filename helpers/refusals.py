@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .text import wrap
+
 
 def refused(call: Callable[[], object], *errors: type[BaseException], width: int | None = None,
             label: str = "") -> BaseException | None:
@@ -16,7 +18,8 @@ def refused(call: Callable[[], object], *errors: type[BaseException], width: int
 
     Prints ``Type: message`` (``label`` first, then a space, when given: ``label="generate ->"``).
     ``width=None`` prints the whole message; a number prints only its first line, cut at that many
-    characters with ``...`` after a cut (notebook 06 quotes long library messages this way).
+    characters with ``...`` after a cut (notebook 06 quotes long library messages this way). Lines
+    longer than a JupyterLab output line are wrapped at words (:func:`helpers.text.wrap`).
     Returns the exception when one of ``errors`` was raised, and None (printing nothing) when the call
     returned normally. Any other exception propagates, so an unexpected failure still stops the cell.
     ``errors`` defaults to ``Exception``. Notebooks 03 and 06 show the library's refusals with it.
@@ -29,6 +32,6 @@ def refused(call: Callable[[], object], *errors: type[BaseException], width: int
             first = message.strip().splitlines()[0] if message.strip() else ""
             message = first[:width] + ("..." if len(first) > width else "")
         text = f"{type(e).__name__}: {message}"
-        print(f"{label} {text}" if label else text)
+        print(wrap(f"{label} {text}" if label else text))
         return e
     return None

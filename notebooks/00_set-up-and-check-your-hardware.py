@@ -5,7 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -263,11 +263,12 @@ plt.show()
 from helpers.shapes import meta_model, n_params
 
 estimates = {}
+print(f"{'model':<12} {'params':>7}  GiB of weights in each format")
 for name in ("bloom-1b7", "llama-2-7b", "llama-2-13b", "llama-2-70b"):
     m = meta_model(name)
     estimates[name] = {fmt: gib(predict_footprint(m, fmt)) for fmt in FORMATS}
-    print(f"{name:<12} {n_params(m) / 1e9:5.2f} B params  " +
-          "  ".join(f"{fmt} {v:7.2f} GiB" for fmt, v in estimates[name].items()))
+    print(f"{name:<12} {n_params(m) / 1e9:5.2f} B  " +
+          "  ".join(f"{fmt} {v:6.2f}" for fmt, v in estimates[name].items()))
     assert next(m.parameters()).device.type == "meta"
 
 # %%

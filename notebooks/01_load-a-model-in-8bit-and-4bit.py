@@ -5,7 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -29,8 +29,8 @@
 #    reload a 4-bit model.
 #
 # **What you'll need**: notebook 00 done (it sets up the bundled model). A CPU is enough: bitsandbytes
-# 0.50 runs 8-bit and 4-bit layers on the CPU. About 30 s on an idle 2-core CPU, plus about 10 s for
-# section 9's timing. On a GPU the same cells run the CUDA kernels (and the compute dtype switches to
+# 0.50 runs 8-bit and 4-bit layers on the CPU. About 1 minute on an idle 2-core CPU, section 9's
+# timing included. On a GPU the same cells run the CUDA kernels (and the compute dtype switches to
 # bf16).
 
 # %% tags=["parameters"]
@@ -44,6 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from helpers.checkpoints import resolve_model
 from helpers.memory import predict_footprint
 from helpers.quiet import silence_known_warnings
+from helpers.text import say
 from helpers.units import mib
 
 silence_known_warnings()  # two routine bitsandbytes messages on CPU: see helpers/quiet.py
@@ -227,13 +228,13 @@ with torch.inference_mode():
     for name in ("fp32", "int8", "nf4", "fp4"):
         out = models[name].generate(**inputs, max_new_tokens=32, do_sample=False)
         answers[name] = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-print("fp32:", answers["fp32"].strip())
+say("fp32:", answers["fp32"].strip())
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 # quantized generations depend on the CPU's bitsandbytes kernel (see above); fp32 is checked below
 for name, text in answers.items():
-    print(f"--- {name}\n{text.strip()}\n")
+    say(f"--- {name}\n{text.strip()}\n")
 
 # %% [markdown]
 # Compare each answer with fp32's, token by token: where a format picks one different token, everything
@@ -283,7 +284,7 @@ print("int8 < NF4 < FP4 in KL divergence, as expected")
 import matplotlib.pyplot as plt
 
 names = [n for n in models if n != "fp32"]
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8.4, 3.2))  # 840 px: JupyterLab shows it unscaled
 ax1.bar(names, [mib(footprints[n]) for n in names], color="tab:blue")
 ax1.axhline(mib(footprints["fp32"]), color="black", ls="--", label="fp32")
 ax1.set_ylabel("get_memory_footprint (MiB)")

@@ -5,7 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -58,6 +58,7 @@ from helpers.hardware import print_report
 from helpers.measure import rss_bytes, sync
 from helpers.preflight import preflight
 from helpers.quiet import silence_known_warnings
+from helpers.text import say
 from helpers.units import mib
 
 # routine library messages and, in quiet runs only, accelerate's loading bar: see helpers/quiet.py
@@ -181,6 +182,8 @@ print(preflight(empty, {"": MAIN}, checkpoint=path, mode="run"))
 # with no data:
 
 # %%
+# accelerate warns first, on stderr: "The model weights are not tied. Please use the `tie_weights` method ...":
+# the lost tie of section 2, noticed while it plans; it loads anyway, and fails
 try:
     load_checkpoint_and_dispatch(empty, path, device_map={"": MAIN}, dtype=dtype)
 except NotImplementedError as e:
@@ -309,12 +312,12 @@ print(f".dat files: {mib(on_disk)} MiB | the same tensors in {DTYPE}: {mib(table
 def describe_hook(name):
     hook = getattr(model.get_submodule(name), "_hf_hook", None)
     if hook is None:
-        return f"{name or '(the model)':<34} no hook"
-    return (f"{name or '(the model)':<34} {type(hook).__name__}: execution_device={hook.execution_device!r}, "
-            f"offload={hook.offload}, io_same_device={hook.io_same_device}")
+        return f"{name or '(the model)':<33} no hook"
+    return f"{name or '(the model)':<33} {type(hook).__name__}: {hook.execution_device!r}, {hook.offload}, {hook.io_same_device}"
 
 
 first_disk = next(k for k, v in model.hf_device_map.items() if v == "disk" and k.split(".")[-1].isdigit())
+print(f"{'module':<33} hook: execution_device, offload, io_same_device")
 for name in ["", "model.embed_tokens", "model.layers.0", first_disk, first_disk + ".self_attn.q_proj", "lm_head"]:
     print(describe_hook(name))
 
@@ -399,9 +402,10 @@ for k, dm in maps.items():
     report = preflight(model, dm, mode="run", checkpoint=path)
     assert report.ok, report
     disk_bytes[k] = report.bytes_per_device.get("disk", 0)
-    print(f"{k:>2} layers on disk: {mib(disk_bytes[k]):6.1f} MiB of weights read from disk per forward pass "
-          f"({DTYPE}; the .dat files hold float32, twice that)")
-print("entries of the all-on-disk map:", len(maps[N_LAYERS]), "| e.g.", dict(list(maps[N_LAYERS].items())[:4]))
+    say(f"{k:>2} layers on disk: {mib(disk_bytes[k]):6.1f} MiB of {DTYPE} weights read per forward pass "
+          "(the .dat files: float32, twice that)")
+say("entries of the all-on-disk map:", len(maps[N_LAYERS]))
+say("e.g.", dict(list(maps[N_LAYERS].items())[:4]))
 
 # %%
 import inspect
@@ -448,14 +452,14 @@ print("timed:", sorted(step_s))
 for k, t in step_s.items():
     extra = t - step_s[0]
     rate = f", {file_bytes[k] / extra / 1e9:.2f} GB/s of offload files read and converted" if k and extra > 0 else ""
-    print(f"{k:>2} of {N_LAYERS} layers on disk: {1 / t:6.2f} tokens/s ({1000 * t:7.1f} ms per token{rate})")
-print(f"slowdown with all layers on disk: {step_s[N_LAYERS] / step_s[0]:.1f} x")
+    say(f"{k:>2} of {N_LAYERS} layers on disk: {1 / t:6.2f} tokens/s ({1000 * t:6.1f} ms/token{rate})")
+say(f"slowdown with all layers on disk: {step_s[N_LAYERS] / step_s[0]:.1f} x")
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 # a plot of the timings above (machine-dependent)
 ks = list(step_s)
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8.4, 3.4))  # 840 px: JupyterLab shows it unscaled
 ax1.bar([str(k) for k in ks], [1 / step_s[k] for k in ks], color="tab:blue")
 ax1.set_xlabel(f"decoder layers on disk (of {N_LAYERS})")
 ax1.set_ylabel("decode speed (tokens/s)")

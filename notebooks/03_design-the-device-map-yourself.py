@@ -5,7 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -66,6 +66,7 @@ from helpers.exercises import check_answer
 from helpers.preflight import preflight
 from helpers.quiet import quiet_planning, silence_known_warnings
 from helpers.refusals import refused
+from helpers.text import say
 
 # routine library messages and, in quiet runs only, accelerate's loading bar: see helpers/quiet.py
 silence_known_warnings()
@@ -222,10 +223,10 @@ print(f"same {NEW_TOKENS} tokens as the model loaded whole")
 from accelerate.utils import get_max_memory
 
 with quiet_planning():  # accelerate warns "Device N is not available" for GPUs a machine lacks: expected, silenced
-    print(get_max_memory({"cpu": "30GiB", 1: "24GiB", 0: "24GiB"}))
+    say(get_max_memory({"cpu": "30GiB", 1: "24GiB", 0: "24GiB"}))
 mine = {"cpu": "160MiB"}
 get_max_memory(mine)
-print("the dict passed in, afterwards:", mine)
+say("the dict passed in, afterwards:", mine)
 _ = refused(lambda: get_max_memory({"cuda:0": "24GiB"}), ValueError)
 
 # %% [markdown]
@@ -264,9 +265,9 @@ for size in ("24Gb", "24GB", "24GiB"):
         warnings.simplefilter("always")
         n = parse_budget({0: size})[0]
     warned[size] = [str(w.message) for w in caught if issubclass(w.category, BudgetWarning)]
-    print(f"{size!r}: {n:,} bytes (as accelerate reads it: {n == convert_file_size_to_int(size)})")
+    say(f"{size!r}: {n:,} bytes (as accelerate reads it: {n == convert_file_size_to_int(size)})")
     for message in warned[size]:
-        print(f"  BudgetWarning: {message}")
+        say(f"  BudgetWarning: {message}")
 assert warned["24Gb"] and not warned["24GB"] and not warned["24GiB"], "only the size in bits should warn"
 
 # %% [markdown]
@@ -316,7 +317,7 @@ for name, dm in strategies.items():
     print(f"{name:>15}: " + " | ".join(f"GPU {r.device}: {r.GiB:.2f} GiB" for r in table.itertuples()))
 
 # %%
-fig, axes = plt.subplots(3, 1, figsize=(10, 6))
+fig, axes = plt.subplots(3, 1, figsize=(8.4, 5.6))  # 840 px: JupyterLab shows it unscaled
 for ax, (name, dm) in zip(axes, strategies.items()):
     plot_device_map(llama7, dm, max_memory=budget, title=f"llama-2-7b bf16 on 4 x 24 GiB: {name}", ax=ax)
 plt.show()
@@ -387,7 +388,7 @@ for (s, f, n, g), p in plans.items():
 # %%
 for fmt in FORMATS:
     for shape in SHAPES:
-        fig, axes = plt.subplots(len(SETUPS), 1, figsize=(11, 2.5 * len(SETUPS)), dpi=80)
+        fig, axes = plt.subplots(len(SETUPS), 1, figsize=(8.4, 1.9 * len(SETUPS)))
         for ax, (n, g) in zip(axes, SETUPS):
             p = plans[(shape, fmt, n, g)]
             plot_device_map(p.model, p.device_map, max_memory=p.max_memory, ax=ax, hf_quantizer=p.hf_quantizer,
@@ -539,7 +540,7 @@ for double in (False, True):
     if double:
         scales += state.state2.absmax.numel() * state.state2.absmax.element_size()
     real = (packed.numel() * packed.element_size() + scales) / w.numel()
-    print(f"{name} {tuple(w.shape)}, double quant {double!s:<5}: {real:.4f} bytes/weight "
+    say(f"{name} {tuple(w.shape)}, double quant {double!s:<5}: {real:.4f} bytes/weight "
           f"(transformers counts 0.5000; helpers.memory predicts {linear_bytes_per_weight('nf4-dq' if double else 'nf4'):.4f})")
 
 # %% [markdown]
@@ -556,12 +557,12 @@ for dev, n in p70.bytes_per_device.items():
 #    fit:
 
 # %%
-print({k: f"{v / 2**30:.1f} GiB" for k, v in quantizer.adjust_max_memory({0: 24 * 2**30, 1: 80 * 2**30}).items()})
+say({k: f"{v / 2**30:.1f} GiB" for k, v in quantizer.adjust_max_memory({0: 24 * 2**30, 1: 80 * 2**30}).items()})
 
 total7 = plan("llama-2-7b", "nf4", 1, 80).total_bytes
 gpu_gib = round(total7 / 2**30 + 0.2, 1)
 tight = plan("llama-2-7b", "nf4", 1, gpu_gib, "sequential")
-print(f"llama-2-7b NF4: {total7 / 2**30:.2f} GiB of weights (transformers' count) on one {gpu_gib} GiB GPU: "
+say(f"llama-2-7b NF4: {total7 / 2**30:.2f} GiB of weights (transformers' count) on one {gpu_gib} GiB GPU: "
       f"bytes fit: {total7 < gpu_gib * 2**30}, every module placed on the GPU: {tight.on_gpus}")
 
 # %% [markdown]
@@ -712,7 +713,7 @@ print()
 for p in (p1, p8):
     why = " (the config's max_position_embeddings: memory is not the limit)" if p.max_context_capped else ""
     kv = " + ".join(f"{n / 2**30:.2f}" for n in p.kv_bytes_per_device.values())
-    print(f"batch {p.batch}: {'fits' if p.fits else 'does not fit'} (KV cache {kv} GiB at 4,096 tokens); "
+    say(f"batch {p.batch}: {'fits' if p.fits else 'does not fit'} (KV cache {kv} GiB at 4,096 tokens); "
           f"longest context that fits: {p.max_context:,} tokens{why}")
 
 # %%
@@ -749,7 +750,7 @@ _ = refused(lambda: print(plan("Qwen/Qwen2.5-7B-Instruct", "bf16", n_gpus=2, gib
 # cache does not, and the verdict says which GPUs run over:
 
 # %%
-from helpers.planner import planner_widget, show_plan
+from helpers.planner import show_plan
 
 shown = show_plan(full, "bf16", n_gpus=2, gib_per_gpu=16, context=32768, batch=8)
 plt.show()
@@ -763,6 +764,8 @@ assert shown.on_gpus and not shown.fits, "the weights fit, the cache for 8 x 32k
 # %%
 # NBVAL_IGNORE_OUTPUT
 # widget output lives in widget state, which is not stored nor compared; show_plan above is its checked twin
+from helpers.planner_widget import planner_widget
+
 planner_widget("llama-2-70b", "nf4", n_gpus=2, gib_per_gpu=24, context=4096, batch=1)
 
 # %% [markdown]

@@ -7,7 +7,7 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -43,7 +43,7 @@
 #   workbook's reference run of the tier that matches the machine (`gpu-reference/one-gpu/results.json`
 #   without a GPU or with one, `gpu-reference/two-gpu/results.json` with two or more); figures that need
 #   two GPUs, such as the split's speed, come from the two-GPU tier on every machine.
-# - Run time: about 45 s on a 2-core CPU, about 25 s on one H200 GPU.
+# - Run time: about 20 s on an idle 2-core CPU, about 35 s on one H200 GPU.
 
 # %% tags=["parameters"]
 MODEL = "bundled"  # "bundled" (SmolLM2-135M-Instruct), a local checkpoint folder, or a hub id
@@ -70,6 +70,7 @@ from helpers.quiet import quiet_planning, silence_known_warnings
 from helpers.reference import (TIER_GPUS, batch_growth, by_batch, matching_tier, print_sources, records, reference_files,
                                speed)
 from helpers.shapes import meta_model, n_params
+from helpers.text import say
 from helpers.units import MiB
 
 silence_known_warnings()  # routine library messages, and accelerate's loading bar in quiet runs
@@ -247,15 +248,15 @@ hops = [(a[1], b[1], str(a[2]), str(b[2])) for a, b in zip(ends, ends[1:]) if a[
 placed = [device_label(split.hf_device_map[f"model.layers.{s[1]}"]) for s in starts]
 runs_on = [device_label(d) for d in dict.fromkeys(canonical_device(layer._hf_hook.execution_device)
                                                    for layer in split.model.layers)]
-print("layer order:", [s[1] for s in starts] == list(range(n_layers)))
-print("each layer starts after the previous one ends:", sequential)
-print("map in run order:", " -> ".join(f"{d} x{placed.count(d)}" for d in dict.fromkeys(placed)))
-print("layers compute on:", ", ".join(runs_on))
+say("layer order:", [s[1] for s in starts] == list(range(n_layers)))
+say("each layer starts after the previous one ends:", sequential)
+say("map in run order:", " -> ".join(f"{d} x{placed.count(d)}" for d in dict.fromkeys(placed)))
+say("layers compute on:", ", ".join(runs_on))
 if hops:
-    print("the hidden states changed device between layers:", hops,
+    say("the hidden states changed device between layers:", hops,
           "\n(once per forward pass: one tensor of batch x tokens x hidden)")
 else:
-    print(f"the hidden states never changed device: {runs_on[0]} computes every layer, and the second half's "
+    say(f"the hidden states never changed device: {runs_on[0]} computes every layer, and the second half's "
           "weights are brought to it at every pass")
 
 # %% [markdown]
@@ -404,18 +405,18 @@ print("figures from " + " and ".join(f"gpu-reference/{name}/ ({TIER_GPUS[name]} 
 
 # %%
 one2, split2 = by_batch(two_ref, "one GPU"), by_batch(two_ref, "split")
-print(f"[two-gpu] split over {split2[min(split2)]['gpus']} GPUs (device_map={two_ref['split']['device_map']!r}), "
+say(f"[two-gpu] split over {split2[min(split2)]['gpus']} GPUs (device_map={two_ref['split']['device_map']!r}), "
       f"against one GPU in the same run:")
 for b in sorted(set(one2) & set(split2)):
-    print(f"  batch {b:>2}: split {speed(split2[b])}, one GPU {speed(one2[b])}: "
+    say(f"  batch {b:>2}: split {speed(split2[b])}, one GPU {speed(one2[b])}: "
           f"{split2[b]['tokens_per_s'] / one2[b]['tokens_per_s']:.2f}x")
 one = by_batch(ref, "one GPU")
 lo, hi, growth, step = batch_growth(ref)  # step: how much longer a decoding step took at batch hi than at lo
-print(f"[{tier}] one GPU: batch {lo} {speed(one[lo])}, batch {hi} {speed(one[hi])}:\n  {hi // lo}x the rows gave "
+say(f"[{tier}] one GPU: batch {lo} {speed(one[lo])}, batch {hi} {speed(one[hi])}:\n  {hi // lo}x the rows gave "
       f"{growth:.1f}x the tokens/s: a decoding step for {hi} rows took {step:.2f}x as long as one for {lo}")
 shares = [r["tokens_per_s"] / r["limit_tokens_per_s"] for r in (one[lo], one[hi]) if r.get("limit_tokens_per_s")]
 if step < 2:
-    print("  so the GPU's arithmetic did not set the pace" + (
+    say("  so the GPU's arithmetic did not set the pace" + (
         f", nor did its memory reads (at most {max(shares):.1%} of the bandwidth limit)" if shares and max(shares) < 0.5
         else ""))
 
@@ -521,21 +522,21 @@ else:
 nf4_one, nf4_split = ref.get("nf4"), two_ref.get("split_nf4")  # one GPU (newer files); a split (older files)
 if nf4_one:
     lib = nf4_one["bnb_library"]
-    print(f"[{tier}] NF4 on one GPU: {nf4_one['module_type']} with {nf4_one['weight_type']} on "
+    say(f"[{tier}] NF4 on one GPU: {nf4_one['module_type']} with {nf4_one['weight_type']} on "
           f"{nf4_one['weight_device']}, bitsandbytes library {lib['library']} ({lib['backend']})")
     q, bf = by_batch(ref, "one GPU", "nf4"), by_batch(ref, "one GPU")
-    print(f"  memory footprint {nf4_one['footprint_bytes'] / 2**30:.2f} GiB in NF4, "
+    say(f"  memory footprint {nf4_one['footprint_bytes'] / 2**30:.2f} GiB in NF4, "
           f"{ref['model']['weight_bytes'] / 2**30:.2f} GiB in bf16")
     for b in sorted(set(q) & set(bf)):
-        print(f"  batch {b:>2}: {speed(q[b])} in NF4, {speed(bf[b])} in bf16")
+        say(f"  batch {b:>2}: {speed(q[b])} in NF4, {speed(bf[b])} in bf16")
 if nf4_split:
-    print(f"[two-gpu] NF4 split: {nf4_split['module_type']} with {nf4_split['weight_type']} on "
+    say(f"[two-gpu] NF4 split: {nf4_split['module_type']} with {nf4_split['weight_type']} on "
           f"{nf4_split['weight_device']}, bitsandbytes backend {nf4_split['bnb_backend']}")
-    print("  memory after the load:", ", ".join(f"GPU {g} {b / 2**30:.2f} GiB"
+    say("  memory after the load:", ", ".join(f"GPU {g} {b / 2**30:.2f} GiB"
                                                for g, b in enumerate(nf4_split["mem_after_load_bytes"])),
           "| bf16 split:", ", ".join(f"GPU {g} {b / 2**30:.2f} GiB"
                                      for g, b in enumerate(two_ref["split"]["mem_after_load_bytes"])))
-    print(f"  batch 1: {speed(by_batch(two_ref, 'split', 'nf4')[1])} in NF4, {speed(split2[1])} in bf16")
+    say(f"  batch 1: {speed(by_batch(two_ref, 'split', 'nf4')[1])} in NF4, {speed(split2[1])} in bf16")
 assert nf4_one or nf4_split, "neither reference file has an NF4 measurement"
 if model_4bit is not None:
     del model_4bit
@@ -557,11 +558,11 @@ rows = sorted((r for r in records(ref) if r["path"] == "cpu offload"), key=lambd
 xs = [r["bytes_offloaded"] / 1e9 for r in rows]
 ys = [r["s_per_token"] * 1e3 for r in rows]
 hw = ref["hardware"]
-print(f"[{tier}] {ref['model']['label']}: {ref['model']['layers']} decoder layers, batch {off['batch']}, "
+say(f"[{tier}] {ref['model']['label']}: {ref['model']['layers']} decoder layers, batch {off['batch']}, "
       f"on one {hw['gpus'][0][0]}")
 for r in rows:
-    print(f"{r['layers_on_cpu']:>2} layers on the CPU ({r['bytes_offloaded'] / 1e9:.2f} GB): {speed(r)}")
-print(f"effective host-to-device rate (slope): {off['effective_h2d_GBps']:.1f} GB/s; a plain 1 GiB copy: "
+    say(f"{r['layers_on_cpu']:>2} layers on the CPU ({r['bytes_offloaded'] / 1e9:.2f} GB): {speed(r)}")
+say(f"effective host-to-device rate (slope): {off['effective_h2d_GBps']:.1f} GB/s; a plain 1 GiB copy: "
       f"{ref['h2d']['pageable_GBps']:.1f} GB/s pageable, {ref['h2d']['pinned_GBps']:.1f} GB/s pinned")
 fig, ax = plt.subplots(figsize=(5, 3.5))
 ax.plot(xs, ys, "o", label="measured")
@@ -581,7 +582,7 @@ plt.show()
 rate, pageable, pinned = off["effective_h2d_GBps"], ref["h2d"]["pageable_GBps"], ref["h2d"]["pinned_GBps"]
 assert rate < pinned, "offload ran at pinned-copy speed?"
 slow = rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"]
-print(f"[{tier}] offload moved weights at {rate / pageable:.0%} of a pageable copy's rate and {rate / pinned:.0%} "
+say(f"[{tier}] offload moved weights at {rate / pageable:.0%} of a pageable copy's rate and {rate / pinned:.0%} "
       f"of a pinned copy's; {rows[-1]['layers_on_cpu']} layers on the CPU gave {slow:.2f}x the tokens/s of none")
 shutil.rmtree(offload, ignore_errors=True)  # the offload folder this notebook made
 

@@ -7,7 +7,7 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -42,7 +42,8 @@
 #   (`gpu-reference/one-gpu/results.json` without a GPU or with one, `gpu-reference/two-gpu/results.json`
 #   with two or more); figures that need two GPUs (a split, tensor parallelism, two replicas) come from the
 #   two-GPU tier on every machine.
-# - Run time: about a minute on a 2-core CPU or one H200 GPU (two launches of processes).
+# - Run time: about 35 s on an idle 2-core CPU, about a minute on one H200 GPU (two launches of
+#   processes).
 
 # %% tags=["parameters"]
 MODEL = "bundled"  # "bundled" (SmolLM2-135M-Instruct), a local checkpoint folder, or a hub id
@@ -68,6 +69,7 @@ from helpers.quiet import silence_known_warnings
 from helpers.reference import (REFERENCE, TIER_GPUS, batch_growth, by_batch, matching_tier, print_sources, records,
                                reference_files, speed)
 from helpers.shapes import SHAPES, random_model
+from helpers.text import say
 
 silence_known_warnings()  # routine library messages, and accelerate's loading bar in quiet runs
 path = resolve_model(MODEL)
@@ -120,13 +122,13 @@ else:
 # %%
 cmd = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "workers/replicas.py",
        "--expect-world-size", nproc, "--model", MODEL, "--new-tokens", NEW_TOKENS, "--out", work / "replicas.json"]
-print(shlex.join(map(str, cmd)).replace(str(work), "$WORK"))
+say(shlex.join(map(str, cmd)).replace(str(work), "$WORK"))
 launch(cmd)
 replicas = json.loads((work / "replicas.json").read_text())
 for p in replicas["processes"]:
-    print(f"rank {p['rank']} of {p['world_size']} on {p['device']} ({p['backend']}): prompts {p['prompt_indices']}")
+    say(f"rank {p['rank']} of {p['world_size']} on {p['device']} ({p['backend']}): prompts {p['prompt_indices']}")
 for r in replicas["results"]:
-    print(f"#{r['index']} (rank {r['rank']}) {r['prompt']!r} -> {r['completion']!r}")
+    say(f"#{r['index']} (rank {r['rank']}) {r['prompt']!r} -> {r['completion']!r}")
 
 # %% [markdown]
 # **Self-check.** Each process saw its own rank and the same world size, there was one process per
@@ -189,7 +191,7 @@ for name, shape in shapes.items():
 
 # %%
 distributed_config = DistributedConfig(tp_size=tp_n)
-print(f"DistributedConfig(tp_size={distributed_config.tp_size}): tp_plan {distributed_config.tp_plan}, "
+say(f"DistributedConfig(tp_size={distributed_config.tp_size}): tp_plan {distributed_config.tp_plan}, "
       f"pp_size {distributed_config.pp_size}")
 
 
@@ -203,9 +205,9 @@ mine = " ".join(inspect.getsource(load_tensor_parallel).split())  # the call abo
 call = mine[mine.index("AutoModelForCausalLM.from_pretrained("):]
 worker = " ".join((ROOT / "workers" / "tensor_parallel.py").read_text().split())
 assert call.replace("(checkpoint,", "(args.checkpoint,") in worker, "the worker no longer makes this call"
-print("the worker calls:", call.replace("(checkpoint,", "(args.checkpoint,"))
+say("the worker calls:", call.replace("(checkpoint,", "(args.checkpoint,"))
 old = json.loads((REFERENCE / "two-gpu" / "tp-system-transformers.json").read_text())
-print(f"GPU reference with transformers {old['transformers']}: {old['api']}, logits check ok: "
+say(f"GPU reference with transformers {old['transformers']}: {old['api']}, logits check ok: "
       f"{old['logits_check']['ok']}")
 
 # %% [markdown]
@@ -223,9 +225,9 @@ print(f"GPU reference with transformers {old['transformers']}: {old['api']}, log
 hide = {} if n_gpu >= 2 else {"CUDA_VISIBLE_DEVICES": ""}  # CPU processes: a visible GPU would pull them to it
 if n_gpu >= 2:
     tp_checkpoint, extra = random_checkpoint("llama-1b", torch.bfloat16), []  # RANDOM weights, built once
-    print(f"{n_gpu} GPUs: tensor parallel over {tp_n} of them on the llama-1b shape, RANDOM weights")
+    say(f"{n_gpu} GPUs: tensor parallel over {tp_n} of them on the llama-1b shape, RANDOM weights")
 else:
-    print(f"Tensor parallelism needs at least two GPUs (one process per GPU, each holding part of every layer);\n"
+    say(f"Tensor parallelism needs at least two GPUs (one process per GPU, each holding part of every layer);\n"
           f"this machine has {n_gpu}. Running the same worker on {tp_n} CPU processes with a toy Llama "
           f"(RANDOM weights) instead.")
     toy = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
@@ -234,17 +236,17 @@ else:
     random_model(toy, dtype=torch.float32, seed=0).save_pretrained(tp_checkpoint)
 cmd = ["torchrun", "--standalone", f"--nproc_per_node={tp_n}", "workers/tensor_parallel.py",
        "--checkpoint", tp_checkpoint, "--expect-world-size", tp_n, "--out", work / "tp.json", *extra]
-print("".join(f"{k}={v} " for k, v in hide.items())
+say("".join(f"{k}={v} " for k, v in hide.items())
       + shlex.join(map(str, cmd)).replace(str(work), "$WORK").replace(str(cache_dir()), "$CACHE"))
 try:
     launch(cmd, extra_env=hide)
     tp = json.loads((work / "tp.json").read_text())
 except LaunchError as e:
     tp = None
-    print(f"{type(e).__name__}: {' '.join(str(e).splitlines()[:2])}")
+    say(f"{type(e).__name__}: {' '.join(str(e).splitlines()[:2])}")
 if tp:
-    print(f"model: {tp['model']}; {tp['world_size']} processes; api: {tp['api']}")
-    print(f"q_proj: full {tp['q_proj_full_shape']}, shard per process {[r['q_proj_shard_shape'] for r in tp['per_rank']]}")
+    say(f"model: {tp['model']}; {tp['world_size']} processes; api: {tp['api']}")
+    say(f"q_proj: full {tp['q_proj_full_shape']}, shard per process {[r['q_proj_shard_shape'] for r in tp['per_rank']]}")
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -287,7 +289,7 @@ print_sources(files, n_gpu)
 lacks = [p for p in ("split", "tensor parallel") if not by_batch(ref, p)]
 lacks += [] if any(r["gpus"] >= 2 for r in by_batch(ref, "replicas").values()) else ["two replicas"]
 if lacks:
-    print(f"The {tier} tier has no {', no '.join(lacks)} (they need two GPUs): those come from the two-gpu tier.")
+    say(f"The {tier} tier has no {', no '.join(lacks)} (they need two GPUs): those come from the two-gpu tier.")
 
 # %% [markdown]
 # **Self-check.** Each file is the tier it is read as (`reference_files` refuses one whose `tier` entry or
@@ -368,19 +370,19 @@ for name, res in files.items():
     one = {b: r["tokens_per_s"] for b, r in by_batch(res, "one GPU").items()}
     walks[name] = doubling, saturated, last = saturation_walk(one)
     for b, g in doubling.items():
-        print(f"[{name}] one GPU, batch {b} -> {2 * b}: tokens/s x{g:.2f}")
+        say(f"[{name}] one GPU, batch {b} -> {2 * b}: tokens/s x{g:.2f}")
     if saturated is not None:
-        print(f"[{name}] one GPU saturates at batch {saturated}")
+        say(f"[{name}] one GPU saturates at batch {saturated}")
     elif doubling and last == max(one):
-        print(f"[{name}] one GPU was not saturated by the largest batch measured: tokens/s still rose "
+        say(f"[{name}] one GPU was not saturated by the largest batch measured: tokens/s still rose "
               f"{doubling[last // 2] - 1:.0%} from batch {last // 2} to {last}")
     else:
         missing[name] = True
-        print(f"[{name}] MISSING for the saturating batch: one GPU at batches a doubling apart ({min(one)}, "
+        say(f"[{name}] MISSING for the saturating batch: one GPU at batches a doubling apart ({min(one)}, "
               f"{2 * min(one)}, {4 * min(one)}, ...) up to the\n  first doubling that adds less than 10%. The file "
               f"has one GPU at batches {sorted(one)}: one GPU at batch {2 * last} is the next one missing.")
     if "saturation" in res:
-        print(f"[{name}] the file's own finding: {res['saturation']}")
+        say(f"[{name}] the file's own finding: {res['saturation']}")
 
 # %%
 equals = {}
@@ -390,22 +392,22 @@ for name, res in files.items():
     equals[name] = {b: rep[n * b]["tokens_per_s"] / one[b]["tokens_per_s"] for b in sorted(one) if n * b in rep}
     for b, x in equals[name].items():
         if n == 1:
-            print(f"[{name}] batch {b}: one replica {speed(rep[b])}, plain generate {speed(one[b])}: {x:.2f}x")
+            say(f"[{name}] batch {b}: one replica {speed(rep[b])}, plain generate {speed(one[b])}: {x:.2f}x")
         else:
-            print(f"[{name}] equal batch per GPU ({b}): {n} replicas at total {n * b} gave {x:.2f}x one GPU at {b} "
+            say(f"[{name}] equal batch per GPU ({b}): {n} replicas at total {n * b} gave {x:.2f}x one GPU at {b} "
                   f"(ideal {n}.00x)")
     if not equals[name]:
         missing[name] = True
-        print(f"[{name}] MISSING for equal batch per GPU: one GPU at a batch b together with replicas at a total "
+        say(f"[{name}] MISSING for equal batch per GPU: one GPU at a batch b together with replicas at a total "
               f"of {n}*b.\n  The file has one GPU at batches {sorted(one)} and replicas at totals {sorted(rep)}.")
     saturated = walks[name][1]
     if saturated is not None and n * saturated in rep and n * saturated in one:
         B = n * saturated
-        print(f"[{name}] at total {B}, {n} replica{'s' * (n > 1)} gave "
+        say(f"[{name}] at total {B}, {n} replica{'s' * (n > 1)} gave "
               f"{rep[B]['tokens_per_s'] / one[B]['tokens_per_s']:.2f}x one GPU")
     elif saturated is not None:
         missing[name] = True
-        print(f"[{name}] MISSING: one GPU saturates at batch {saturated}, but the file lacks replicas at a total "
+        say(f"[{name}] MISSING: one GPU saturates at batch {saturated}, but the file lacks replicas at a total "
               f"of {n * saturated}.")
 
 # %% [markdown]
@@ -414,11 +416,11 @@ for name, res in files.items():
 # %%
 for name, res in files.items():
     lo, hi, growth, step = batch_growth(res)  # step: how much longer a decoding step took at batch hi than at lo
-    print(f"- [{name}] One GPU at batch {hi} gave {growth:.1f}x its tokens/s at batch {lo} ({hi // lo}x the "
+    say(f"- [{name}] One GPU at batch {hi} gave {growth:.1f}x its tokens/s at batch {lo} ({hi // lo}x the "
           f"prompts): a step for {hi} rows took {step:.2f}x as long as one for {lo}"
           + (f": in this run (one timed sweep), one GPU was far from saturated below {hi}." if step < 2 else "."))
     if one[lo]["limit_tokens_per_s"] and one[hi]["limit_tokens_per_s"]:
-        print(f"- [{name}] One GPU reached {one[lo]['tokens_per_s'] / one[lo]['limit_tokens_per_s']:.1%} of its "
+        say(f"- [{name}] One GPU reached {one[lo]['tokens_per_s'] / one[lo]['limit_tokens_per_s']:.1%} of its "
               f"memory-bandwidth limit at batch {lo} and "
               f"{one[hi]['tokens_per_s'] / one[hi]['limit_tokens_per_s']:.1%} at batch {hi}.")
 
@@ -428,26 +430,26 @@ for name, res in files.items():
     n, lo, hi = max(r["gpus"] for r in rep.values()), min(one), max(one)
     x = {b: rep[b]["tokens_per_s"] / one[b]["tokens_per_s"] for b in sorted(set(rep) & set(one))}
     if n == 1:
-        print(f"- [{name}] One replica adds no GPU: against plain generate it gave {min(x.values()):.2f}x to "
+        say(f"- [{name}] One replica adds no GPU: against plain generate it gave {min(x.values()):.2f}x to "
               f"{max(x.values()):.2f}x at batches {sorted(x)}.\n  Both time the same model on the same GPU, in two "
               f"processes, so a ratio away from 1.00x is a difference between two runs, not a gain:\n  a gain from "
               f"replicas needs a second GPU.")
         continue
     if lo in x and lo < n:
-        print(f"- [{name}] At total batch {lo}, {n - lo} of {n} replicas had no prompt: {x[lo]:.2f}x one GPU. "
+        say(f"- [{name}] At total batch {lo}, {n - lo} of {n} replicas had no prompt: {x[lo]:.2f}x one GPU. "
               "Replicas do not make one prompt faster.")
     if hi in x:
         gain = "gained nothing" if x[hi] <= 1 else f"gained {x[hi] - 1:.0%}"
-        print(f"- [{name}] At total batch {hi}, {n} replicas ({hi // n} per GPU) gave {x[hi]:.2f}x one GPU: "
+        say(f"- [{name}] At total batch {hi}, {n} replicas ({hi // n} per GPU) gave {x[hi]:.2f}x one GPU: "
               f"giving each GPU {hi // n} of the {hi} prompts {gain}.")
     if equals[name]:
         b = walks[name][1] if walks[name][1] in equals[name] else max(equals[name])
-        print(f"- [{name}] At equal batch per GPU ({b}), replicas reached {equals[name][b] / n:.0%} of the ideal {n}x.")
+        say(f"- [{name}] At equal batch per GPU ({b}), replicas reached {equals[name][b] / n:.0%} of the ideal {n}x.")
     if missing.get(name):
-        print(f"- [{name}] So the file cannot yet say how much replicas gain when every GPU is busy: that needs "
+        say(f"- [{name}] So the file cannot yet say how much replicas gain when every GPU is busy: that needs "
               "the measurements marked MISSING above.")
     elif walks[name][1] is None:
-        print(f"- [{name}] One GPU was not saturated by batch {hi}: how much replicas gain when every GPU is busy "
+        say(f"- [{name}] One GPU was not saturated by batch {hi}: how much replicas gain when every GPU is busy "
               "needs larger batches.")
 
 # %%
@@ -458,7 +460,7 @@ for name, tps in tables.items():
         both = sorted(set(tps.get(p, {})) & set(one))
         if both:
             r_lo, r_hi = (tps[p][b]["tokens_per_s"] / one[b]["tokens_per_s"] for b in (both[0], both[-1]))
-            print(f"- [{name}] {p}: {r_lo:.2f}x one GPU at total batch {both[0]}, {r_hi:.2f}x at {both[-1]} "
+            say(f"- [{name}] {p}: {r_lo:.2f}x one GPU at total batch {both[0]}, {r_hi:.2f}x at {both[-1]} "
                   f"(eager decoding; {why[p]}).")
 
 # %% [markdown]
@@ -488,7 +490,7 @@ for name, res in files.items():
             f"the {name} file's saturating batch disagrees with its records"
 tp_ref = two_ref["tensor_parallel"]["logits_check"]
 assert tp_ref["ok"], "the reference tensor-parallel logits check failed"
-print(f"[two-gpu] reference tensor-parallel logits: max difference {tp_ref['max_abs_diff']:.1e} "
+say(f"[two-gpu] reference tensor-parallel logits: max difference {tp_ref['max_abs_diff']:.1e} "
       f"(tolerance {tp_ref['tolerance']:.0e}), API {two_ref['tensor_parallel']['api']}")
 shutil.rmtree(work, ignore_errors=True)  # this notebook's temporary folder
 

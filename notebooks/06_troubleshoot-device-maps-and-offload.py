@@ -5,7 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -70,6 +70,7 @@ from helpers.planner import plan_device_map, prepare_meta_model
 from helpers.preflight import parse_budget, preflight
 from helpers.quiet import quiet_planning, silence_known_warnings
 from helpers.refusals import refused
+from helpers.text import say
 
 silence_known_warnings()  # routine library messages and, in quiet runs, accelerate's bar: helpers/quiet.py
 path = resolve_model(MODEL)
@@ -205,6 +206,8 @@ assert plan_tied["lm_head"] == plan_tied["model.embed_tokens"], "after tie_weigh
 # The same untied skeleton, loaded with every module on the CPU:
 
 # %%
+# accelerate warns first, on stderr: "The model weights are not tied. Please use the `tie_weights` method ...":
+# it notices the lost tie while it plans, and loads anyway
 failed2 = refused(lambda: load_checkpoint_and_dispatch(empty_model(tie=False), path, device_map={"": "cpu"}),
                   Exception, width=60)
 assert failed2 is not None, "loading the untied skeleton should fail"
@@ -367,6 +370,8 @@ del model
 offloaded_map = fixed_map  # layers 25-29 on disk
 model = AutoModelForCausalLM.from_pretrained(path, device_map=offloaded_map, offload_folder=offload_dir("case6"),
                                              dtype=torch.float32)
+# accelerate's hooks warn first, on stderr: "You shouldn't move a model that is dispatched using accelerate
+# hooks.", then refuse: offloaded weights are on the meta device, so there is nothing to move
 moves = [refused(lambda: model.to(target), RuntimeError, width=200, label=f"model.to({target}) ->")
          for target in ("cpu", torch.float16)]
 del model
@@ -423,8 +428,8 @@ with quiet_planning():  # "Device 0 is not available" on a machine without these
         plans8[str(given)] = infer_auto_device_map(planned, max_memory=BUDGET8, no_split_module_classes=given)
 for given, dm in plans8.items():
     cut = {k: v for k, v in dm.items() if k.startswith("model.layers.") and k.count(".") > 2}
-    print(f"no_split_module_classes={given}: {len(cut)} entries inside a layer {cut if cut else ''}")
-print("the misspelt name gives the same plan as no name at all:", plans8["[]"] == plans8["['LLamaDecoderLayer']"])
+    say(f"no_split_module_classes={given}: {len(cut)} entries inside a layer {cut if cut else ''}")
+say("the misspelt name gives the same plan as no name at all:", plans8["[]"] == plans8["['LLamaDecoderLayer']"])
 
 # %% [markdown]
 # **Why.** Without a no-split class the planner may cut anywhere, down to single projections, as
@@ -451,10 +456,8 @@ assert "no-split-cut" in report8.kinds() and {"no-split-unknown", "no-split-cut"
 good8 = plans8[str(sorted(planned._no_split_modules))]
 print(preflight(planned, good8, BUDGET8))
 assert preflight(planned, good8, BUDGET8).ok, "the plan made with model._no_split_modules should pass"
-fig, axes = plt.subplots(2, 2, figsize=(13, 5), gridspec_kw={"height_ratios": [1, 2]})
-plot_device_map(planned, plans8["[]"], BUDGET8, title="no_split_module_classes=[]: layer 12 cut", ax=list(axes[:, 0]))
-plot_device_map(planned, good8, BUDGET8, title="no_split_module_classes=model._no_split_modules",
-                ax=list(axes[:, 1]))
+plot_device_map(planned, plans8["[]"], BUDGET8, title="no_split_module_classes=[]: layer 12 cut")
+plot_device_map(planned, good8, BUDGET8, title="no_split_module_classes=model._no_split_modules")
 plt.show()
 
 # %%
@@ -507,11 +510,11 @@ del model
 # %%
 skeleton, quantizer = prepare_meta_model(config, nf4, torch.float32)  # the meta model, quantizer applied
 plan9, small = plan_device_map(skeleton, quantizer, {"cpu": 100 * 10**6})  # small: caps after the 90% cut
-print("planned map:", plan9, "| cap used:", small)
+say("planned map:", plan9, "| cap used:", small)
 report9 = preflight(skeleton, plan9, small, hf_quantizer=quantizer)
 report9b = preflight(skeleton, {"": "cpu"}, small, hf_quantizer=quantizer)
-print(report9)
-print(report9b)
+say(report9)
+say(report9b)
 assert "quantized-offload" in report9.kinds() and "over-budget" in report9b.kinds()
 
 # %% [markdown]

@@ -10,3 +10,7 @@ def quiet_accelerate():
     """Planning for absent GPUs logs "Device 0 is not available": expected in these tests (helpers.quiet)."""
     with quiet_planning():
         yield
+
+
+from tests.browser import browser, page  # noqa: E402,F401  (the browser tests' fixtures)
+from tests.site_pages import site  # noqa: E402,F401  (the course site, rendered once a session)

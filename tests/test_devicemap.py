@@ -291,6 +291,44 @@ def test_plot_device_map_two_panels_and_single_axes():
     plt.close(fig)
 
 
+def test_plot_device_map_fits_jupyterlab_and_keeps_labels_and_legends_clear():
+    """The faults seen in JupyterLab 4.6 (848 px output area): a strip squashed by rotated labels, a legend
+    over a budget outline, module names crammed together, a figure wider than the output area."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+    from PIL import Image
+
+    from helpers.planner import plan
+
+    heights = {}
+    for shape in ("bloom-1b7", "llama-2-70b"):  # long module names; many layers
+        p = plan(shape, "bf16", 8, 80)
+        fig = plot_device_map(p.model, p.device_map, max_memory=p.max_memory, hf_quantizer=p.hf_quantizer)
+        strip, bars = fig.axes
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        assert all(t.get_rotation() == 0 for t in strip.get_xticklabels()), "tick labels lie flat"
+        names = [Text.get_window_extent(t, renderer) for t in strip.texts]  # the words, not the joining line
+        assert {t.get_text() for t in strip.texts} >= {"lm_head"}, "non-layer modules are named in full"
+        assert not any(a.overlaps(b) for i, a in enumerate(names) for b in names[i + 1:]), "names never touch"
+        numbers = [t.get_window_extent(renderer) for t in strip.get_xticklabels() if t.get_text()]
+        assert not any(a.overlaps(b) for a, b in zip(numbers, numbers[1:])), "layer numbers never touch"
+        plotted = bars.get_window_extent(renderer)
+        for legend in [a.get_legend() for a in fig.axes if a.get_legend()]:
+            assert not legend.get_window_extent(renderer).overlaps(plotted), "a legend sits beside the bars"
+        heights[shape] = strip.get_window_extent(renderer).height
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")  # as JupyterLab's inline backend does
+        assert Image.open(buf).size[0] <= 848, "wider than JupyterLab's output area: it would be shrunk"
+        plt.close(fig)
+    assert abs(heights["bloom-1b7"] - heights["llama-2-70b"]) < 2, "the strip's height does not depend on labels"
+
+
 def test_device_map_of_plain_and_dispatched():
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(tiny_config(layers=1))

@@ -160,17 +160,24 @@ def test_show_plan_prints_and_draws(capsys):
     assert p.fits
 
 
-def test_widget_builds():
-    pytest.importorskip("ipywidgets")
-    from helpers.planner import planner_widget
-
+def test_widget_builds_draws_once_per_change_and_never_uses_pyplot():
     import matplotlib.pyplot as plt
 
-    w = planner_widget()
-    assert type(w).__name__ == "VBox"
-    descriptions = {c.description for row in w.children[:-1] for c in row.children}
-    assert {"context", "batch", "or", "model"} <= descriptions
+    from helpers.planner_widget import RUN_ME, plan_image, planner_widget
+
     plt.close("all")
+    w = planner_widget()
+    assert repr(w) == RUN_ME and w._repr_mimebundle_()["text/plain"] == RUN_ME  # what a saved copy shows
+    descriptions = {c.description for c in w.controls.values()}
+    assert {"model", "or", "format", "GPUs", "GiB / GPU", "device_map", "context", "batch"} == descriptions
+    assert w.plans_drawn == 1 and w._image.value == plan_image(plan_with_room(**w.arguments()))
+    w.controls["n_gpus"].value = 4
+    w.controls["n_gpus"].value = 4  # no new value: no redraw
+    assert w.plans_drawn == 2 and "4 x 24 GiB" in w._verdict.value
+    assert not w.controls["n_gpus"].continuous_update and not w.controls["typed"].continuous_update
+    w.controls["typed"].value = "/no/such/folder"
+    assert w.plans_drawn == 3 and "ValueError" in w._verdict.value and w._image.value == b""
+    assert not plt.get_fignums(), "the widget draws without pyplot (thread safety in JupyterLab)"
 
 
 def test_no_gpu_touched():
@@ -246,3 +253,17 @@ def test_measured_reserve_is_the_default():
     reserve, source = measured_reserve()
     p = plan_with_room("llama-2-7b", "bf16", 1, 80, context=1024)
     assert p.reserve_bytes == reserve > 0 and "measured on" in source
+
+
+def test_stored_widget_cell_reads_as_an_instruction_to_run_it():
+    """A saved notebook holds no live widget: what JupyterLab shows before the cell runs is RUN_ME, not a repr."""
+    import json
+    from pathlib import Path
+
+    from helpers.planner_widget import RUN_ME
+
+    nb = json.loads(next(Path(__file__).parent.parent.glob("notebooks/03_*.ipynb")).read_text())
+    cells = [c for c in nb["cells"] if c["cell_type"] == "code" and "planner_widget(" in "".join(c["source"])]
+    assert len(cells) == 1
+    texts = ["".join(o["data"]["text/plain"]) for o in cells[0]["outputs"] if "text/plain" in o.get("data", {})]
+    assert texts == [RUN_ME], texts

@@ -98,3 +98,69 @@ def test_no_cell_hides_its_value_with_a_semicolon(ipynb):
     for i, c in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
         lines = "".join(c["source"]).rstrip().splitlines()
         assert not (lines and lines[-1].rstrip().endswith(";")), f"{ipynb.name}: code cell {i} ends with ';'"
+
+
+# JupyterLab 4.6 in its default layout (file browser open) in a 1280 x 900 window (tests/browser.py's
+# VIEWPORT, one CSS px per pixel): the output area is 848 CSS px wide and holds 107 characters of its
+# 13 px monospace font on a line (measured with Playwright in headless Chromium). A longer line wraps
+# mid-word there (word-break: break-all). helpers.text.LINE_WIDTH holds the same figure.
+OUTPUT_LINE_CHARS = 107
+
+
+def stored_text(ipynb):
+    """(cell index, what, text) of every stream output and text/plain result shown as text (no html, no image)."""
+    nb = json.loads(ipynb.read_text())
+    for i, c in enumerate(nb["cells"]):
+        for o in c.get("outputs", []):
+            if o["output_type"] == "stream":
+                yield i, o["name"], "".join(o["text"])
+            elif "data" in o and not {"text/html", "image/png", "image/jpeg", "image/svg+xml"} & set(o["data"]):
+                if "text/plain" in o["data"]:
+                    yield i, "text/plain", "".join(o["data"]["text/plain"])
+
+
+def test_line_width_is_the_measured_one():
+    from helpers.text import LINE_WIDTH, wrap
+
+    assert LINE_WIDTH == OUTPUT_LINE_CHARS
+    text = wrap("1. [kind] " + "word " * 60 + "\n   fix: " + "other " * 40)
+    assert all(len(line) <= OUTPUT_LINE_CHARS for line in text.splitlines()) and "word" in text.splitlines()[1]
+
+
+@pytest.mark.parametrize("ipynb", NOTEBOOKS, ids=lambda p: p.name)
+def test_printed_lines_fit_jupyterlab_output_width(ipynb):
+    """Every stored line fits one line of JupyterLab's output area, so none is broken inside a word."""
+    long = [f"cell {i} ({what}) line {n}: {len(line)} chars: {line[:60]}..."
+            for i, what, text in stored_text(ipynb) for n, line in enumerate(text.splitlines())
+            if len(line) > OUTPUT_LINE_CHARS
+            and not (what == "stderr" and line.strip() in EXPLAINED_STDERR)]  # a library's words, explained beside
+    assert not long, (f"{ipynb.name}: lines longer than {OUTPUT_LINE_CHARS} characters (wrap them, e.g. with "
+                      "helpers.text.say, or shorten them):\n" + "\n".join(long))
+
+
+# Every message a committed notebook may hold on stderr, with the words that explain it. Each is either
+# silenced in code (helpers.quiet) or explained beside it: the explanation must be in the cell's own
+# source (a comment) or in the markdown cell just before it.
+EXPLAINED_STDERR = {
+    "The model weights are not tied. Please use the `tie_weights` method before using the "
+    "`infer_auto_device` function.": "The model weights are not tied",  # accelerate notices a lost tie
+    "You shouldn't move a model that is dispatched using accelerate hooks.": "You shouldn't move a model",
+}
+
+
+@pytest.mark.parametrize("ipynb", NOTEBOOKS, ids=lambda p: p.name)
+def test_stored_stderr_is_silenced_or_explained(ipynb):
+    cells = json.loads(ipynb.read_text())["cells"]
+    problems = []
+    for i, what, text in stored_text(ipynb):
+        if what != "stderr":
+            continue
+        beside = "".join(cells[i]["source"]) + ("".join(cells[i - 1]["source"]) if i else "")
+        for line in text.strip().splitlines():
+            words = EXPLAINED_STDERR.get(line.strip())
+            if words is None:
+                problems.append(f"cell {i}: {line!r} is not in EXPLAINED_STDERR (silence it in helpers.quiet, "
+                                "or explain it beside the cell and list it)")
+            elif words not in beside:
+                problems.append(f"cell {i}: {line!r} is not explained in the cell or the markdown before it")
+    assert not problems, f"{ipynb.name}:\n" + "\n".join(problems)

@@ -1,7 +1,8 @@
 """Execute the workbook's notebooks top to bottom, each in a fresh kernel.
 
-Used by ``./workbook.sh run`` (into ``build/``, with an HTML rendering of each
-notebook) and by ``./workbook.sh outputs`` (maintainers: rebuild each
+Used by ``./workbook.sh run`` (into ``build/``, with a browsable HTML rendering:
+``build/index.html``, the course map with each notebook's status and seconds, and a page per
+notebook, made by ``tools/site.py``) and by ``./workbook.sh outputs`` (maintainers: rebuild each
 notebook from its jupytext source ``notebooks/NN_*.py``, execute it and store
 it as the committed ``notebooks/NN_*.ipynb``). Both use nbclient with the same
 environment (set by workbook.sh), so the main job and the committed outputs
@@ -40,7 +41,8 @@ def from_source(ipynb: Path) -> nbformat.NotebookNode:
 
     nb = jupytext.read(ipynb.with_suffix(".py"))
     nb.metadata.pop("jupytext", None)
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    # ipykernel's own kernelspec, as JupyterLab reads it: any other display name marks a notebook modified on open
+    nb.metadata["kernelspec"] = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
     nb.metadata["language_info"] = {"name": "python"}
     return nb
 
@@ -124,18 +126,19 @@ def main() -> int:
                 (ROOT / "build").mkdir(exist_ok=True)
                 nbformat.write(nb, ROOT / "build" / f"failed-{path.name}")
         else:
-            from nbconvert import HTMLExporter
-
             nbformat.write(nb, out / path.name)
-            html, _ = HTMLExporter().from_notebook_node(nb)
-            (out / path.with_suffix(".html").name).write_text(html, encoding="utf-8")
         rows.append((path.name, status, seconds, why))
+    if not args.in_place:  # the browsable course: index.html and a page per notebook, beside them
+        sys.path.insert(0, str(ROOT))  # tools.site importable however this script was started
+        from tools.site import render_site
+
+        render_site([out / name for name, *_ in rows], out, {name: (status, s) for name, status, s, _ in rows})
 
     width = max([len(r[0]) for r in rows] + [8])
     print(f"\n{'notebook':<{width}}  status  seconds")
     for name, status, seconds, why in rows:
         print(f"{name:<{width}}  {status:<6}  {seconds:7.1f}" + (f"  {why}" if why else ""))
-    where = "notebooks/ (committed outputs)" if args.in_place else f"{out}/ (.ipynb and .html)"
+    where = "notebooks/ (committed outputs)" if args.in_place else f"{out}/ (.ipynb and .html; open {out}/index.html)"
     print(f"written to {where}")
     return 0 if all(r[1] == "ok" for r in rows) else 1
 
