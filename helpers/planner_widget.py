@@ -69,7 +69,8 @@ class PlannerWidget(w.VBox):
                          description="or", continuous_update=False),
             fmt=w.Dropdown(options=list(FORMATS), value=fmt, description="format"),
             n_gpus=w.IntSlider(value=n_gpus, min=1, max=8, description="GPUs", continuous_update=False),
-            gib_per_gpu=w.Dropdown(options=[8, 12, 16, 24, 40, 48, 80, 94, 141], value=gib_per_gpu,
+            # GiB as torch reports them: 139 is an H200 (sold as 141 GB)
+            gib_per_gpu=w.Dropdown(options=[8, 12, 16, 24, 40, 48, 80, 94, 139], value=gib_per_gpu,
                                    description="GiB / GPU"),
             strategy=w.Dropdown(options=list(STRATEGIES), value=strategy, description="device_map"),
             context=w.Dropdown(options=[1024, 4096, 8192, 32768, 131072], value=context, description="context"),

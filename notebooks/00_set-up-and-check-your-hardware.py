@@ -46,8 +46,9 @@ MODEL = "bundled"
 # suite; the cell after it checks the parts that the committed outputs rely on.
 #
 # Every notebook starts by calling `silence_known_warnings()` from `helpers.quiet`: it quiets two
-# routine bitsandbytes messages (each entry in `helpers/quiet.py` says why it is harmless) and, in
-# quiet runs only, accelerate's loading bar.
+# routine bitsandbytes messages and accelerate's notice that offloaded parameters sit on the meta
+# device (which is what offload means: notebook 02, section 4); each entry in `helpers/quiet.py` says
+# why it is harmless. In quiet runs only, it also hides accelerate's loading bar.
 
 # %%
 # NBVAL_IGNORE_OUTPUT

@@ -228,7 +228,8 @@ with torch.inference_mode():
     for name in ("fp32", "int8", "nf4", "fp4"):
         out = models[name].generate(**inputs, max_new_tokens=32, do_sample=False)
         answers[name] = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-say("fp32:", answers["fp32"].strip())
+print("fp32 (line breaks added to fit the output area):")
+say(answers["fp32"].strip())
 
 # %%
 # NBVAL_IGNORE_OUTPUT

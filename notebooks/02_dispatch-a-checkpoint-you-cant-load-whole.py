@@ -32,7 +32,7 @@
 #
 # **What you'll need**: notebook 00 done (it builds the bundled model). A CPU is enough. On a machine
 # without a GPU the main device is the CPU, so "offload" here means **disk** offload; offloading to
-# CPU RAM only exists when a GPU is the main device (notebook 04 measures its cost on GPUs). About 30
+# CPU RAM only exists when a GPU is the main device (notebook 04 measures its cost on GPUs). About 40
 # s on an idle 2-core CPU, most of it in section 7's timings.
 
 # %% tags=["parameters"]
@@ -402,8 +402,8 @@ for k, dm in maps.items():
     report = preflight(model, dm, mode="run", checkpoint=path)
     assert report.ok, report
     disk_bytes[k] = report.bytes_per_device.get("disk", 0)
-    say(f"{k:>2} layers on disk: {mib(disk_bytes[k]):6.1f} MiB of {DTYPE} weights read per forward pass "
-          "(the .dat files: float32, twice that)")
+    say(f"{k:>2} layers on disk: {mib(disk_bytes[k]):6.1f} MiB of {DTYPE} weights read per forward pass")
+say("(the .dat files hold them as float32: twice those bytes)")
 say("entries of the all-on-disk map:", len(maps[N_LAYERS]))
 say("e.g.", dict(list(maps[N_LAYERS].items())[:4]))
 

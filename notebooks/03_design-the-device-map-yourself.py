@@ -38,7 +38,7 @@
 #
 # **What you'll need**: notebook 02 (the meta device, `init_empty_weights`, offload hooks). A CPU
 # is enough: the recipe runs on the bundled model, and every plan for big GPUs is computed on the
-# meta device, without allocating its weights. About 30 s on an idle 2-core CPU. On a GPU
+# meta device, without allocating its weights. About 35 s on an idle 2-core CPU. On a GPU
 # machine section 1 puts part of the model on GPU 0 and offloads the rest to the CPU.
 
 # %% tags=["parameters"]
@@ -733,12 +733,12 @@ assert p8.kv_bytes_per_device[0] == sum(per_layer[i] for i in on_gpu0), "each la
 # workbook runs by default, `plan` refuses a hub id with a `ValueError` that says what to pass instead:
 
 # %%
-print(plan(path, "bf16", n_gpus=1, gib_per_gpu=4).summary().splitlines()[0])
+print(plan(path, "bf16", n_gpus=1, gib_per_gpu=4).summary())
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 # needs the internet: offline (the workbook's default) a ValueError, online (HF_HUB_OFFLINE=0) the plan
-_ = refused(lambda: print(plan("Qwen/Qwen2.5-7B-Instruct", "bf16", n_gpus=2, gib_per_gpu=16).summary().splitlines()[0]),
+_ = refused(lambda: print(plan("Qwen/Qwen2.5-7B-Instruct", "bf16", n_gpus=2, gib_per_gpu=16).summary()),
             ValueError)
 
 # %% [markdown]

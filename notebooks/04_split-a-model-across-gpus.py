@@ -283,13 +283,14 @@ for dev, b in mapped.items():
 fig, ax = plt.subplots(figsize=(5, 3))
 labels = [device_label(d) for d in mapped]
 ax.bar(labels, [b / MiB for b in mapped.values()], color="tab:blue", label="in the map")
-ax.bar(labels, [measured.get(d, 0) / MiB for d in mapped], width=0.4, color="tab:orange",
-       label="measured (GPUs)")
+if measured:  # GPUs only: CPU and disk bytes are not measured
+    ax.bar(labels, [measured.get(d, 0) / MiB for d in mapped], width=0.4, color="tab:orange",
+           label="measured (GPUs)")
 ax.axhline(weights / MiB, ls="--", color="grey", label="whole model")
 ax.set_title("Split model: memory per device")
 ax.set_xlabel("device")
 ax.set_ylabel("weights held (MiB)")
-ax.legend(fontsize=8)
+ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # beside the bars
 plt.show()
 
 # %% [markdown]

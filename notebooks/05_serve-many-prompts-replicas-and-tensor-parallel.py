@@ -128,7 +128,8 @@ replicas = json.loads((work / "replicas.json").read_text())
 for p in replicas["processes"]:
     say(f"rank {p['rank']} of {p['world_size']} on {p['device']} ({p['backend']}): prompts {p['prompt_indices']}")
 for r in replicas["results"]:
-    say(f"#{r['index']} (rank {r['rank']}) {r['prompt']!r} -> {r['completion']!r}")
+    say(f"#{r['index']} (rank {r['rank']}) {r['prompt']!r} ->")
+    say("    " + " ".join(r["completion"].split()))  # the completion, its whitespace folded to fit
 
 # %% [markdown]
 # **Self-check.** Each process saw its own rank and the same world size, there was one process per
@@ -379,7 +380,7 @@ for name, res in files.items():
     else:
         missing[name] = True
         say(f"[{name}] MISSING for the saturating batch: one GPU at batches a doubling apart ({min(one)}, "
-              f"{2 * min(one)}, {4 * min(one)}, ...) up to the\n  first doubling that adds less than 10%. The file "
+              f"{2 * min(one)}, {4 * min(one)}, ...) up to the first doubling that adds less than 10%. The file "
               f"has one GPU at batches {sorted(one)}: one GPU at batch {2 * last} is the next one missing.")
     if "saturation" in res:
         say(f"[{name}] the file's own finding: {res['saturation']}")
@@ -399,7 +400,7 @@ for name, res in files.items():
     if not equals[name]:
         missing[name] = True
         say(f"[{name}] MISSING for equal batch per GPU: one GPU at a batch b together with replicas at a total "
-              f"of {n}*b.\n  The file has one GPU at batches {sorted(one)} and replicas at totals {sorted(rep)}.")
+              f"of {n}*b. The file has one GPU at batches {sorted(one)} and replicas at totals {sorted(rep)}.")
     saturated = walks[name][1]
     if saturated is not None and n * saturated in rep and n * saturated in one:
         B = n * saturated
@@ -431,8 +432,8 @@ for name, res in files.items():
     x = {b: rep[b]["tokens_per_s"] / one[b]["tokens_per_s"] for b in sorted(set(rep) & set(one))}
     if n == 1:
         say(f"- [{name}] One replica adds no GPU: against plain generate it gave {min(x.values()):.2f}x to "
-              f"{max(x.values()):.2f}x at batches {sorted(x)}.\n  Both time the same model on the same GPU, in two "
-              f"processes, so a ratio away from 1.00x is a difference between two runs, not a gain:\n  a gain from "
+              f"{max(x.values()):.2f}x at batches {sorted(x)}. Both time the same model on the same GPU, in two "
+              f"processes, so a ratio away from 1.00x is a difference between two runs, not a gain: a gain from "
               f"replicas needs a second GPU.")
         continue
     if lo in x and lo < n:

@@ -18,9 +18,9 @@
 # ways that users keep reporting: tied weights that come apart, a head that is never loaded, an
 # offload folder with a key missing, a decoder layer cut in two, a quantized model with too little
 # room. Most of these crash late (at generation, or on a GPU you only rent for an hour) with a
-# message that points elsewhere. This notebook reproduces eleven such failures from public bug
-# reports on a real model, explains each, shows the working form, and lets a pre-flight check catch
-# the mistake *before* anything loads.
+# message that points elsewhere. This notebook reproduces eleven such failures (the first nine from
+# public bug reports, listed in `docs/users-cases.md`) on a real model, explains each, shows the
+# working form, and lets a pre-flight check catch the mistake *before* anything loads.
 #
 # **What you'll learn**
 # 1. Why a model with tied embeddings loses its tie on the meta device, and what that breaks
@@ -35,7 +35,7 @@
 #    run mode (this machine), and read its fixes.
 #
 # **What you'll need**: any machine (a CPU is enough; nothing here needs a GPU), about 3 GB of free
-# RAM and 1 GB of disk, about 30 s on an idle 2-core CPU. Read notebooks 02 (dispatch a checkpoint)
+# RAM and 1 GB of disk, about 35 s on an idle 2-core CPU. Read notebooks 02 (dispatch a checkpoint)
 # and 03 (design the device map yourself) first: this one assumes their vocabulary.
 
 # %% tags=["parameters"]
