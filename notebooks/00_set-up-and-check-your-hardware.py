@@ -298,7 +298,8 @@ plt.show()
 # %% [markdown]
 # Read it off the estimates printed above: Llama-2-7B needs about 12.5 GiB in bf16 (one 16 GiB GPU, barely, before
 # the KV cache), 13B in bf16 does not fit a 24 GiB card but does in int8 or NF4, and 70B needs about
-# 128 GiB in bf16: two 80 GiB GPUs, or one in NF4. The lines are nominal sizes; what a card really offers
+# 128 GiB in bf16: two 80 GiB GPUs, or one in NF4 (one H200 holds the bf16 weights, with little room
+# left for the KV cache). The lines are nominal sizes; what a card really offers
 # is what torch reports for it (section 1 prints it where there is a GPU), less the CUDA context and the
 # KV cache, so leave a margin. Those are the situations notebooks 01 to 05 handle.
 

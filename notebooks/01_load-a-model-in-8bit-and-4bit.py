@@ -233,7 +233,7 @@ say(answers["fp32"].strip())
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-# quantized generations depend on the CPU's bitsandbytes kernel (see above); fp32 is checked below
+# quantized generations depend on the machine's bitsandbytes kernels, CPU or GPU (see above); fp32 is checked below
 for name, text in answers.items():
     say(f"--- {name}\n{text.strip()}\n")
 
@@ -264,7 +264,7 @@ def log_probs(model):
 
 
 # NBVAL_IGNORE_OUTPUT
-# 4-bit figures depend on the CPU's bitsandbytes kernel; the ordering is checked in the next cell
+# 4-bit figures depend on the machine's bitsandbytes kernels (CPU or GPU); the ordering is checked in the next cell
 ref = log_probs(models["fp32"])
 targets = enc["input_ids"][0, 1:]
 quality = {}
@@ -398,12 +398,14 @@ print(f"on this {'GPU' if ON_GPU else 'CPU'}, batch 1: fp32 {speed['fp32']:.1f} 
 #   and reload as they are.
 #
 # ## Exercises
-# 1. Load the model in NF4 with `bnb_4bit_compute_dtype=torch.bfloat16` and measure its KL from fp32.
-#    Is it larger or smaller than with float32? Store the value in `kl_bf16`.
+# 1. Load the model in NF4 with the other compute dtype (`bnb_4bit_compute_dtype=OTHER_DTYPE`, defined
+#    below: float32 where section 1 chose bfloat16, bfloat16 where it chose float32) and measure its KL
+#    from fp32. Is it larger or smaller than with `COMPUTE_DTYPE`? Store the value in `kl_other`.
 # 2. What fraction of the int8 model's footprint is the (unquantized) embedding? Store it in `frac`.
 
 # %%
-kl_bf16 = None  # e.g. reuse log_probs() on a new model
+OTHER_DTYPE = torch.float32 if COMPUTE_DTYPE == torch.bfloat16 else torch.bfloat16
+kl_other = None  # e.g. reuse log_probs() on a new model
 frac = None     # a number between 0 and 1
 
 # %%
@@ -412,12 +414,12 @@ from helpers.exercises import check_answer
 emb = models["int8"].model.embed_tokens.weight
 expected_frac = emb.numel() * emb.element_size() / footprints["int8"]
 nf4_kl = quality["nf4"]["kl"]
-check_answer(kl_bf16, lambda kl: 0 < kl < 10,
-             lambda kl: "a plausible KL. " + ("bf16 adds rounding on top of NF4" if kl > nf4_kl
-                                              else "bf16 did not add measurable error here")
-                        + f" ({kl:.4f} vs {nf4_kl:.4f} nats)",
+check_answer(kl_other, lambda kl: 0 < kl < 10,
+             lambda kl: f"a plausible KL. {OTHER_DTYPE} compute " + ("adds error" if kl > nf4_kl
+                                                                    else "did not add measurable error")
+                        + f" against {COMPUTE_DTYPE} ({kl:.4f} vs {nf4_kl:.4f} nats)",
              "a KL divergence from fp32 is a small positive number of nats (see section 6).",
-             "load with configs['nf4']'s options and bnb_4bit_compute_dtype=torch.bfloat16, then use log_probs() "
+             "load with configs['nf4']'s options and bnb_4bit_compute_dtype=OTHER_DTYPE, then use log_probs() "
              "as in section 6.", label="Exercise 1")
 _ = check_answer(frac, lambda f: abs(f - expected_frac) < 0.01,
                  "The embedding is not quantized: it keeps its load dtype (printed in section 4).",

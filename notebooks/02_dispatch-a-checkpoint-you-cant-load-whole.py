@@ -32,7 +32,7 @@
 #
 # **What you'll need**: notebook 00 done (it builds the bundled model). A CPU is enough. On a machine
 # without a GPU the main device is the CPU, so "offload" here means **disk** offload; offloading to
-# CPU RAM only exists when a GPU is the main device (notebook 04 measures its cost on GPUs). About 40
+# CPU RAM only exists when a GPU is the main device (notebook 04 reads its cost from the GPU reference runs). About 40
 # s on an idle 2-core CPU, most of it in section 7's timings.
 
 # %% tags=["parameters"]
@@ -327,8 +327,8 @@ for name in ["", "model.embed_tokens", "model.layers.0", first_disk, first_disk 
 #   inputs to their execution device (on several GPUs, this is what carries activations from GPU 0 to
 #   GPU 1). Their weights stay where they are.
 # - **Offloaded modules** get a hook on each leaf module with `offload=True`. At every forward it
-#   1. `pre_forward`: reads the leaf's weights from the offload folder (its `weights_map`) and puts them on
-#      the execution device;
+#   1. `pre_forward`: reads the leaf's weights from its `weights_map` (CPU RAM for a module offloaded to
+#      the CPU, the offload folder for one on disk) and puts them on the execution device;
 #   2. runs the original `forward`;
 #   3. `post_forward`: puts the weights back on the meta device, freeing their memory.
 #
@@ -502,7 +502,8 @@ print("offload folder removed:", not OFFLOAD.exists())
 # 2. A model with tied embeddings built empty is not tied; call `model.tie_weights()` before planning or
 #    loading, or the head is counted twice, may be placed apart from the embedding, and is never loaded.
 # 3. `load_checkpoint_and_dispatch` loads shard by shard onto a map: `device_map="auto"` fills the free
-#    memory; `max_memory` caps each device; what does not fit goes to an offload folder on disk. Read the
+#    memory; `max_memory` caps each device; what does not fit goes to the next device (CPU RAM on a GPU
+#    machine, then an offload folder on disk). Read the
 #    map from `hf_device_map`, or from the parameters' devices where `from_pretrained` set none.
 # 4. accelerate's `AlignDevicesHook`s move inputs to each module's device and, for offloaded modules, load
 #    the weights before each forward and drop them after.

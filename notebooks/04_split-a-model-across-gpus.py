@@ -550,8 +550,8 @@ _ = gc.collect()
 # on a CPU-only one). On a GPU every offloaded layer is copied
 # to the GPU **at every forward pass**, so each token pays `bytes offloaded / host-to-device rate`. The
 # reference run of the matching tier kept a growing number of decoder layers on the CPU of a GPU machine
-# (batch 1; records with path `"cpu offload"`); the slope of seconds per token against bytes offloaded is
-# the effective host-to-device rate, compared below with plain copies measured in the same run.
+# (batch 1; records with path `"cpu offload"`); the inverse of the slope of seconds per token against bytes
+# offloaded is the effective host-to-device rate, compared below with plain copies measured in the same run.
 
 # %%
 off = ref["offload"]  # the fit of seconds per token against bytes offloaded
@@ -563,7 +563,7 @@ say(f"[{tier}] {ref['model']['label']}: {ref['model']['layers']} decoder layers,
       f"on one {hw['gpus'][0][0]}")
 for r in rows:
     say(f"{r['layers_on_cpu']:>2} layers on the CPU ({r['bytes_offloaded'] / 1e9:.2f} GB): {speed(r)}")
-say(f"effective host-to-device rate (slope): {off['effective_h2d_GBps']:.1f} GB/s; a plain 1 GiB copy: "
+say(f"effective host-to-device rate (1 / slope): {off['effective_h2d_GBps']:.1f} GB/s; a plain 1 GiB copy: "
       f"{ref['h2d']['pageable_GBps']:.1f} GB/s pageable, {ref['h2d']['pinned_GBps']:.1f} GB/s pinned")
 fig, ax = plt.subplots(figsize=(5, 3.5))
 ax.plot(xs, ys, "o", label="measured")
@@ -603,7 +603,8 @@ shutil.rmtree(offload, ignore_errors=True)  # the offload folder this notebook m
 #
 # ## Exercises
 #
-# 1. Plan the split with `max_memory={0: "200MiB", 1: "200MiB", "cpu": "2GiB"}` (for float32). How many
+# 1. Plan the split with `max_memory={0: "200MiB", 1: "200MiB", "cpu": "2GiB"}` for float32 (build
+#    `meta_model(config, dtype=torch.float32)` first: on a GPU, `meta` is bf16). How many
 #    layers land on each GPU, and where does the rest go? *Self-check:* the map then holds `"cpu"` entries.
 # 2. Move `lm_head` and `model.embed_tokens` to the second device in the map by hand and load it. What does
 #    transformers do with the tied pair? *Self-check:* compare `split.hf_device_map["lm_head"]` with the

@@ -513,7 +513,9 @@ shutil.rmtree(work, ignore_errors=True)  # this notebook's temporary folder
 # ## Exercises
 #
 # 1. Run `workers/replicas.py` with `--expect-world-size 3` under `torchrun --nproc_per_node=2` (build the
-#    command as in section 1 and pass it to `launch` inside `try`/`except LaunchError`).
+#    command as in section 1 and pass it to `launch` inside `try`/`except LaunchError`). With one GPU,
+#    use `--nproc_per_node=1` and `--expect-world-size 2` instead: a second process would ask for a GPU
+#    that is not there before the check runs.
 #    *Self-check:* every process stops with a message naming both numbers.
 # 2. Change `tp_n` to 3 in section 2. Which shape splits now? *Self-check:* the bundled one (9 and 3 heads
 #    divide by 3) and not llama-1b (32 and 4 do not).

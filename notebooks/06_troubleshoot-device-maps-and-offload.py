@@ -437,7 +437,8 @@ say("the misspelt name gives the same plan as no name at all:", plans8["[]"] == 
 # ignored, without an error: the plan is the one made with no name. At run time on two GPUs the cut
 # layer's residual addition mixes tensors of GPU 0 and GPU 1, and the first `generate` fails with
 # `RuntimeError: Expected all tensors to be on the same device` (the last cell of this case runs it
-# where there are two GPUs; the two-GPU reference run in `gpu-reference/two-gpu/` shows it). The check
+# where there are two GPUs; the two-GPU reference run shows it, in its older numbering
+# `gpu-reference/two-gpu/05_troubleshoot-device-maps-and-offload.ipynb`). The check
 # always adds the model's own `_no_split_modules`, and flags a name that matches no module, with the
 # nearest real one:
 
@@ -494,7 +495,7 @@ model = AutoModelForCausalLM.from_pretrained(path, quantization_config=int8_offl
                                              max_memory={"cpu": "100MB"}, offload_folder=offload_dir("case9b"))
 print("loaded; map:", device_map_of(model))
 # no GPU: RuntimeError "Cannot access accelerator device..."; with GPUs, the int8 weights still sit on
-# disk and accelerate fails while moving them (AttributeError: the two-GPU reference run shows it)
+# disk and accelerate fails while moving them (AttributeError, printed below on a GPU machine)
 refused(lambda: generate(model), RuntimeError, AttributeError, width=200, label="generate ->")
 del model
 
@@ -518,8 +519,8 @@ say(report9b)
 assert "quantized-offload" in report9.kinds() and "over-budget" in report9b.kinds()
 
 # %% [markdown]
-# **Fix**: a budget that holds the quantized model (or no `max_memory` at all), so everything stays
-# on the CPU. That is how case 7's fix loaded it (`device_map="auto", max_memory={"cpu": "1GiB"}`):
+# **Fix**: a budget that holds the quantized model (or, on a machine without a GPU, no `max_memory` at
+# all), so everything stays on the CPU. That is how case 7's fix loaded it (`device_map="auto", max_memory={"cpu": "1GiB"}`):
 
 # %%
 assert preflight(skeleton, {"": "cpu"}, {"cpu": "1GiB"}, hf_quantizer=quantizer).ok, "1 GiB holds the NF4 model"
