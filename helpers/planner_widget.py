@@ -10,8 +10,8 @@ Why it is built the way it is:
   plan is drawn on its own ``matplotlib.figure.Figure``, saved to PNG by
   :func:`plan_image` and shown in an ``ipywidgets.Image``; pyplot never sees it.
 - **One redraw per settled change.** The slider and the text box send their
-  value when released or confirmed (``continuous_update=False``), and a
-  change that brings no new value draws nothing. The status line under the
+  value when released or confirmed (``continuous_update=False``), and
+  traitlets tells observers only of a value that changed. The status line under the
   controls counts the plans drawn ("plan 3, drawn in 0.21 s").
 - **A stored copy says what to do.** A notebook saved without widget state
   shows a widget's text form; :class:`PlannerWidget`'s is an instruction to
@@ -87,8 +87,8 @@ class PlannerWidget(w.VBox):
         self.add_class("workbook-planner")  # CSS classes: what a browser test finds the parts by
         self._status.add_class("workbook-planner-status")
         self._verdict.add_class("workbook-planner-verdict")
-        for control in self.controls.values():
-            control.observe(self._changed, names="value")
+        for control in self.controls.values():  # traitlets calls it only when the value really changed
+            control.observe(lambda _change: self.redraw(), names="value")
         self.redraw()
 
     def arguments(self) -> dict:
@@ -96,10 +96,6 @@ class PlannerWidget(w.VBox):
         values = {name: c.value for name, c in self.controls.items()}
         typed, shape = values.pop("typed").strip(), values.pop("shape")
         return dict(model=typed or shape, **values)
-
-    def _changed(self, change):
-        if change["new"] != change["old"]:
-            self.redraw()
 
     def redraw(self):
         """Plan what the controls say; show the verdict and the drawing (or the reason a model can't be read)."""

@@ -72,6 +72,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _answer(server: subprocess.Popen, url: str, timeout_s: float = 120) -> bytes | None:
+    """The body of ``url`` once the JupyterLab ``server`` answers it; None if the server exits or times out."""
+    deadline = time.time() + timeout_s
+    while server.poll() is None and time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.read()
+        except OSError:
+            time.sleep(0.5)
+    return None
+
+
 @pytest.fixture(scope="module")
 def lab(browser, tmp_path_factory):
     """A JupyterLab server on a scratch copy of notebooks 00 and 03; yields (base URL, token, root)."""
@@ -94,16 +106,9 @@ def lab(browser, tmp_path_factory):
     log = open(root / "lab.log", "w")
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                server.kill()
-                pytest.fail(f"JupyterLab did not start: {(root / 'lab.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    if _answer(server, f"{url}/api/status?token={token}") is None:
+        server.kill()
+        pytest.fail(f"JupyterLab did not start: {(root / 'lab.log').read_text()[-2000:]}")
     yield url, token, work
     server.terminate()
     try:
@@ -165,11 +170,11 @@ def _check_outputs(page, name):
     errors = [(i, o.get("ename"), o.get("evalue")) for i, outs in enumerate(outputs) for o in outs
               if o["output_type"] == "error"]
     assert not errors, f"{name}: error outputs in cells {errors}"
-    figures = [i for i, outs in enumerate(outputs) for o in outs
-               if str(o.get("data", {}).get("text/plain", "")).startswith("<Figure")]
-    no_png = [i for i, outs in enumerate(outputs) for o in outs
-              if str(o.get("data", {}).get("text/plain", "")).startswith("<Figure") and "image/png" not in o["data"]]
+    shown = [(i, o["data"]) for i, outs in enumerate(outputs) for o in outs
+             if str(o.get("data", {}).get("text/plain", "")).startswith("<Figure")]
+    no_png = [i for i, data in shown if "image/png" not in data]
     assert not no_png, f"{name}: figures without an image in cells {no_png}"
+    figures = [i for i, _ in shown]
     for i in sorted(set(figures)):
         page.evaluate("i => window.jupyterapp.shell.currentWidget.content.scrollToItem(i, 'start')", i)
         page.wait_for_function(
@@ -315,15 +320,9 @@ def test_workbook_lab_starts_without_a_new_setup_and_hides_the_sources():
                             f"--IdentityProvider.token={token}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents?token={token}", timeout=2) as r:
-                    listing = [item["name"] for item in json.load(r)["content"]]
-                break
-            except OSError:
-                assert lab.poll() is None and time.time() < deadline, "./workbook.sh lab did not start"
-                time.sleep(0.5)
+        body = _answer(lab, f"http://127.0.0.1:{port}/api/contents?token={token}")
+        assert body is not None, "./workbook.sh lab did not start"
+        listing = [item["name"] for item in json.loads(body)["content"]]
     finally:
         os.killpg(lab.pid, signal.SIGTERM)
         said = lab.communicate(timeout=30)[0]

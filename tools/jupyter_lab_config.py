@@ -6,12 +6,13 @@ Loaded with ``jupyter lab --config tools/jupyter_lab_config.py``; everything els
 
 import os
 
+from jupyter_server.services.contents.manager import ContentsManager
+
 c = get_config()  # noqa: F821  (defined by Jupyter when it loads this file)
 
 # The file browser lists each notebook once: the jupytext sources (notebooks/NN_*.py) are for
 # maintainers, who edit them in an editor; Lab's own hidden patterns are kept.
-c.ContentsManager.hide_globs = ["__pycache__", "*.pyc", "*.pyo", ".DS_Store", "*~", "*.so", "*.dylib",
-                                "[0-9][0-9]_*.py"]
+c.ContentsManager.hide_globs = ContentsManager.hide_globs.default() + ["[0-9][0-9]_*.py"]
 # No call home: the machine may be offline (the workbook never needs a network).
 c.LabApp.news_url = None
 c.LabApp.check_for_updates_class = "jupyterlab.NeverCheckForUpdate"
