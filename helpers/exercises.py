@@ -12,7 +12,7 @@ from .text import wrap
 
 
 def check_answer(answer: Any, expected: Any, right: str | Callable[[Any], str], wrong: str | Callable[[Any], str],
-                 not_yet: str = "", *, label: str = "") -> str | None:
+                 not_yet: str = "", *, wrong_example: Any, label: str = "") -> str | None:
     """Print the verdict on ``answer`` and return it: ``"right"``, ``"wrong"``, or None when not answered.
 
     ``answer is None`` prints ``not answered yet: <not_yet>`` (the hint). Otherwise the answer is right
@@ -22,13 +22,27 @@ def check_answer(answer: Any, expected: Any, right: str | Callable[[Any], str], 
     verdict printed). ``label`` (e.g. ``"Exercise 1"``) starts the line, followed by a colon. A long
     verdict is wrapped at words to fit a JupyterLab output line (:func:`helpers.text.wrap`).
     Never raises for a wrong answer. Used by the exercise checks of notebooks 00 to 06.
+
+    ``wrong_example`` (required) is a plausible wrong answer, the mistake a learner is likely to make.
+    The check must call it wrong, so every check can say "wrong" (a check that accepts anything
+    teaches nothing): each notebook run tests its own checks this way.
+
+    Raises:
+        ValueError: the check accepts ``wrong_example``, or ``wrong_example`` is None.
     """
+    if wrong_example is None or _accepts(expected, wrong_example):
+        raise ValueError(f"this exercise check accepts the wrong answer {wrong_example!r}: make the check stricter")
     if answer is None:
         verdict, message = "not answered yet", not_yet
     else:
-        ok = bool(expected(answer) if callable(expected) else answer == expected)
+        ok = _accepts(expected, answer)
         verdict, message = ("right", right) if ok else ("wrong", wrong)
         message = message(answer) if callable(message) else message
     line = f"{verdict}: {message}" if message else f"{verdict}."
     print(wrap(f"{label}: {line}" if label else line))
     return None if answer is None else verdict
+
+
+def _accepts(expected: Any, answer: Any) -> bool:
+    """Whether ``answer`` passes: ``expected(answer)`` for a callable, else equality."""
+    return bool(expected(answer) if callable(expected) else answer == expected)

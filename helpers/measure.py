@@ -28,42 +28,137 @@ def rss_bytes() -> int:
     return psutil.Process(os.getpid()).memory_info().rss
 
 
+class MeasurementError(RuntimeError):
+    """A timing too short or too noisy to mean anything, or a rate above the machine's limit (notebook 04)."""
+
+
+def memory_bandwidth(device: str | torch.device = "cpu", gib: float = 1.0, repeats: int = 5) -> float:
+    """Memory bandwidth of ``device`` in bytes/s: a copy of ``gib`` GiB, bytes read plus written, median of ``repeats``.
+
+    A copy reads each byte once and writes it once, so the rate counts ``2 * size`` bytes per copy
+    (the STREAM "copy" convention). One untimed copy first. This is the limit a decode step that reads
+    every weight once is measured against (:func:`decode_limit`). Explained in notebook 04.
+
+    Raises:
+        ValueError: ``gib`` below 1 (a smaller copy fits a CPU's caches and overstates the rate) or
+            ``repeats`` below 3.
+    """
+    if gib < 1 or repeats < 3:
+        raise ValueError("measure the bandwidth with a copy of at least 1 GiB and at least 3 repeats")
+    n = int(gib * 2**30)
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        times.append(time.perf_counter() - t0)
+    del src, dst
+    return 2 * n / statistics.median(times)
+
+
+def decode_bytes(model: torch.nn.Module, batch: int = 1, context: int = 0) -> int:
+    """Bytes one decode step must read: every weight once, the embedding as one row a token, and the KV cache.
+
+    Every unique parameter and buffer is read once (a tied head shares the embedding's bytes, counted
+    once, since the head reads the whole matrix); an untied input embedding is read as ``batch`` rows,
+    not whole. The KV cache adds ``helpers.memory.kv_cache_bytes`` at ``context`` tokens, in the
+    model's dtype. A lower bound on the bytes moved, so :func:`decode_limit` is an upper bound on
+    tokens/s. Explained in notebook 04.
+    """
+    from .memory import kv_cache_bytes
+
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is emb
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    if not tied:
+        total -= emb.numel() * emb.element_size() - batch * emb.shape[1] * emb.element_size()
+    if context:
+        total += kv_cache_bytes(model.config, context, batch, bytes_per_value=emb.element_size())
+    return int(total)
+
+
+def decode_limit(model: torch.nn.Module, bandwidth: float, batch: int = 1, context: int = 0) -> float:
+    """The most total tokens/s decoding can reach: ``batch * bandwidth / decode_bytes(model, batch, context)``.
+
+    ``bandwidth`` in bytes/s (:func:`memory_bandwidth` of the device that holds the weights). Every
+    rate the workbook prints is set beside this limit. Explained in notebook 04.
+    """
+    return batch * bandwidth / decode_bytes(model, batch, context)
+
+
+def rate_text(tokens_per_s: float, limit_tokens_per_s: float, spread: tuple[float, float] | None = None) -> str:
+    """``"12.3 tokens/s (4.5% of the limit, 273 tokens/s)"``, with the spread of repeats when given.
+
+    Every rate a notebook prints goes through here, so a test can read each stored rate beside its
+    limit. Raises :class:`MeasurementError` for a rate above the limit: it cannot be true.
+    """
+    if tokens_per_s > limit_tokens_per_s:
+        raise MeasurementError(f"{tokens_per_s:.4g} tokens/s is above this machine's limit of "
+                               f"{limit_tokens_per_s:.4g} tokens/s: measure again on an idle machine")
+    low_high = f", repeats {spread[0]:.3g} to {spread[1]:.3g}" if spread else ""
+    return (f"{tokens_per_s:.3g} tokens/s ({tokens_per_s / limit_tokens_per_s:.1%} of the limit, "
+            f"{limit_tokens_per_s:.4g} tokens/s{low_high})")
+
+
 @torch.inference_mode()
 def time_generate(model, inputs: dict | None, new_tokens: int = 32, repeats: int = 3, warmup: int = 1,
-                  barrier: Callable[[], None] | None = None, **generate_kwargs) -> dict:
+                  barrier: Callable[[], None] | None = None, limit_tokens_per_s: float | None = None,
+                  **generate_kwargs) -> dict:
     """Time greedy ``model.generate`` on ``inputs``.
 
     Each repeat runs ``generate`` twice: once for one new token (time to first
     token: the prefill) and once for ``new_tokens`` forced tokens
-    (``min_new_tokens=new_tokens``). Decode speed is
-    ``(new_tokens - 1) / (t_full - t_first)``. Used in notebooks 04 and 05 and
-    by the workers they launch.
+    (``min_new_tokens=new_tokens``). Decode speed of a repeat is
+    ``(new_tokens - 1) / (t_full - t_first)``; the median over repeats is
+    returned with its spread. A repeat whose full run was not clearly longer
+    than its first token (a busy machine) is measured again, up to
+    ``repeats`` more times; then :class:`MeasurementError` is raised rather
+    than a rate divided by noise. Used in notebooks 01, 06 and 07 and by the
+    workers they launch.
 
     Args:
         model: a causal LM (any device map).
         inputs: the tokenizer's output (``input_ids``, ``attention_mask``),
             shape ``(batch, prompt_len)``, already on the first device.
         new_tokens: tokens generated per sequence (>= 2).
-        repeats: timed runs; medians are returned.
+        repeats: timed repeats (>= 3, so a spread exists); medians are returned.
         warmup: untimed runs first (the first run of a process is the slowest).
         barrier: for several processes timed together (replicas, tensor
             parallel), e.g. ``dist.barrier``: called before the clock starts
             and again before it stops, so every process measures the slowest
             one. ``inputs=None`` then means this process has no share of the
             batch: it only takes part in the barriers.
+        limit_tokens_per_s: this machine's limit per sequence
+            (:func:`decode_limit` divided by the batch); a median above it
+            raises :class:`MeasurementError`.
         generate_kwargs: passed to ``generate`` (e.g. ``pad_token_id``).
 
     Returns:
         ``{"ttft_s": seconds, "tokens_per_s": new tokens per second per
-        sequence during decoding, "batch": batch size,
-        "total_tokens_per_s": tokens_per_s * batch, "wall_s": median seconds
-        of a whole ``new_tokens`` run, "runs": repeats}``.
+        sequence during decoding (median), "spread": (lowest, highest) of the
+        repeats, "batch": batch size, "total_tokens_per_s": tokens_per_s *
+        batch, "wall_s": median seconds of a whole ``new_tokens`` run,
+        "runs": repeats}``.
 
     Raises:
-        ValueError: ``new_tokens`` < 2.
+        ValueError: ``new_tokens`` < 2 or ``repeats`` < 3.
+        MeasurementError: the decode time stayed indistinguishable from the
+            first token's, or the median is above ``limit_tokens_per_s``.
     """
     if new_tokens < 2:
         raise ValueError("new_tokens must be at least 2")
+    if repeats < 3:
+        raise ValueError("repeats must be at least 3: one or two runs give no spread to judge a rate by")
     kw = dict(do_sample=False, pad_token_id=getattr(model.generation_config, "pad_token_id", None))
     kw.update(generate_kwargs)
 
@@ -81,14 +176,28 @@ def time_generate(model, inputs: dict | None, new_tokens: int = 32, repeats: int
 
     for _ in range(warmup):
         run(new_tokens)
-    firsts, fulls = [], []
-    for _ in range(repeats):
-        firsts.append(run(1))
-        fulls.append(run(new_tokens))
+    firsts, fulls, rates = [], [], []
+    retries = 0
+    while len(rates) < repeats:
+        first, full = run(1), run(new_tokens)
+        # a decode that took under 5% of the run, or no time at all, is noise, not a rate
+        if full - first <= 0.05 * full:
+            retries += 1
+            if retries > repeats:
+                raise MeasurementError(
+                    f"generate of {new_tokens} tokens took no longer than of 1 token ({full:.3g} s against "
+                    f"{first:.3g} s) in {retries} tries: the machine is too busy or new_tokens too small to "
+                    "time decoding; raise new_tokens or run again on an idle machine")
+            continue
+        firsts.append(first)
+        fulls.append(full)
+        rates.append((new_tokens - 1) / (full - first))
     ttft = statistics.median(firsts)
     wall = statistics.median(fulls)
-    decode = max(wall - ttft, 1e-9)
     batch = int(inputs["input_ids"].shape[0]) if inputs is not None else 0
-    tps = (new_tokens - 1) / decode
-    return {"ttft_s": ttft, "tokens_per_s": tps, "batch": batch, "total_tokens_per_s": tps * batch, "wall_s": wall,
-            "runs": repeats}
+    tps = statistics.median(rates)
+    if limit_tokens_per_s is not None and tps > limit_tokens_per_s:
+        raise MeasurementError(f"{tps:.4g} tokens/s is above this machine's limit of {limit_tokens_per_s:.4g}: "
+                               "measure again on an idle machine")
+    return {"ttft_s": ttft, "tokens_per_s": tps, "spread": (min(rates), max(rates)), "batch": batch,
+            "total_tokens_per_s": tps * batch, "wall_s": wall, "runs": repeats}
