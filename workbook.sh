@@ -8,7 +8,8 @@
 #   ./workbook.sh outputs                  maintainers: regenerate the committed outputs
 #   ./workbook.sh setup                    only the set-up
 #
-# Environment: WORKBOOK_VENV (default .venv), PYTHON (default python3),
+# Environment: WORKBOOK_VENV (default .venv), PYTHON (default python3; the floor is pyproject.toml's
+# requires-python, checked before anything is built),
 # WORKBOOK_CACHE (the model cache, default ~/.cache/bigmodel-workbook),
 # TORCH_INDEX_URL (where to get torch, e.g. https://download.pytorch.org/whl/cpu),
 # WORKBOOK_WHEELS (test-gpu offline: a folder of wheels to install, no index),
@@ -27,7 +28,37 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # helpers/ importable even 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
 # What the set-up installs from: when none of it changed since the last complete set-up, the set-up is skipped.
-setup_key() { cat constraints.txt pyproject.toml | "$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'; }
+setup_key() { cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1; }
+
+# The oldest Python the exact versions in constraints.txt install on (soupsieve, numpy, pandas, transformers):
+# pyproject.toml's requires-python, the one place it is written.
+PYTHON_FLOOR=$(sed -n 's/^requires-python = ">=\([0-9.]*\)".*/\1/p' pyproject.toml)
+
+at_least() { [ "$(printf '%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }  # dotted version $1 >= $2
+
+need_python() {
+    # Refuse an interpreter older than the floor, with the fix, before anything is built. The one that counts is
+    # the virtual environment's once it exists (PYTHON only creates it), so an old one is named, never removed.
+    local py=$PYTHON found
+    local fix="install Python $PYTHON_FLOOR or newer (e.g. 3.12) and run PYTHON=/path/to/python3.12 ./workbook.sh $cmd"
+    [ -n "$PYTHON_FLOOR" ] || { echo "workbook.sh: no line requires-python = \">=X.Y.Z\" in pyproject.toml" >&2; exit 2; }
+    if [ -x "$VENV/bin/python" ]; then
+        py=$VENV/bin/python
+        fix="move $VENV aside (mv $VENV $VENV.old; nothing is deleted) and $fix, or set WORKBOOK_VENV to another folder"
+    elif ! command -v "$PYTHON" >/dev/null 2>&1; then
+        echo "workbook.sh: no Python interpreter '$PYTHON' here. Fix: $fix." >&2
+        exit 2
+    fi
+    found=$("$py" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null) || {
+        echo "workbook.sh: $py does not run. Fix: $fix." >&2
+        exit 2
+    }
+    if ! at_least "$found" "$PYTHON_FLOOR"; then
+        echo "workbook.sh: $py is Python $found; the versions in constraints.txt need Python $PYTHON_FLOOR or newer." >&2
+        echo "   Fix: $fix." >&2
+        exit 2
+    fi
+}
 
 lab_defaults() {
     # The workbook's JupyterLab defaults (a user's own settings still win): the file browser without its
@@ -37,6 +68,7 @@ lab_defaults() {
 }
 
 setup() {
+    need_python
     local stamp="$VENV/.workbook-setup"
     if [ -z "${WORKBOOK_FULL_SETUP:-}" ] && [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] \
             && [ "$(cat "$stamp")" = "$(setup_key)" ] && "$VENV/bin/python" -c "import torch, helpers" 2>/dev/null; then
@@ -107,6 +139,7 @@ GPU_NEEDS="torch transformers accelerate bitsandbytes safetensors gguf numpy mat
 setup_gpu_check() {
     # Offline GPU boxes: keep what is installed, or install a folder of wheels; else the usual set-up.
     local py="$VENV/bin/python" missing
+    need_python
     if [ ! -x "$py" ]; then
         "$PYTHON" -m venv --system-site-packages "$VENV"
         # --system-site-packages leaves out the user site (where some GPU boxes keep torch): add the base

@@ -5,8 +5,8 @@ A *device map* sends module-name prefixes to devices, as accelerate and
 "lm_head": "disk"}``. A device is a GPU id (``0``, ``1``, ... or ``"cuda:N"``),
 ``"cpu"`` or ``"disk"``. A tensor goes where its longest matching prefix says
 (the key ``""`` covers the whole model). Notebook 02 introduces maps; this
-module is used by notebooks 02, 03, 04 and 06, by :mod:`helpers.preflight`
-and :mod:`helpers.planner`.
+module is used by notebooks 03, 04 and 06, by :mod:`helpers.budgets`,
+:mod:`helpers.preflight` and :mod:`helpers.planner`; it imports none of them.
 
 Sizes are bytes of parameters and persistent buffers only (no activations, no
 KV cache, no CUDA context), counted by accelerate's ``compute_module_sizes``
@@ -19,7 +19,7 @@ import re
 import textwrap
 
 import torch
-from accelerate.utils import compute_module_sizes
+from accelerate.utils import compute_module_sizes, convert_file_size_to_int
 
 from .units import GiB, MiB, format_size
 
@@ -296,7 +296,10 @@ def plot_device_map(model, device_map: dict, max_memory: dict | None = None, tit
     Args:
         ax: None (a new figure with both panels), a pair of Axes (strip, bars),
             or one Axes (strip only; the legend then states bytes and budgets).
-        dtype, hf_quantizer: as in :func:`preflight`.
+        max_memory: the budget drawn as each device's outline, read as accelerate
+            reads it (bytes, or size strings such as "35GiB"); drawn, not
+            checked: check it with :func:`helpers.preflight.preflight`.
+        dtype, hf_quantizer: as in :func:`helpers.preflight.preflight`.
         pyplot: with ``ax=None``, True makes the figure with pyplot (shown by
             ``plt.show()``); False makes a bare ``matplotlib.figure.Figure``,
             safe to draw on another thread (a widget callback), shown by
@@ -311,9 +314,9 @@ def plot_device_map(model, device_map: dict, max_memory: dict | None = None, tit
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from .preflight import parse_budget
-
-    budget = parse_budget(max_memory)
+    # the budget as accelerate reads it; it is drawn, not checked (helpers.budgets.parse_budget checks it)
+    budget = {canonical_device(k): int(v) if isinstance(v, (int, float)) else convert_file_size_to_int(v)
+              for k, v in (max_memory or {}).items()}
     table = map_table(model, device_map, dtype, hf_quantizer)
     devices = [None if d == "(none)" else d for d in table["device"]]
     used = dict(zip(devices, table["bytes"]))

@@ -22,7 +22,7 @@ def _version(name: str) -> str:
 
 
 def gpu_count() -> int:
-    """Number of CUDA devices torch can use (0 on a CPU-only build or machine). Notebooks 00, 04 and 05."""
+    """Number of CUDA devices torch can use (0 on a CPU-only build or machine). :func:`report` lists them."""
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -201,3 +201,31 @@ def time_generate(model, inputs: dict | None, new_tokens: int = 32, repeats: int
                                "measure again on an idle machine")
     return {"ttft_s": ttft, "tokens_per_s": tps, "spread": (min(rates), max(rates)), "batch": batch,
             "total_tokens_per_s": tps * batch, "wall_s": wall, "runs": repeats}
+
+
+def compare_rates(a: dict, b: dict, a_name: str = "a", b_name: str = "b") -> str:
+    """How rate ``a`` compares with rate ``b``, the spread of their repeats first.
+
+    ``a`` and ``b`` are :func:`time_generate` results or GPU reference records: ``tokens_per_s`` and,
+    where repeats were recorded, ``spread`` (lowest, highest), both in the same unit (per sequence or
+    total) for the two. The ratio's range over the repeats runs from ``a``'s lowest over ``b``'s highest
+    to ``a``'s highest over ``b``'s lowest. A range that holds 1.00 is "no measurable difference", never
+    a gain or a loss. Without a spread on both, the figures come from one benchmark run with no spread
+    recorded, and no difference is claimed.
+    Returns one sentence, e.g. ``"split / single: repeats 0.41x to 0.52x, median 0.47x: split is slower"``.
+    Notebooks 04 and 05.
+    """
+    def x(v: float) -> str:  # two decimals, or two significant digits below 0.1
+        return f"{v:.2f}x" if v >= 0.1 else f"{v:.2g}x"
+
+    ratio = a["tokens_per_s"] / b["tokens_per_s"]
+    head = f"{a_name} / {b_name}:"
+    if not (a.get("spread") and b.get("spread")):
+        return (f"{head} {x(ratio)}, figures of one benchmark run with no spread of repeats recorded: "
+                "no difference can be claimed from it")
+    lo, hi = a["spread"][0] / b["spread"][1], a["spread"][1] / b["spread"][0]
+    if lo <= 1 <= hi:
+        verdict = "no measurable difference"
+    else:
+        verdict = f"{a_name} is {'slower' if hi < 1 else 'faster'}"
+    return f"{head} repeats {x(lo)} to {x(hi)}, median {x(ratio)}: {verdict}"

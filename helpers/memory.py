@@ -1,4 +1,4 @@
-"""Memory arithmetic: bytes per parameter per format and a footprint predictor (notebook 00).
+"""Memory arithmetic: bytes per weight in each format, and the KV cache (notebooks 00, 01 and 03).
 
 Figures (bytes per weight of a quantized Linear layer):
 - fp32 4, bf16/fp16 2.
@@ -12,13 +12,16 @@ Figures (bytes per weight of a quantized Linear layer):
 Source: the QLoRA paper (Dettmers et al., 2023, section 3) and bitsandbytes'
 defaults (blocksize 64, nested blocksize 256).
 
-transformers quantizes only the ``nn.Linear`` layers inside the decoder
-blocks: embeddings, norms and the output head stay in the compute dtype.
+Which weights a format quantizes is not decided here: transformers' own
+quantizer decides (the Linear layers inside the decoder blocks, and GPT-2's
+``Conv1D`` layers, which are not ``nn.Linear``; never the modules in its skip
+list, by default the output head and whatever is tied to it). The one footprint
+predictor, :func:`helpers.planner.predict_footprint`, asks it and charges these
+formulas; the modules left unquantized keep the load dtype (``dtype=`` of
+``from_pretrained``, else the checkpoint's), not the compute dtype.
 """
 
 from __future__ import annotations
-
-import torch
 
 BYTES_PER_PARAM = {
     "fp32": 4.0,
@@ -49,83 +52,14 @@ def linear_bytes_per_weight(fmt: str, in_features: int = 4096) -> float:
     Raises:
         ValueError: unknown format.
 
-    Explained in notebook 00; notebook 03's planner adds these bytes back to transformers' accounting.
+    Explained in notebook 00; :func:`helpers.planner.predict_footprint` and notebook 03's planner charge
+    them to the weights transformers' quantizer quantizes.
     """
     if fmt not in BYTES_PER_PARAM:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "int8":
         return 1.0 + 4.0 / in_features
     return BYTES_PER_PARAM[fmt]
-
-
-def _unique_params(model: torch.nn.Module):
-    """(name, parameter) pairs, a tied parameter once (under its first name)."""
-    seen = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        key = id(p)
-        if key in seen:
-            continue
-        seen.add(key)
-        yield name, p
-
-
-def _quantizable(model: torch.nn.Module) -> set[str]:
-    """Names of the weights transformers would quantize: Linear layers except the output head."""
-    skip = {"lm_head"}
-    names = set()
-    for mname, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and mname.split(".")[-1] not in skip:
-            names.add(f"{mname}.weight")
-    return names
-
-
-def param_groups(model: torch.nn.Module) -> dict[str, int]:
-    """Count parameters by kind, shared (tied) parameters once.
-
-    Returns:
-        ``{"linear (in blocks)": n, "embedding": n, "norm": n, "lm_head": n,
-        "other": n}`` in parameters. ``lm_head`` is 0 when it is tied to the
-        embedding. Explained in notebook 00.
-    """
-    quant = _quantizable(model)
-    groups = {"linear (in blocks)": 0, "embedding": 0, "norm": 0, "lm_head": 0, "other": 0}
-    for name, p in _unique_params(model):
-        if name in quant:
-            groups["linear (in blocks)"] += p.numel()
-        elif "embed" in name or "wte" in name or "word_embeddings" in name:
-            groups["embedding"] += p.numel()
-        elif "norm" in name or "ln_" in name:
-            groups["norm"] += p.numel()
-        elif name.startswith("lm_head"):
-            groups["lm_head"] += p.numel()
-        else:
-            groups["other"] += p.numel()
-    return groups
-
-
-def predict_footprint(model: torch.nn.Module, fmt: str, dtype_bytes: float | None = None) -> int:
-    """Predict a model's weight bytes when loaded with transformers in ``fmt``.
-
-    Linear layers inside the blocks take ``linear_bytes_per_weight(fmt)``;
-    everything else (embeddings, norms, an untied head, biases) takes
-    ``dtype_bytes`` (default: 4 for fp32, else 2: the compute dtype).
-    Tied parameters are counted once. Works on a meta-device model.
-
-    Returns:
-        Bytes (int). Raises ValueError for an unknown format.
-
-    Explained in notebook 00 (predicted against measured) and used again in notebook 01.
-    """
-    if dtype_bytes is None:
-        dtype_bytes = 4.0 if fmt == "fp32" else 2.0
-    quant = _quantizable(model)
-    total = 0.0
-    for name, p in _unique_params(model):
-        if name in quant:
-            total += p.numel() * linear_bytes_per_weight(fmt, p.shape[-1])
-        else:
-            total += p.numel() * dtype_bytes
-    return int(round(total))
 
 
 def kv_cache_layers(config, tokens: int, batch: int = 1, bytes_per_value: float = 2) -> list[int]:
@@ -146,8 +80,10 @@ def kv_cache_layers(config, tokens: int, batch: int = 1, bytes_per_value: float 
             Bloom's names are mapped by their configs' ``attribute_map``).
         tokens: context length (prompt plus generated tokens), >= 0.
         batch: sequences in flight, >= 1.
-        bytes_per_value: 2 for a bf16/fp16 cache (the default cache dtype is
-            the compute dtype), 4 for fp32.
+        bytes_per_value: 2 for a bf16/fp16 cache, 4 for fp32. The cache takes
+            the dtype of the hidden states, which is the load dtype (a
+            bitsandbytes layer casts its output back to its input's dtype,
+            whatever its compute dtype).
 
     Returns:
         A list of ints, one per layer, in bytes. Notebook 03 (planning with

@@ -21,11 +21,12 @@ multiplier; they live in :func:`prepare_meta_model` (step 1) and
 :func:`plan_device_map` (steps 2 to 4), which notebook 03 prints and checks
 against transformers:
 
-1. The model is built on the meta device in the compute dtype; for a
-   quantized format transformers' quantizer (``AutoHfQuantizer``) replaces the
-   Linear layers inside the blocks with bitsandbytes layers exactly as
-   ``from_pretrained`` does (``preprocess_model``); embeddings, norms and the
-   output head keep the compute dtype.
+1. The model is built on the meta device in the load dtype (bf16 unless the
+   format is fp32 or fp16); for a quantized format transformers' quantizer
+   (``AutoHfQuantizer``) replaces the Linear (and GPT-2 ``Conv1D``) layers
+   inside the blocks with bitsandbytes layers exactly as ``from_pretrained``
+   does (``preprocess_model``); embeddings, norms and the output head keep the
+   load dtype (not a 4-bit layer's compute dtype).
 2. ``get_balanced_memory`` (strategies "auto"/"balanced"/"balanced_low_0")
    or ``get_max_memory`` ("sequential") turns the budget into per-GPU caps.
 3. The quantizer's ``adjust_max_memory`` cuts each cap to 90% (bitsandbytes:
@@ -43,6 +44,11 @@ quantization scales (NF4: one float32 absmax per 64 weights, +0.0625 byte;
 int8: one float32 scale per output row). :attr:`Plan.true_bytes_per_device`
 adds them back (the formulas of :mod:`helpers.memory`). Neither figure holds
 activations, the KV cache or the CUDA context: the verdict adds those.
+
+:func:`predict_footprint` (notebooks 00 and 01) asks the same prepared meta
+model and the same quantizer which weights a format quantizes, so the
+footprint it predicts and a plan's ``total_true_bytes`` are one answer: there
+is no second list of "quantizable" layers anywhere in the workbook.
 """
 
 from __future__ import annotations
@@ -185,25 +191,85 @@ def _load_config(model):
 _PREPARED: dict = {}
 
 
-def _prepared_model(model, fmt: str):
+def _default_dtype(fmt: str) -> torch.dtype:
+    """The load dtype a format implies: fp32 and fp16 their own, everything else bf16."""
+    return {"fp32": torch.float32, "fp16": torch.float16}.get(fmt, torch.bfloat16)
+
+
+def _prepared_model(model, fmt: str, dtype: torch.dtype | None = None):
     """:func:`prepare_meta_model` for a planner question's model and format, cached (do not modify the result).
 
-    ``model`` is anything :func:`_load_config` takes. Returns ``(model,
-    hf_quantizer)`` with every tensor on the meta device.
+    ``model`` is anything :func:`_load_config` takes; ``dtype`` the load dtype
+    (None: :func:`_default_dtype`). Returns ``(model, hf_quantizer)`` with every
+    tensor on the meta device.
 
     Raises:
-        ValueError: unknown format, or a model :func:`_load_config` refuses.
+        ValueError: unknown format, a ``dtype`` that contradicts an unquantized
+            format, or a model :func:`_load_config` refuses.
         ImportError: a quantized format without bitsandbytes installed.
     """
     qconfig = _quantization_config(fmt)
+    if dtype is None:
+        dtype = _default_dtype(fmt)
+    elif qconfig is None and dtype != _default_dtype(fmt):
+        raise ValueError(f"format {fmt!r} is itself a dtype; dtype={dtype} contradicts it (pass dtype only with "
+                         f"int8, nf4 or nf4-dq: the dtype of the modules they leave unquantized)")
     _, config = _load_config(model)
-    key = (config.to_json_string(use_diff=False), fmt)
+    key = (config.to_json_string(use_diff=False), fmt, str(dtype))
     if key not in _PREPARED:
         if len(_PREPARED) >= 16:
             _PREPARED.pop(next(iter(_PREPARED)))
-        dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(fmt, torch.bfloat16)
         _PREPARED[key] = prepare_meta_model(config, qconfig, dtype)
     return _PREPARED[key]
+
+
+def _quantized_bytes(model, quantizer, fmt: str) -> dict[str, float]:
+    """{weight name: bytes with its scales} of every weight ``quantizer`` quantizes in a prepared meta model.
+
+    The quantizer decides (``param_needs_quantization``, after ``preprocess_model``
+    replaced the layers); each such weight costs
+    :func:`helpers.memory.linear_bytes_per_weight` of its input size (the
+    replaced layer's weight is ``(out_features, in_features)``). Empty for an
+    unquantized format. The one answer behind :func:`plan` and :func:`predict_footprint`.
+    """
+    if quantizer is None or fmt not in QUANTIZED:
+        return {}
+    return {name: t.numel() * linear_bytes_per_weight(fmt, t.shape[-1]) for name, t in model.named_parameters()
+            if quantizer.param_needs_quantization(model, name)}
+
+
+def predict_footprint(model, fmt: str, dtype: torch.dtype | None = None) -> int:
+    """Predict the weight bytes of ``model`` loaded by ``from_pretrained`` in ``fmt`` (scales included).
+
+    The weights transformers' own quantizer quantizes (asked on a meta copy
+    prepared as ``from_pretrained`` prepares it: :func:`prepare_meta_model`,
+    the same question :func:`plan` asks) cost
+    :func:`helpers.memory.linear_bytes_per_weight` each, scales included;
+    every other parameter (embeddings, norms, the head, biases, ...) keeps
+    the load dtype ``dtype``. Tied parameters count once; buffers are left
+    out (``get_memory_footprint()`` adds them). Nothing is allocated.
+
+    Args:
+        model: a loaded model (its ``config`` is used), or anything
+            :func:`plan` takes (a shape name, a config, a checkpoint directory).
+        fmt: one of :data:`helpers.memory.FORMATS`.
+        dtype: the load dtype (``from_pretrained(..., dtype=)``); None: the
+            format's own for fp32/fp16/bf16, bf16 for the quantized formats.
+
+    Returns:
+        Bytes (int).
+
+    Raises:
+        ValueError: an unknown format, a ``dtype`` that contradicts an
+            unquantized format, or a model :func:`plan` would refuse.
+
+    Explained in notebook 00 (predicted against measured); used again in notebook 01.
+    """
+    config = model.config if isinstance(model, torch.nn.Module) else model
+    meta, quantizer = _prepared_model(config, fmt, dtype)
+    quantized = _quantized_bytes(meta, quantizer, fmt)
+    total = sum(quantized.get(n, p.numel() * p.element_size()) for n, p in meta.named_parameters())
+    return int(round(total))
 
 
 RESERVE_FILE = Path(__file__).resolve().parent.parent / "gpu-reference" / "one-gpu" / "reserve.json"
@@ -332,13 +398,9 @@ class Plan:
 
 
 def _true_sizes(model, quantizer, fmt: str, sizes: dict) -> dict:
-    """``sizes`` with each quantized weight charged :func:`helpers.memory.linear_bytes_per_weight` (scales included)."""
-    if quantizer is None or fmt not in QUANTIZED:
-        return sizes
+    """``sizes`` with each quantized weight charged its bytes with scales (:func:`_quantized_bytes`)."""
     out = dict(sizes)
-    for name, t in model.named_parameters():
-        if name in out and quantizer.param_needs_quantization(model, name):
-            out[name] = t.numel() * linear_bytes_per_weight(fmt, t.shape[-1])
+    out.update({n: b for n, b in _quantized_bytes(model, quantizer, fmt).items() if n in out})
     return out
 
 

@@ -7,10 +7,11 @@ builds a torch device from a GPU id in planning mode, so a CPU-only machine
 can check plans for GPUs it does not have. Notebook 03 introduces it; the
 troubleshooting notebook (06) shows every kind of finding on a real case.
 
-:func:`parse_budget` reads ``max_memory`` as accelerate 1.15 does, but refuses
-(ValueError, naming the fix) what accelerate refuses or crashes on and what
-cannot be meant, and warns (:class:`BudgetWarning`) about what it silently
-takes but is probably a mistake. Neither function changes the dicts passed in.
+The budget (``max_memory``) is read by :func:`helpers.budgets.parse_budget`,
+which refuses (ValueError, naming the fix) what accelerate refuses or crashes
+on and what cannot be meant, and warns (:class:`helpers.budgets.BudgetWarning`)
+about what it silently takes but is probably a mistake; both names are
+importable from here too. :func:`preflight` never changes the dicts passed in.
 
 Sizes are bytes of parameters and persistent buffers only (no activations, no
 KV cache, no CUDA context), counted as in :mod:`helpers.devicemap`.
@@ -20,18 +21,15 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
-import numbers
-import re
-import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import convert_file_size_to_int, find_tied_parameters
+from accelerate.utils import find_tied_parameters
 
-from .devicemap import ACCELERATORS, STRATEGIES, bytes_per_device, canonical_device, device_label, device_order, owner_key, tensor_sizes
+# BudgetWarning and parse_budget are defined in helpers.budgets; notebooks 04 and 06 import them from here too
+from .budgets import BudgetWarning, budget_key, parse_budget  # noqa: F401
+from .devicemap import bytes_per_device, canonical_device, device_label, device_order, owner_key, tensor_sizes
 from .text import wrap
 from .units import format_size
 
@@ -94,191 +92,8 @@ class Report:
 
 
 
-# --------------------------------------------------------------------------
-# inputs
-
-
-class BudgetWarning(UserWarning):
-    """A ``max_memory`` that accelerate accepts but that is probably a mistake (sizes in bits, a GPU with 0 bytes).
-
-    Raised through :func:`warnings.warn` by :func:`parse_budget` (and so by
-    :func:`preflight`); filter it with
-    ``warnings.simplefilter("error", BudgetWarning)`` to make it fatal, or
-    ``"ignore"`` when the budget is meant. Notebook 03 explains how accelerate
-    reads ``max_memory``; notebook 06 troubleshoots budgets.
-    """
-
-
 LOADERS = (None, "load_checkpoint_and_dispatch", "dispatch_model", "from_pretrained")
 """What :func:`preflight`'s ``loader=`` may name (None: the map is only planned, no loader-specific check)."""
-
-
-def _budget_key(dev):
-    """The max_memory key that budgets a canonical device.
-
-    GPU ids and "xpu:N" (any accelerator string) alike read key N: accelerate's
-    integer ids are the ids of the machine's accelerators, whatever their type.
-    """
-    if isinstance(dev, str) and ":" in dev:
-        return int(dev.rsplit(":", 1)[1])
-    return dev
-
-
-def _warn(message: str, stacklevel: int) -> None:
-    warnings.warn(message, BudgetWarning, stacklevel=stacklevel + 1)
-
-
-def _key_of(key):
-    """A max_memory key as accelerate's get_max_memory takes it (int >= 0, "mps", "cpu", "disk").
-
-    Anything else raises ValueError naming the fix (accelerate refuses it too,
-    except booleans and negative ids, which it takes as GPU ids).
-    """
-    if isinstance(key, bool):
-        raise ValueError(f"max_memory key {key!r} is a boolean, not a device: use GPU ids (0, 1, ...), "
-                         f"'cpu' or 'disk'.")
-    if isinstance(key, int):
-        if key < 0:
-            raise ValueError(f"max_memory key {key} is not a GPU id: ids count from 0 (use 0, 1, ...).")
-        return key
-    if isinstance(key, str) and key in ("cpu", "disk", "mps"):
-        return key
-    text = str(key) if isinstance(key, torch.device) else key
-    if isinstance(text, str):
-        m = re.fullmatch(r"\s*(cuda|gpu|" + "|".join(ACCELERATORS) + r")(?::(\d+))?\s*", text.lower())
-        if m:
-            n = int(m.group(2) or 0)
-            raise ValueError(
-                f"max_memory key {key!r}: accelerate's get_max_memory (and so infer_auto_device_map, "
-                f"load_checkpoint_and_dispatch and from_pretrained) refuses it ('Device {text} is not recognized'): "
-                f"name the GPU by its integer id, max_memory={{{n}: ...}} instead of {{{text!r}: ...}}.")
-        plain = text.strip().lower()
-        if plain in ("cpu", "disk", "mps") or plain.isdigit():
-            fixed = int(plain) if plain.isdigit() else plain
-            raise ValueError(f"max_memory key {key!r}: accelerate refuses it ('Device {text} is not recognized'): "
-                             f"write {fixed!r} instead.")
-    raise ValueError(f"max_memory key {key!r} is not a device: use GPU ids (0, 1, ...), 'mps', 'cpu' or 'disk'.")
-
-
-def _bytes_of(key, value, stacklevel: int) -> int:
-    """A max_memory value in bytes, refusing what cannot be meant and warning about sizes in bits."""
-    where = f"max_memory[{key!r}] = {value!r}"
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
-        raise ValueError(f"{where} is a boolean, not a size (accelerate would read True as 1 byte): give bytes "
-                         f"(an int) or a string such as '35GiB'.")
-    if isinstance(value, numbers.Real):
-        v = float(value)
-        if math.isnan(v):
-            raise ValueError(f"{where} is NaN, not a size (accelerate then places nothing on that device, "
-                             f"silently): give bytes (an int) or a string such as '35GiB'.")
-        if math.isinf(v):
-            raise ValueError(f"{where} is infinite: no device holds unlimited weights; give its real size "
-                             f"(e.g. '80GiB'); for 'disk', leave the key out (it needs no budget).")
-        if v < 0:
-            raise ValueError(f"{where} is negative: give a size of 0 or more (bytes, or a string such as '35GiB'); "
-                             f"to use no memory on a device, leave it out of max_memory.")
-        return int(value)
-    if isinstance(value, str):
-        try:
-            n = convert_file_size_to_int(value)  # the string as given: accelerate does not strip it either
-        except (ValueError, OverflowError):  # "infGB" overflows inside accelerate
-            raise ValueError(
-                f"{where} is not a size: give bytes (an int) or a string such as '35GiB' (2**30 bytes each) or "
-                f"'500MB' (10**6 bytes each); accelerate refuses 'TB', a bare 'G' or 'B', spaces after the unit "
-                f"and negative sizes.") from None
-        upper = value.upper()
-        if value.endswith("b") and upper.endswith(("GB", "MB", "KB")) and not upper.endswith(("GIB", "MIB", "KIB")):
-            num, letter = value[:-2], value[-2].upper()
-            _warn(f"{where} is read by accelerate as {letter}-bits (a lowercase final 'b' after G, M or K means bits): "
-                  f"{n:,} bytes, 1/8 of '{num}{letter}B'. Write '{num}{letter}B' ({num} x 10**"
-                  f"{ {'G': 9, 'M': 6, 'K': 3}[letter]} bytes) or '{num}{letter}iB' ({num} x 2**"
-                  f"{ {'G': 30, 'M': 20, 'K': 10}[letter]} bytes).", stacklevel + 1)
-        return n
-    raise ValueError(f"{where} is not a size: give bytes (an int) or a string such as '35GiB' (2**30 bytes each) "
-                     f"or '500MB' (10**6 bytes each).")
-
-
-def _parse_budget(max_memory, strategy, stacklevel: int) -> dict:
-    if strategy is not None and strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {(None,) + STRATEGIES}, not {strategy!r}.")
-    if max_memory is None:
-        return {}
-    if isinstance(max_memory, (str, bytes, numbers.Number)):
-        raise ValueError(
-            f"max_memory must be a dict {{device: size}}, not {max_memory!r} (accelerate fails with 'TypeError: string "
-            f"indices must be integers'): write max_memory={{0: {max_memory!r}}} for GPU 0 (one entry per GPU, plus "
-            f"'cpu' for offloading), e.g. {{0: {max_memory!r}, 'cpu': '30GiB'}}.")
-    if not isinstance(max_memory, Mapping):
-        raise ValueError(f"max_memory must be a dict {{device: size}}, not a {type(max_memory).__name__}: "
-                         f"e.g. {{0: '35GiB', 'cpu': '30GiB'}}.")
-    out = {}
-    for key, value in max_memory.items():
-        dev = _key_of(key)
-        out[dev] = _bytes_of(key, value, stacklevel + 1)
-    for dev, n in out.items():
-        if n == 0 and (isinstance(dev, int) or dev == "mps"):
-            extra = (" With strategy 'balanced_low_0' it is worse: accelerate counts only GPUs with a budget above 0, "
-                     "so it no longer keeps GPU 0 light and the weights land on GPU 0 first."
-                     if strategy == "balanced_low_0" and dev != 0 else "")
-            _warn(f"max_memory[{dev!r}] = 0: {device_label(dev)} gets no weights at all, which is rarely meant "
-                  f"(a typo, or a unit lost?).{extra} Give it its size (e.g. '20GiB'), or leave it out of max_memory "
-                  f"to say 'do not use it'.", stacklevel + 1)
-    gpus = sorted(d for d in out if isinstance(d, int))
-    if strategy == "balanced_low_0":
-        used = [d for d in gpus if out[d] > 0]
-        need = list(range(len(used)))
-        if len(used) > 1 and any(i not in out for i in need):
-            # accelerate sums max_memory[1..n-1] first, then reads max_memory[0]: the first absent key is the KeyError
-            missing = [i for i in need[1:] + [0] if i not in out]
-            raise ValueError(
-                f"with strategy 'balanced_low_0' accelerate's get_balanced_memory reads the budgets of GPUs "
-                f"0..{len(used) - 1} by id, and max_memory has GPUs {gpus}: it fails with KeyError: {missing[0]}. "
-                f"Number the GPUs from 0 without gaps (run with CUDA_VISIBLE_DEVICES={','.join(map(str, used))} so "
-                f"they become 0..{len(used) - 1}, and write max_memory={{{', '.join(f'{i}: ...' for i in need)}}}), "
-                f"or plan with 'balanced' or 'sequential'.")
-    return out
-
-
-def parse_budget(max_memory: dict | None, strategy: str | None = None) -> dict:
-    """Check a ``max_memory`` dict as accelerate 1.15 would read it, and turn it into {device: bytes}.
-
-    Keys: GPU ids (ints 0, 1, ...), ``"mps"``, ``"cpu"``, ``"disk"``: exactly
-    what accelerate's ``get_max_memory`` accepts. Values: bytes (an int or a
-    float) or size strings read by accelerate's ``convert_file_size_to_int``:
-    "35GiB" is 35 * 2**30 bytes, "500MB" is 500 * 10**6. The dict passed in
-    is never changed (accelerate converts the strings in place; this does not).
-
-    Args:
-        max_memory: the budget, or None (no budget: returns {}).
-        strategy: the ``device_map`` string the budget is planned with
-            ("auto", "balanced", "balanced_low_0", "sequential"), or None for a
-            map written by hand; "balanced_low_0" adds its own checks.
-
-    Returns:
-        {device: bytes}, GPU ids as ints, in the order given.
-
-    Raises:
-        ValueError, naming the fix, where accelerate refuses or crashes:
-            ``max_memory`` not a dict (a string "10GB": accelerate fails with
-            TypeError); a key "cuda:0" (or "xpu:0", "gpu"): accelerate says
-            "Device cuda:0 is not recognized", use the id ``0``; a key that is
-            not a device; with ``strategy="balanced_low_0"``, GPU ids that
-            skip one (``{0: X, 2: X}``: KeyError: 1 inside accelerate's
-            ``get_balanced_memory``); a value that is not a size. And where a
-            value cannot be meant though accelerate takes it: negative,
-            boolean, infinite or NaN budgets. Also an unknown ``strategy``.
-
-    Warns:
-        :class:`BudgetWarning` where accelerate silently accepts something
-        that is probably a mistake: sizes in bits ("10Gb", "10gb", "10mb": a
-        lowercase final "b" after G/M/K means bits, 1/8 of the bytes; "24Gib"
-        is GiB, not bits) and a budget of 0 on a GPU (with "balanced_low_0" a 0
-        on GPU 1 sends everything to GPU 0).
-
-    Notebook 03 explains how ``max_memory`` is read; notebook 06 troubleshoots
-    bad budgets.
-    """
-    return _parse_budget(max_memory, strategy, stacklevel=2)
 
 
 def _declared_ties(model) -> list[tuple[str, str]]:
@@ -431,7 +246,7 @@ def preflight(model, device_map: dict, max_memory: dict | None = None, *, mode: 
             f"preflight checks a concrete map (a dict), not {device_map!r}: plan one first, e.g. "
             f"accelerate.infer_auto_device_map(model, max_memory=..., no_split_module_classes=model._no_split_modules)."
         )
-    report = Report(budget=_parse_budget(max_memory, strategy, stacklevel=2))
+    report = Report(budget=parse_budget(max_memory, strategy, stacklevel=2))
     where = {key: canonical_device(value) for key, value in device_map.items()}  # map key -> canonical device (None: bad)
     names = _tensor_order(model)
     owner = {n: owner_key(n, device_map) for n in names}
@@ -717,7 +532,7 @@ def _check_budget(used: dict, budget: dict) -> list[Finding]:
         return out
     shared: dict = {}  # budget key -> [devices of the map that draw on it]
     for dev in used:
-        shared.setdefault(_budget_key(dev), []).append(dev)
+        shared.setdefault(budget_key(dev), []).append(dev)
     for key, devs in shared.items():
         n = sum(used[d] for d in devs)
         label = " + ".join(device_label(d) for d in devs)
@@ -735,7 +550,16 @@ def _check_budget(used: dict, budget: dict) -> list[Finding]:
 
 
 def _check_quantized(model, where, hf_quantizer) -> list[Finding]:
-    """bitsandbytes: transformers refuses CPU/disk offload unless llm_int8_enable_fp32_cpu_offload, which needs a GPU."""
+    """bitsandbytes and offload: what transformers 5.24 refuses, and what llm_int8_enable_fp32_cpu_offload really does.
+
+    Without the flag, ``from_pretrained`` refuses a map that sends modules to "cpu" or "disk" (unless
+    everything is on "cpu"): ``validate_environment`` in ``quantizers/quantizer_bnb_4bit.py`` (and
+    ``_8bit``). With the flag and a ``device_map`` dict, ``_process_model_before_weight_loading`` adds
+    every key mapped to "cpu" or "disk" to the modules not converted: they stay unquantized, in the load
+    dtype (``dtype=``, else the checkpoint's), not float32. A map without a GPU then quantizes nothing.
+    A model whose quantized (bitsandbytes) layers are mapped to "cpu" or "disk" anyway was prepared
+    before its map was a dict (``device_map="auto"``): the flag did nothing for them.
+    """
     qc = _quant_config(model, hf_quantizer)
     get = (lambda k: qc.get(k)) if isinstance(qc, dict) else (lambda k: getattr(qc, k, None))  # noqa: E731
     method = get("quant_method") if qc is not None else None
@@ -743,20 +567,37 @@ def _check_quantized(model, where, hf_quantizer) -> list[Finding]:
         return []
     values = {d for d in where.values() if d is not None}
     offloaded = {"cpu", "disk"} & values
-    if not get("llm_int8_enable_fp32_cpu_offload") and values != {"cpu"} and offloaded:
+    recipe = ("BitsAndBytesConfig(..., llm_int8_enable_fp32_cpu_offload=True) with a device_map dict that puts whole "
+              "decoder layers on 'cpu': transformers then leaves the modules it maps to 'cpu' or 'disk' unquantized, "
+              "in the load dtype (dtype=, else the checkpoint's; not float32)")
+    if not get("llm_int8_enable_fp32_cpu_offload"):
+        if values != {"cpu"} and offloaded:
+            return [Finding(
+                "quantized-offload", f"the model is quantized with bitsandbytes and the map sends modules to "
+                f"{' and '.join(sorted(offloaded))}: from_pretrained refuses ('Some modules are dispatched on the CPU or "
+                f"the disk...').",
+                "give it room: a budget that holds the whole quantized model on the GPU(s), or on a machine without a "
+                "GPU everything on the CPU (device_map={'': 'cpu'} with enough max_memory['cpu']); or, with a GPU, "
+                f"the refusal's own remedy: {recipe}.")]
+        return []
+    modules = dict(model.named_modules())
+    quantized = [n for n, m in modules.items() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    owner = {n: owner_key(n, where) for n in quantized}
+    moved = [n for n in quantized if owner[n] is not None and where[owner[n]] in ("cpu", "disk")]
+    if moved:
+        devs = " and ".join(sorted({where[owner[n]] for n in moved}))
         return [Finding(
-            "quantized-offload", f"the model is quantized with bitsandbytes and the map sends modules to "
-            f"{' and '.join(sorted(offloaded))}: from_pretrained refuses ('Some modules are dispatched on the CPU or "
-            f"the disk...').",
-            "give it room: a budget that holds the whole quantized model on the GPU(s), or on a machine without a "
-            "GPU everything on the CPU (device_map={'': 'cpu'} with enough max_memory['cpu']).")]
+            "quantized-offload", f"llm_int8_enable_fp32_cpu_offload is set, yet {len(moved)} bitsandbytes-quantized "
+            f"module(s) (e.g. {moved[0]!r}) are mapped to {devs}: the flag acts only on a device_map dict given to "
+            f"from_pretrained (a string such as 'auto' is planned after the quantizer ran), so these weights stay "
+            f"quantized and offloaded, and generating fails (notebook 06, case 9).",
+            f"pass {recipe}.")]
     accelerators = [d for d in values if isinstance(d, int) or d not in ("cpu", "disk")]
-    if get("llm_int8_enable_fp32_cpu_offload") and not accelerators and "disk" in values:
+    if not accelerators:
         return [Finding(
-            "quantized-offload", "llm_int8_enable_fp32_cpu_offload is set but the map has no GPU and puts modules on "
-            "disk: loading succeeds, generate fails ('Cannot access accelerator device when none is available').",
-            "on a machine without a GPU keep the quantized model whole on the CPU (device_map={'': 'cpu'}) with "
-            "enough max_memory['cpu'], and drop llm_int8_enable_fp32_cpu_offload.")]
+            "quantized-offload", f"llm_int8_enable_fp32_cpu_offload is set and the map puts every module on "
+            f"{' and '.join(sorted(offloaded))}: transformers leaves every module mapped there unquantized, in the "
+            f"load dtype, so nothing is quantized and no memory is saved.",
+            "on a machine without a GPU drop the flag and keep the quantized model whole on the CPU "
+            "(device_map={'': 'cpu'} with enough max_memory['cpu']); on a GPU machine map decoder layers to the GPU.")]
     return []
-
-

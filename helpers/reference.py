@@ -2,7 +2,8 @@
 
 ``gpu-reference/<tier>/results.json`` holds what that tier's benchmark
 measured (hardware, versions, figures); notebooks that quote GPU figures read
-them from here, never from prose. Notebooks 04 and 05 read the two-GPU tier.
+them from here, never from prose. Every figure is read as a record with the
+limit it is measured against (:func:`records`). Notebooks 04 and 05.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 from pathlib import Path
 
 from .launch import ROOT
+from .measure import rate_text
+from .shapes import SHAPES
 from .text import say
 
 REFERENCE = ROOT / "gpu-reference"
@@ -19,6 +22,13 @@ REFERENCE = ROOT / "gpu-reference"
 
 TIERS = ("one-gpu", "two-gpu")
 """Tier folders under :data:`REFERENCE`."""
+
+TIER_GPUS = {"one-gpu": 1, "two-gpu": 2}
+"""How many GPUs each tier was measured on."""
+
+SPEC_BANDWIDTH = {"NVIDIA H200": 4.8e12, "NVIDIA H100 80GB HBM3": 3.35e12}
+"""Memory bandwidth in bytes/s from the vendor's specification (sources in ``docs/published-figures.md``):
+the ceiling of a file that measured no bandwidth of its own."""
 
 
 def reference_results(tier: str = "two-gpu", path: str | os.PathLike | None = None) -> dict:
@@ -33,7 +43,7 @@ def reference_results(tier: str = "two-gpu", path: str | os.PathLike | None = No
         ValueError: an unknown tier (the message lists :data:`TIERS`).
         FileNotFoundError: no results file; the message says how to make one.
 
-    Notebooks 04 and 05.
+    Used by :func:`read_reference` and the tests.
     """
     if path is None and tier not in TIERS:
         raise ValueError(f"unknown GPU reference tier {tier!r}; choose one of {', '.join(TIERS)}")
@@ -46,109 +56,135 @@ def reference_results(tier: str = "two-gpu", path: str | os.PathLike | None = No
     return json.loads(p.read_text())
 
 
-def matching_tier(n_gpus: int) -> str:
-    """The tier whose figures a machine with ``n_gpus`` GPUs quotes: two-gpu from two GPUs up, else one-gpu.
-
-    A machine without a GPU quotes the one-GPU tier, the GPU box a learner most often has. Notebooks 04 and 05.
-    """
-    return "two-gpu" if n_gpus >= 2 else "one-gpu"
-
-
 _OLD_SECTIONS = {"single": ("one GPU", "bf16", "rows", 1), "split": ("split", "bf16", "rows", None),
                  "split_nf4": ("split", "nf4", "rows", None), "replicas": ("replicas", "bf16", "bench", None),
                  "tensor_parallel": ("tensor parallel", "bf16", "bench", None),
                  "offload": ("cpu offload", "bf16", "rows", 1)}
 
 
+def _old_limit(res: dict, rec: dict) -> float:
+    """The limit of a record of an older file, which recorded none: an upper bound on its total tokens/s.
+
+    A decode step reads the weights, the input embedding as one row a sequence, at the GPU's specified
+    bandwidth; the KV cache is left out, so the bytes are a lower bound and the limit an upper bound.
+    """
+    shape = SHAPES[res["model"]["shape"]]
+    bw = SPEC_BANDWIDTH[res["hardware"]["gpus"][0][0]]
+    row = shape["hidden_size"] * 2  # one bf16 row of the embedding
+    weights = sum(res["split_nf4"]["mem_after_load_bytes"]) if rec["format"] == "nf4" else res["model"]["weight_bytes"]
+
+    def step(batch: int) -> int:
+        return weights - shape["vocab_size"] * row + batch * row
+
+    b, n = rec["batch"], rec["gpus"]
+    if rec["path"] == "replicas":  # each GPU reads every weight for its own share; the largest share sets the pace
+        return b * bw / step(-(-b // n))
+    if rec["path"] == "tensor parallel":  # each GPU reads its 1/n of the weights for every sequence
+        return n * b * bw / step(b)
+    if rec["path"] == "cpu offload":  # offloaded bytes cross at most at the pinned copy rate
+        off = rec["bytes_offloaded"]
+        return 1 / ((step(1) - off) / bw + off / (res["h2d"]["pinned_GBps"] * 1e9))
+    return b * bw / step(b)  # one GPU, or a split: the same bytes, one GPU at a time
+
+
 def records(res: dict) -> list[dict]:
-    """Every speed measurement of a results file as a record.
+    """Every speed measurement of a results file as a record, each with the limit it is measured against.
 
     A record holds ``shape``, ``format``, ``path`` ("one GPU", "split",
     "replicas", "tensor parallel", "cpu offload"), ``batch`` (sequences in
     flight over all GPUs), ``gpus``, ``tokens_per_s`` (all their new tokens
-    per second), ``limit_tokens_per_s`` (the bandwidth limit measured in the
-    same run, or None) and ``peak_bytes_per_gpu``. A file made before records
+    per second), ``spread`` (the lowest and highest total tokens/s of its
+    repeats, where the file recorded them), ``limit_tokens_per_s``,
+    ``limit_from`` and ``peak_bytes_per_gpu``. A file made before records
     existed (one section per method, as the two-GPU tier's) is read into the
-    same form, with no limit. Notebooks 04 and 05.
+    same form.
+
+    The limit is the file's own where it has one (``limit_from`` "measured": the copy rate measured in
+    the same run). A CPU-offload record without one gets the same measured rate for the bytes left on
+    the GPU plus the pinned host-to-device copy rate the file measured for the offloaded bytes. A file
+    that measured no bandwidth gets the GPU's specified one (:data:`SPEC_BANDWIDTH`, ``limit_from``
+    "specified"). Every limit is an upper bound. Notebooks 04 and 05, ``tests/test_stored_rates.py``.
     """
     if "records" in res:
-        return res["records"]
+        out = []
+        for r in res["records"]:
+            r = {**r, "limit_from": "measured"}
+            if r.get("limit_tokens_per_s") is None and r["path"] == "cpu offload":
+                bw, off = res["bandwidth"]["GBps"] * 1e9, r["bytes_offloaded"]
+                r["limit_tokens_per_s"] = 1 / ((res["model"]["step_bytes_batch_1"] - off) / bw
+                                               + off / (res["h2d"]["pinned_GBps"] * 1e9))
+            out.append(r)
+        return out
     n, out = len(res["hardware"]["gpus"]), []
     for key, (path, fmt, rows, gpus) in _OLD_SECTIONS.items():
         section = res.get(key, {})
         peak = section.get("peak_bytes") or [r.get("peak_bytes") for r in section.get("per_rank", [])]  # whole run
         for r in section.get(rows, []):
-            out.append({**r, "shape": res["model"]["shape"], "format": fmt, "path": path, "gpus": gpus or n,
-                        "batch": r.get("batch", r.get("batch_total")), "tokens_per_s": r["total_tokens_per_s"],
-                        "limit_tokens_per_s": None,
-                        "peak_bytes_per_gpu": [p["peak_bytes"] for p in r["per_rank"]] if "per_rank" in r else peak})
+            rec = {**r, "shape": res["model"]["shape"], "format": fmt, "path": path, "gpus": gpus or n,
+                   "batch": r.get("batch", r.get("batch_total")), "tokens_per_s": r["total_tokens_per_s"],
+                   "peak_bytes_per_gpu": [p["peak_bytes"] for p in r["per_rank"]] if "per_rank" in r else peak,
+                   "limit_from": "specified"}
+            rec["limit_tokens_per_s"] = _old_limit(res, rec)
+            out.append(rec)
     return out
 
 
-def by_batch(res: dict, path: str, fmt: str = "bf16") -> dict:
-    """{batch: record} of one path and format, on the file's model shape (see :func:`records`). Notebooks 04 and 05."""
-    return {r["batch"]: r for r in records(res) if r["path"] == path and r["format"] == fmt
-            and r.get("shape", res["model"]["shape"]) == res["model"]["shape"]}
+def matching_tier(n_gpus: int) -> str:
+    """The tier whose figures a machine with ``n_gpus`` GPUs quotes: two-gpu from two GPUs up, else one-gpu."""
+    return "two-gpu" if n_gpus >= 2 else "one-gpu"
 
 
-def speed(record: dict) -> str:
-    """``"574 tokens/s (1.8% of its limit)"``: a record's total tokens/s, with its share of the limit where known. Notebooks 04 and 05."""
-    tps, lim = record["tokens_per_s"], record.get("limit_tokens_per_s")
-    return f"{tps:.{0 if tps >= 100 else 1}f} tokens/s" + (f" ({tps / lim:.1%} of its limit)" if lim else "")
+def read_reference(n_gpus: int) -> dict:
+    """Read the GPU reference a machine with ``n_gpus`` GPUs quotes, and print where its figures come from.
 
+    Returns ``{tier: results}``: the tier matching the machine first (two-gpu from two GPUs up, else
+    one-gpu: a machine without a GPU quotes the GPU box a learner most often has), then the two-GPU tier
+    for what needs two GPUs (one entry when they are the same). Each results dict gets
 
-TIER_GPUS = {"one-gpu": 1, "two-gpu": 2}
-"""How many GPUs each tier was measured on."""
+    - ``records``: today's form, each with its limit (:func:`records`) and ``rate``, its tokens/s as
+      :func:`helpers.measure.rate_text` prints it (with its share of the limit, and the spread where recorded);
+    - ``rows``: ``{(path, format): {batch: record}}``, e.g. ``res["rows"]["split", "bf16"][16]`` (for
+      "cpu offload", all at batch 1, ``{decoder layers on the CPU: record}``);
+    - ``other_files``: the tier folder's other JSON files by name (e.g. ``tp-system-transformers.json``).
 
-
-def reference_files(n_gpus: int) -> dict:
-    """{tier: results} for a machine with ``n_gpus`` GPUs: its matching tier first, and the two-GPU tier for
-    what needs two GPUs (one entry when they are the same). Each file must be the tier it is read as.
+    Prints each file's hardware, versions, model and where its limits come from.
 
     Raises:
-        ValueError: a file whose ``tier`` entry or GPU count is not its folder's. FileNotFoundError: as
-        :func:`reference_results`. Notebooks 04 and 05.
-    """
-    files = {name: reference_results(name) for name in dict.fromkeys([matching_tier(n_gpus), "two-gpu"])}
-    for name, res in files.items():
-        in_file = len(res["hardware"]["gpus"])
-        if res.get("tier", name) != name or in_file != TIER_GPUS[name]:
-            raise ValueError(f"gpu-reference/{name}/results.json says tier {res.get('tier')!r}, {in_file} GPU(s)")
-    return files
-
-
-def print_sources(files: dict, n_gpus: int) -> None:
-    """Print which tier's figures this machine quotes, and each file's hardware, versions, model and limit.
-
-    Notebooks 04 and 05 call it before quoting any GPU figure.
+        ValueError: a file whose ``tier`` entry or GPU count is not its folder's.
+        helpers.measure.MeasurementError: a figure above its limit (it cannot be true).
+        FileNotFoundError: as :func:`reference_results`. Notebooks 04 and 05.
     """
     tier = matching_tier(n_gpus)
+    files = {name: reference_results(name) for name in dict.fromkeys([tier, "two-gpu"])}
     here = f"{n_gpus} GPU{'s' * (n_gpus > 1)}" if n_gpus else "no GPU"
     print(f"This machine has {here}: GPU figures come from the {tier} tier"
           + (", the GPU box a learner most often has." if n_gpus == 0 else
              ", which matches it." if n_gpus == TIER_GPUS[tier] else ", the largest tier measured."))
     for name, res in files.items():
         hw = res["hardware"]
+        if res.get("tier", name) != name or len(hw["gpus"]) != TIER_GPUS[name]:
+            raise ValueError(f"gpu-reference/{name}/results.json says tier {res.get('tier')!r}, "
+                             f"{len(hw['gpus'])} GPU(s)")
+        res["records"] = records(res)
+        res["rows"] = {}
+        for r in res["records"]:
+            r["rate"] = rate_text(r["tokens_per_s"], r["limit_tokens_per_s"], r.get("spread"))
+            key = r["layers_on_cpu"] if r["path"] == "cpu offload" else r["batch"]  # offload: all at batch 1
+            res["rows"].setdefault((r["path"], r["format"]), {})[key] = r
+        res["other_files"] = {p.name: json.loads(p.read_text()) for p in sorted((REFERENCE / name).glob("*.json"))
+                              if p.name != "results.json"}
         print(f"[{name}] gpu-reference/{name}/results.json: {len(hw['gpus'])} x {hw['gpus'][0][0]} "
               f"({hw['gpus'][0][1]} GiB)")
         say("  " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
         say(f"  {res['model']['label']}, {res['model']['params'] / 1e9:.2f} B parameters, {res['model']['dtype']}; "
             f"{res['new_tokens']} new tokens")
-        print("  the limit beside a figure is measured in the same run: the tokens/s at which every decode step\n"
-              f"  reads its bytes (weights, KV cache) at the device-to-device copy rate, {res['bandwidth']['GBps']:.0f} GB/s"
-              if "bandwidth" in res else "  an older layout: no limit recorded")
-
-
-def batch_growth(res: dict, path: str = "one GPU") -> tuple[int, int, float, float]:
-    """How throughput grew across a file's batch sweep: ``(lo, hi, growth, step)``.
-
-    ``lo`` and ``hi`` are the smallest and largest batch measured on ``path``;
-    ``growth`` is tokens/s at ``hi`` over tokens/s at ``lo``; ``step`` is how
-    much longer one decoding step took at ``hi`` than at ``lo``
-    (``hi / lo / growth``: 1.0 means the larger batch came for free, i.e. the
-    GPU was far from saturated). Notebooks 04 and 05.
-    """
-    rows = by_batch(res, path)
-    lo, hi = min(rows), max(rows)
-    growth = rows[hi]["tokens_per_s"] / rows[lo]["tokens_per_s"]
-    return lo, hi, growth, hi / lo / growth
+        if "bandwidth" in res:
+            spreads = "recorded" if all(r.get("spread") for r in res["records"]) else "not recorded"
+            say("  limits: the tokens/s at which every decode step reads its bytes (weights, KV cache) at the "
+                f"device-to-device copy rate measured in the same run, {res['bandwidth']['GBps']:.0f} GB/s; "
+                f"spreads of repeats: {spreads}")
+        else:
+            say("  an older file: no bandwidth measured, no spread of repeats recorded; limits use the "
+                f"{hw['gpus'][0][0]}'s specified {SPEC_BANDWIDTH[hw['gpus'][0][0]] / 1e12:.1f} TB/s "
+                "(docs/published-figures.md), an upper bound")
+    return files

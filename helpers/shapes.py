@@ -11,7 +11,7 @@ Use :func:`meta_model` to build one on the meta device (no memory), or
 every figure measured on it must say so. Both also take any transformers
 config that ``AutoModelForCausalLM.from_config`` builds (a ``MistralConfig``,
 a checkpoint's ``AutoConfig.from_pretrained(path)``, ...). Notebook 00 sizes
-the named shapes; notebook 03 plans them.
+the named shapes (through :func:`helpers.planner.predict_footprint`); notebook 03 plans them.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ SHAPES = {
 
 
 def shape_config(name: str):
-    """The transformers config of a named shape in :data:`SHAPES` (notebook 00).
+    """The transformers config of a named shape in :data:`SHAPES` (notebook 03; notebook 00 through the planner).
 
     Raises:
         ValueError: unknown name (the message lists the known ones), or a
@@ -71,7 +71,7 @@ def as_config(name_or_config):
         TypeError: neither a name of :data:`SHAPES` nor a ``PretrainedConfig``.
         ValueError: an unknown name.
 
-    Notebook 00.
+    :mod:`helpers.planner` reads shape names with it.
     """
     from transformers import PretrainedConfig
 
@@ -106,7 +106,7 @@ def meta_model(name_or_config, dtype: torch.dtype = torch.bfloat16):
 
     Ties are declared by the config and applied (``tie_weights`` runs in
     ``post_init``), so a tied head is the embedding's parameter, as after
-    ``from_pretrained``. Explained in notebook 00; used in 03, 04 and 06.
+    ``from_pretrained``. Notebook 00 builds on the meta device the same way, in its own cell.
 
     Raises:
         TypeError: not a shape name or a config. ValueError: an unknown name,
@@ -126,5 +126,5 @@ def random_model(name_or_config, dtype: torch.dtype = torch.bfloat16, seed: int 
 
 
 def n_params(model: torch.nn.Module) -> int:
-    """Parameters, shared (tied) ones counted once (notebook 00)."""
+    """Parameters, shared (tied) ones counted once (``gpu-reference/tools/gpu_bench.py``)."""
     return sum(p.numel() for p in model.parameters())

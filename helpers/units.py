@@ -1,23 +1,13 @@
-"""Units: bytes to GiB and MiB, and a size written for people.
+"""Units: GiB and MiB, and a size written for people.
 
 GiB = 2**30 bytes and MiB = 2**20 bytes (what accelerate's "35GiB" means);
-GB = 10**9 bytes ("35GB"). Notebook 00 explains the difference.
+GB = 10**9 bytes ("35GB"). Notebook 00 explains the difference, with the same constants in its own cell.
 """
 
 from __future__ import annotations
 
 GiB = 1024**3
 MiB = 1024**2
-
-
-def gib(n_bytes: float, digits: int = 2) -> float:
-    """Bytes to GiB (2**30 bytes), rounded to ``digits``. Explained in notebook 00."""
-    return round(n_bytes / GiB, digits)
-
-
-def mib(n_bytes: float, digits: int = 1) -> float:
-    """Bytes to MiB (2**20 bytes), rounded to ``digits``. Explained in notebook 00."""
-    return round(n_bytes / MiB, digits)
 
 
 def format_size(n_bytes: float) -> str:

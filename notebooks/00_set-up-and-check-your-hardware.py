@@ -25,8 +25,10 @@
 # 2. What the bundled model is (SmolLM2-135M-Instruct, shipped as a GGUF file) and how to chat with it.
 # 3. Bytes per parameter in fp32, fp16, bf16, int8, NF4 and NF4 with double quantization, and why
 #    embeddings and the output head are not quantized.
-# 4. How to predict a model's footprint and check the prediction against a measurement.
-# 5. How to size bloom-1b7 and Llama-2 7B/13B/70B on the meta device, with no download.
+# 4. How to predict a model's footprint (asking transformers' own quantizer which weights it quantizes)
+#    and check the prediction against a measurement.
+# 5. How to size bloom-1b7 and Llama-2 7B/13B/70B on the meta device, with no download, and how much
+#    context a GPU has left once the weights are in.
 #
 # **What you'll need**: any machine with Python 3.11 (a CPU is enough; a GPU is reported if present),
 # about 2 GB of free RAM, about 15 s on an idle 2-core CPU. Set-up: `./workbook.sh lab` (see the README).
@@ -39,7 +41,7 @@ MODEL = "bundled"
 # %% [markdown]
 # ## 1. Report your hardware and versions
 #
-# `report()` from `helpers.hardware` gathers what matters for this workbook: versions, each GPU with
+# `print_report()` from `helpers.hardware` prints what matters for this workbook: versions, each GPU with
 # the total memory torch reports for it, CPU RAM, free disk, and the native library bitsandbytes
 # loaded (`bnb_backend`: `cpu (libbitsandbytes_cpu.so)` without CUDA, a `libbitsandbytes_cuda...`
 # file with it). The exact figures depend on your machine, so that cell is not compared by the test
@@ -53,31 +55,34 @@ MODEL = "bundled"
 # %%
 # NBVAL_IGNORE_OUTPUT
 # memory, disk and devices differ from machine to machine
-from helpers.hardware import bnb_library, print_report, report
+from helpers.hardware import bnb_library, print_report
 from helpers.quiet import silence_known_warnings
 
 silence_known_warnings()
-info = report()
-print_report(info)
+print_report()
 
 # %%
+import torch
+
+n_gpus = torch.cuda.device_count()  # 0 without CUDA
 lib = bnb_library()  # read from bitsandbytes itself: the library it loaded at import
-print("CUDA GPUs visible:", len(info["gpus"]))
+print("CUDA GPUs visible:", n_gpus)
 print("bitsandbytes loaded:", lib["library"], "| its quantized layers run on:", lib["backend"])
 assert lib["backend"] in ("cpu", "cuda"), "bitsandbytes loaded no native library: run ./workbook.sh setup"
-if not info["gpus"]:
+if not n_gpus:
     print("No GPU here: every notebook still runs, on the CPU; GPU-only steps explain themselves.")
 
 # %% [markdown]
 # **GB or GiB?** Memory is quoted in two units. Vendors use GB = 10**9 bytes; torch, accelerate
-# (`"35GiB"`) and this workbook use GiB = 2**30 bytes, about 7% more. `helpers.units` holds the
-# conversions. The same number of bytes reads smaller in GiB:
+# (`"35GiB"`) and this workbook use GiB = 2**30 bytes, about 7% more (MiB = 2**20 bytes). The same
+# number of bytes reads smaller in GiB:
 
 # %%
-from helpers.units import GiB, gib
+GiB, MiB = 2**30, 2**20
 
 H200_GB = 141  # NVIDIA's figure for the H200, in GB
-print(f"{H200_GB} GB = {H200_GB} x 10**9 bytes = {gib(H200_GB * 10**9, 1)} GiB (1 GiB = {GiB:,d} bytes)")
+H200_GiB = round(H200_GB * 10**9 / GiB, 1)
+print(f"{H200_GB} GB = {H200_GB} x 10**9 bytes = {H200_GiB} GiB (1 GiB = {GiB:,d} bytes)")
 
 # %% [markdown]
 # A vendor's figure is not what a program gets. What a GPU really offers is the total that torch
@@ -88,12 +93,11 @@ print(f"{H200_GB} GB = {H200_GB} x 10**9 bytes = {gib(H200_GB * 10**9, 1)} GiB (
 # %%
 # NBVAL_IGNORE_OUTPUT
 # the GPUs (if any) differ from machine to machine
-import torch
-
-for i, (name, _) in enumerate(info["gpus"]):
-    total = torch.cuda.get_device_properties(i).total_memory
-    print(f"GPU {i}: {name}, torch reports {total / 10**9:.1f} GB = {gib(total, 1)} GiB")
-if not info["gpus"]:
+for i in range(n_gpus):
+    props = torch.cuda.get_device_properties(i)
+    print(f"GPU {i}: {props.name}, torch reports {props.total_memory / 10**9:.1f} GB = "
+          f"{props.total_memory / GiB:.1f} GiB")
+if not n_gpus:
     print("no GPU: nothing to report here")
 
 # %% [markdown]
@@ -127,15 +131,15 @@ for (role, qtype), n in sorted(kinds.items()):
 # %% [markdown]
 # So the decoder blocks' matrices are stored in **Q4_1** (4 bits per weight, with a scale and a minimum
 # per block of 32), the tied embedding in **Q8_0** (8 bits), the norms in **F32**. All are dequantized
-# on load. The "full precision" model of this workbook is therefore *that* model in float32: its
-# weights already sit on a 4-bit grid. Keep this in mind in notebook 01, where every quantization
-# error we measure is the error of re-quantizing such weights.
+# on load. The "full precision" bundled model of this workbook is therefore *that* model in float32:
+# its weights already sit on a 4-bit grid. Keep this in mind in notebook 01, where every quantization
+# error we measure on it is the error of re-quantizing such weights.
 #
-# Now load the checkpoint and chat with it. `resolve_model` turns the `MODEL` parameter into a path
-# (building the cache if needed, and checking every shard is complete).
+# Now load the checkpoint named by `MODEL` (the bundled one unless you passed another) and chat with
+# it. `resolve_model` turns the `MODEL` parameter into a path (building the cache if needed, and
+# checking every shard is complete).
 
 # %%
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers.checkpoints import resolve_model
@@ -161,23 +165,41 @@ if MODEL == "bundled":  # another model may phrase it differently
 # %% [markdown]
 # ## 3. Count the parameters, by kind
 #
-# Memory is parameters times bytes per parameter. First the parameters, grouped the way
-# quantization treats them: the `nn.Linear` matrices inside the decoder blocks (which bitsandbytes
-# replaces), the embedding, the norms, and the output head. SmolLM2 *ties* its head to its input
-# embedding: they are one tensor, counted once.
+# Memory is parameters times bytes per parameter. First the parameters, grouped by the module that
+# holds them: the matrices inside the decoder blocks (`nn.Linear`, or `Conv1D` in GPT-2), the
+# embedding, the norms, and the output head. SmolLM2 *ties* its head to its input embedding: they
+# are one tensor, so it is counted once (under the embedding, the module that comes first).
 
 # %%
-from helpers.memory import param_groups
+from collections import Counter
 
-groups = param_groups(model)
-total = sum(groups.values())
-for kind, n in groups.items():
-    print(f"{kind:<20} {n:>12,d}  {100 * n / total:5.1f}%")
-print(f"{'total':<20} {total:>12,d}")
+from transformers.pytorch_utils import Conv1D
+
+head = model.get_output_embeddings()
+tied = head.weight is model.get_input_embeddings().weight
+counts, seen = Counter(), set()
+for module in model.modules():
+    for p in module.parameters(recurse=False):
+        if id(p) in seen:  # a tied head's weight is the embedding's tensor: counted already
+            continue
+        seen.add(id(p))
+        kind = ("output head" if module is head else
+                "matrices in the blocks" if isinstance(module, (torch.nn.Linear, Conv1D)) else
+                type(module).__name__)  # Embedding, LlamaRMSNorm, LayerNorm, ...
+        counts[kind] += p.numel()
+total = sum(counts.values())
+for kind, n in counts.most_common():
+    print(f"{kind:<24} {n:>12,d}  {100 * n / total:5.1f}%")
+print(f"{'total':<24} {total:>12,d}   (output head tied to the embedding: {tied})")
 assert total == model.num_parameters(), "tied parameters must be counted once"
 
+# %%
+emb = model.get_input_embeddings().weight
+print(f"the input embedding ({emb.shape[0]:,d} tokens x {emb.shape[1]:,d}) is {100 * emb.numel() / total:.0f}% "
+      f"of this model's parameters")
+
 # %% [markdown]
-# About a fifth of this small model is its embedding (49,152 tokens x 576). That matters below.
+# A small model with a large vocabulary keeps much of itself in its embedding. That matters below.
 #
 # ## 4. Bytes per parameter
 #
@@ -189,23 +211,34 @@ assert total == model.num_parameters(), "tied parameters must be counted once"
 # | NF4 / FP4 | 0.5 + 4/64 = 0.5625 | two weights per byte, one fp32 `absmax` per block of 64 |
 # | NF4 + double quant | 0.5 + 1/64 + 4/(64*256) ~ 0.516 | the `absmax` values quantized to 8 bits, one fp32 per 256 of them |
 #
-# transformers quantizes only the `nn.Linear` layers inside the decoder blocks. The embedding is a
-# lookup table (one row read per token, no matrix product to speed up), the norms are tiny, and the
-# output head decides every token's probability, where rounding errors hurt most; bitsandbytes'
-# integration keeps them in the compute dtype. So a model's saving is always less than 4x or 8x.
+# Which weights get these rates is transformers' decision, made by its bitsandbytes quantizer: it
+# replaces the linear layers inside the decoder blocks (`nn.Linear`, and GPT-2's `Conv1D`, which is not
+# an `nn.Linear`) and skips the output head and whatever is tied to it. The embedding is a lookup table
+# (one row read per token, no matrix product to speed up), the norms are tiny, and the output head
+# decides every token's probability, where rounding errors hurt most. What it does not quantize keeps
+# the **load dtype** (`from_pretrained(..., dtype=)`, else the checkpoint's), not a 4-bit layer's compute
+# dtype. So a model's saving is always less than 4x or 8x.
+#
+# `predict_footprint` (from `helpers.planner`) does not guess which layers those are: it builds the model
+# on the meta device (section 6), lets transformers' own quantizer prepare it exactly as
+# `from_pretrained` does, and charges each weight the quantizer will quantize the bytes above; the rest
+# keeps its load dtype (bf16 for the quantized formats unless you pass `dtype=`). Notebook 03's planner
+# asks the same question of the same prepared model, so the two always agree.
 
 # %%
-from helpers.memory import FORMATS, linear_bytes_per_weight, predict_footprint
-from helpers.units import mib
+from helpers.planner import predict_footprint
 
-for fmt in FORMATS:
-    print(f"{fmt:<7} {linear_bytes_per_weight(fmt, model.config.hidden_size):.4f} bytes per weight"
-          f" (in_features={model.config.hidden_size})")
+hidden = model.config.hidden_size
+bytes_per_weight = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1 + 4 / hidden, "nf4": 0.5 + 4 / 64,
+                    "nf4-dq": 0.5 + 1 / 64 + 4 / (64 * 256)}
+FORMATS = list(bytes_per_weight)
+for fmt, b in bytes_per_weight.items():
+    print(f"{fmt:<7} {b:.4f} bytes per weight (in_features={hidden})")
 
 predicted = {fmt: predict_footprint(model, fmt) for fmt in FORMATS}
 print()
 for fmt, b in predicted.items():
-    print(f"predicted footprint, {fmt:<7}: {mib(b):8.1f} MiB")
+    print(f"predicted footprint, {fmt:<7}: {b / MiB:8.1f} MiB")
 
 # %% [markdown]
 # ## 5. Check the prediction against a measurement
@@ -214,20 +247,24 @@ for fmt, b in predicted.items():
 # allocated. Load the model in fp32, fp16 and bf16 and compare. (int8 and NF4 are measured in notebook 01.)
 
 # %%
+buffers = {"fp32": sum(b.numel() * b.element_size() for b in model.buffers())}
 measured = {"fp32": model.get_memory_footprint()}
 for fmt, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
     half = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
     measured[fmt] = half.get_memory_footprint()
+    buffers[fmt] = sum(b.numel() * b.element_size() for b in half.buffers())
     del half
 
 for fmt in measured:
     gap = measured[fmt] - predicted[fmt]
-    print(f"{fmt}: predicted {mib(predicted[fmt]):.1f} MiB, measured {mib(measured[fmt]):.1f} MiB, "
-          f"gap {gap:,d} bytes")
+    print(f"{fmt}: predicted {predicted[fmt] / MiB:.1f} MiB, measured {measured[fmt] / MiB:.1f} MiB, "
+          f"gap {gap:,d} bytes; the model's buffers: {buffers[fmt]:,d} bytes")
+    assert gap == buffers[fmt], "parameters x bytes per parameter should be the footprint, less the buffers"
 
 # %% [markdown]
-# The gap is a few hundred bytes: the buffers, such as the rotary embedding's `inv_freq` (32 floats),
-# which are not parameters. Parameters times bytes per parameter *is* the weight footprint.
+# The gap is exactly the model's buffers (for the bundled model, the rotary embedding's `inv_freq`: 32
+# floats), which are tensors but not parameters; the predictor counts parameters only. Parameters times
+# bytes per parameter *is* the weight footprint.
 #
 # That is the weights only. Running the model also needs activations and the KV cache, and the
 # process itself (Python, PyTorch, the tokenizer). The resident memory of this process shows it:
@@ -235,21 +272,22 @@ for fmt in measured:
 # %%
 # NBVAL_IGNORE_OUTPUT
 # resident memory depends on the machine, the allocator and what ran before
-from helpers.measure import rss_bytes
+import psutil
 
-print(f"this process holds {mib(rss_bytes()):.0f} MiB; the fp32 weights are {mib(measured['fp32']):.0f} MiB of it")
+rss = psutil.Process().memory_info().rss
+print(f"this process holds {rss / MiB:.0f} MiB; the fp32 weights are {measured['fp32'] / MiB:.0f} MiB of it")
 
 # %%
 import matplotlib.pyplot as plt
 
 fig, ax = plt.subplots(figsize=(7, 3.5))
 xs = range(len(FORMATS))
-ax.bar([x - 0.2 for x in xs], [mib(predicted[f]) for f in FORMATS], width=0.4, label="predicted")
-ax.bar([x + 0.2 for x in xs], [mib(measured.get(f, 0)) for f in FORMATS], width=0.4,
+ax.bar([x - 0.2 for x in xs], [predicted[f] / MiB for f in FORMATS], width=0.4, label="predicted")
+ax.bar([x + 0.2 for x in xs], [measured.get(f, 0) / MiB for f in FORMATS], width=0.4,
        label="measured (get_memory_footprint)")
 ax.set_xticks(list(xs), FORMATS)
 ax.set_ylabel("weight memory (MiB)")
-ax.set_title("SmolLM2-135M: predicted vs measured footprint\n(int8/NF4 measured in notebook 01)")
+ax.set_title(f"{MODEL} model: predicted vs measured footprint\n(int8/NF4 measured in notebook 01)")
 ax.legend()
 plt.show()
 
@@ -257,27 +295,50 @@ plt.show()
 # ## 6. Size models you don't have
 #
 # A model built on PyTorch's **meta device** has shapes and dtypes but no data, so it costs almost no
-# memory however large it is. `helpers.shapes` holds the published configs of bloom-1b7 and
-# Llama-2 7B/13B/70B written in code (no download); the same predictor then sizes each one.
+# memory however large it is. Here is Llama-2-70B, built from its published `config.json` values written
+# in code (no download):
 
 # %%
-from helpers.shapes import meta_model, n_params
+import time
 
+from transformers import AutoConfig
+
+config_70b = AutoConfig.for_model("llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                  num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+                                  max_position_embeddings=4096)  # meta-llama/Llama-2-70b-hf
+start = time.perf_counter()
+with torch.device("meta"):
+    big = AutoModelForCausalLM.from_config(config_70b, dtype=torch.bfloat16)
+n_big = sum(p.numel() for p in big.parameters())
+print(f"{type(big).__name__}: {n_big / 1e9:.2f} B parameters, on the {next(big.parameters()).device} device")
+print(f"bf16 weights {predict_footprint(big, 'bf16') / GiB:.2f} GiB (= {n_big:,d} x 2 bytes), none of it allocated")
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# seconds depend on the machine
+print(f"built in {time.perf_counter() - start:.1f} s")
+
+# %% [markdown]
+# `predict_footprint` takes a configuration too: a shape name from `helpers.shapes` (the published
+# configs of bloom-1b7 and Llama-2 7B/13B/70B, written in code), a config object, or a checkpoint folder.
+# It builds each on the meta device as above, so it sizes all of them, in every format, in seconds:
+
+# %%
 estimates = {}
 print(f"{'model':<12} {'params':>7}  GiB of weights in each format")
 for name in ("bloom-1b7", "llama-2-7b", "llama-2-13b", "llama-2-70b"):
-    m = meta_model(name)
-    estimates[name] = {fmt: gib(predict_footprint(m, fmt)) for fmt in FORMATS}
-    print(f"{name:<12} {n_params(m) / 1e9:5.2f} B  " +
+    estimates[name] = {fmt: predict_footprint(name, fmt) / GiB for fmt in FORMATS}
+    params = estimates[name]["fp32"] * GiB / 4  # 4 bytes a parameter
+    print(f"{name:<12} {params / 1e9:5.2f} B  " +
           "  ".join(f"{fmt} {v:6.2f}" for fmt, v in estimates[name].items()))
-    assert next(m.parameters()).device.type == "meta"
+assert abs(estimates["llama-2-70b"]["bf16"] * GiB - predict_footprint(big, "bf16")) < 1
 
 # %%
 import numpy as np
 
 # nominal sizes, as usually quoted (what torch reports for a card can differ: section 1); the H200's is in GB
 gpu_sizes = {"16 GiB": 16, "24 GiB (RTX 4090)": 24, "40 GiB (A100 40GB)": 40, "80 GiB (A100/H100 80GB)": 80,
-             f"H200: {H200_GB} GB = {gib(H200_GB * 10**9, 1)} GiB": gib(H200_GB * 10**9, 1)}
+             f"H200: {H200_GB} GB = {H200_GiB} GiB": H200_GiB}
 fig, ax = plt.subplots(figsize=(9, 4.5))
 names = list(estimates)
 width = 0.8 / len(FORMATS)
@@ -296,28 +357,54 @@ ax.legend(ncol=6, fontsize=8, loc="upper center")
 plt.show()
 
 # %% [markdown]
-# Read it off the estimates printed above: Llama-2-7B needs about 12.5 GiB in bf16 (one 16 GiB GPU, barely, before
-# the KV cache), 13B in bf16 does not fit a 24 GiB card but does in int8 or NF4, and 70B needs about
-# 128 GiB in bf16: two 80 GiB GPUs, or one in NF4 (one H200 holds the bf16 weights, with little room
-# left for the KV cache). The lines are nominal sizes; what a card really offers
-# is what torch reports for it (section 1 prints it where there is a GPU), less the CUDA context and the
-# KV cache, so leave a margin. Those are the situations notebooks 01 to 05 handle.
+# Read it off the estimates printed above: Llama-2-7B needs about 12.5 GiB in bf16 (one 16 GiB GPU, barely,
+# before the KV cache), 13B in bf16 does not fit a 24 GiB card but does in int8 or NF4, and 70B needs about
+# 128 GiB in bf16: two 80 GiB GPUs, or one in NF4. The lines are nominal sizes; what a card really offers
+# is what torch reports for it (section 1 prints it where there is a GPU).
+#
+# One H200 (141 GB = 131.3 GiB nominal) holds the 70B model's bf16 weights. What is left, less the CUDA
+# context and activations, is room for the **KV cache**: each token of context keeps a key and a value
+# vector per layer. The planner of notebook 03 (`helpers.planner.plan`) counts both, with a reserve for
+# the CUDA context and activations measured on a GPU, and finds the longest context that fits:
+
+# %%
+from helpers.planner import plan
+
+p70 = plan("llama-2-70b", "bf16", n_gpus=1, gib_per_gpu=H200_GiB, context=4096)
+print(p70.summary())
+weights, per_token = p70.true_bytes_per_device[0], p70.kv_bytes_per_device[0] / 4096
+free = H200_GiB * GiB - weights - p70.reserve_bytes
+print(f"\nleft after the weights: {(H200_GiB * GiB - weights) / GiB:.2f} GiB; after the reserve too: {free / GiB:.2f} GiB")
+print(f"KV cache per token: {per_token / MiB:.4f} MiB (80 layers x 8 key/value heads x 128 x 2 for key and value "
+      f"x 2 bytes)")
+tokens, windows = int(free // per_token), int(free // (4096 * per_token))
+print(f"-> about {tokens:,d} tokens of context in all: {windows} sequence(s) at Llama-2's full window of 4,096 tokens")
+nf4_free = H200_GiB * GiB - estimates["llama-2-70b"]["nf4"] * GiB - p70.reserve_bytes
+print(f"in NF4 the same GPU would keep {nf4_free / GiB:.1f} GiB for the cache: "
+      f"{int(nf4_free // (4096 * per_token))} sequences at the full window")
+
+# %% [markdown]
+# So "the weights fit" is not the whole answer: what is left is counted in tokens of context, printed
+# above. The reserve was measured on an H200 with the small bundled model; a 70B model's activations are
+# larger, so take these token counts as an upper bound. Those are the situations notebooks 01 to 05 handle.
 
 # %% [markdown]
 # ## Summary
-# - `report()` (`helpers.hardware`) tells you the versions, devices, memory and the native library
+# - `print_report()` (`helpers.hardware`) tells you the versions, devices, memory and the native library
 #   bitsandbytes loaded. Vendors quote GB (10**9 bytes), torch and accelerate GiB (2**30 bytes); plan from
 #   the total torch reports.
 # - The bundled model is SmolLM2-135M-Instruct: a GGUF with Q4_1 matrices, a Q8_0 tied embedding and
 #   F32 norms, dequantized once into a safetensors checkpoint.
-# - Weight memory = parameters x bytes per parameter; only the Linear layers in the blocks shrink when
-#   quantized, so small models with big vocabularies save less.
-# - `get_memory_footprint()` matches the prediction to a few hundred bytes (buffers).
-# - The meta device sizes a 70B model in a fraction of a second, with no download.
+# - Weight memory = parameters x bytes per parameter; only the weights transformers' quantizer replaces
+#   (the linear layers in the blocks) shrink when quantized; the rest keeps its load dtype, so small
+#   models with big vocabularies save less.
+# - `get_memory_footprint()` matches the prediction, to the byte once the buffers are counted.
+# - The meta device sizes a 70B model in a fraction of a second, with no download; what a GPU has left
+#   after the weights is measured in tokens of KV cache.
 #
 # ## Exercises
-# 1. How many bytes would SmolLM2 take if its head were *not* tied to the embedding, in bf16?
-#    Fill in `answer_1` and run the check.
+# 1. SmolLM2 ties its head to its embedding. How many bytes would the model in `MODEL` take in bf16 with
+#    a separate (untied) head? (If it is untied already, that is its bf16 prediction.) Fill in `answer_1`.
 # 2. Which is the smallest of the four big shapes above that does **not** fit one 24 GiB GPU in NF4
 #    with double quantization? Fill in `answer_2`.
 
@@ -328,13 +415,15 @@ answer_2 = None  # a name from `estimates`
 # %%
 from helpers.exercises import check_answer
 
-hint_1 = "an untied head adds vocab_size x hidden_size weights at 2 bytes each."
-check_answer(answer_1, predicted["bf16"] + model.config.vocab_size * model.config.hidden_size * 2,
+vocab, hidden = model.get_input_embeddings().weight.shape
+hint_1 = "an untied head adds vocab_size x hidden_size weights, at 2 bytes each in bf16."
+check_answer(answer_1, predicted["bf16"] + (vocab * hidden * 2 if tied else 0),
              "An untied head is a second vocab_size x hidden_size matrix, at 2 bytes a weight in bf16.",
-             hint_1, hint_1, label="Exercise 1")
+             hint_1, hint_1, wrong_example=predicted["bf16"] + vocab * hidden * 4, label="Exercise 1")
 hint_2 = "compare the nf4-dq column with 24."
-_ = check_answer(answer_2, min((n for n in estimates if estimates[n]["nf4-dq"] > 24), key=lambda n: estimates[n]["nf4-dq"]),
-                 "It is the only one of the four whose nf4-dq weights exceed 24 GiB.", hint_2, hint_2, label="Exercise 2")
+too_big = sorted((n for n in estimates if estimates[n]["nf4-dq"] > 24), key=lambda n: estimates[n]["nf4-dq"])
+_ = check_answer(answer_2, too_big[0], "It is the only one of the four whose nf4-dq weights exceed 24 GiB.",
+                 hint_2, hint_2, wrong_example="llama-2-13b", label="Exercise 2")
 
 # %% [markdown]
 # ## Further reading

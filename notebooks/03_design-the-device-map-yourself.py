@@ -19,12 +19,13 @@
 # notebook walks the manual route that accelerate's big-model inference documents (an empty model
 # from its config, a map computed from a memory budget, the checkpoint loaded into the map, the
 # model dispatched), makes it work on current versions, and then plans maps for GPUs this machine
-# does not have, in bf16 and in 4-bit, exactly as `from_pretrained` would.
+# does not have, in bf16 and in 4-bit, exactly as `from_pretrained` would. Every library call the
+# recipe and the planning need is in the notebook's own cells, so you can lift them into a script.
 #
 # **What you'll learn**
 # 1. The manual recipe, step by step: config, an empty model on the meta device with a dtype,
-#    `_no_split_modules`, `infer_auto_device_map` with a budget per device, `load_checkpoint_in_model`,
-#    `dispatch_model`, then `generate`.
+#    `_no_split_modules`, `infer_auto_device_map` with a budget per device (`max_memory`),
+#    `load_checkpoint_in_model`, `dispatch_model`, then `generate`.
 # 2. What `max_memory`'s keys mean (GPU ids, `"cpu"`, `"disk"`), how its size strings are read, and
 #    how the workbook's check catches the budgets that go wrong (sizes in bits, `"cuda:0"` keys).
 # 3. How `balanced`, `balanced_low_0` and `sequential` differ on the same budget (and why
@@ -39,7 +40,8 @@
 # **What you'll need**: notebook 02 (the meta device, `init_empty_weights`, offload hooks). A CPU
 # is enough: the recipe runs on the bundled model, and every plan for big GPUs is computed on the
 # meta device, without allocating its weights. About 35 s on an idle 2-core CPU. On a GPU
-# machine section 1 puts part of the model on GPU 0 and offloads the rest to the CPU.
+# machine section 1 puts part of the model on GPU 0 and offloads the rest to the CPU. The recipe runs
+# on any causal LM you pass as `MODEL` (a small one is enough).
 
 # %% tags=["parameters"]
 # The model: "bundled" (SmolLM2-135M-Instruct, offline), a local checkpoint directory, or a hub id.
@@ -48,36 +50,43 @@ MODEL = "bundled"
 DTYPE = "bfloat16"
 
 # %%
-import inspect
 import json
 import os
 import shutil
+import textwrap
+import warnings
 
 import matplotlib.pyplot as plt
 import torch
 import transformers
 from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights, load_checkpoint_in_model
-from accelerate.utils import convert_file_size_to_int
+from accelerate.utils import compute_module_sizes, convert_file_size_to_int
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from helpers.checkpoints import offload_folder, resolve_model
-from helpers.devicemap import device_label, device_of, map_table, placement, plot_device_map
+from helpers.devicemap import plot_device_map
 from helpers.exercises import check_answer
 from helpers.preflight import preflight
 from helpers.quiet import quiet_planning, silence_known_warnings
 from helpers.refusals import refused
-from helpers.text import say
 
 # routine library messages and, in quiet runs only, accelerate's loading bar: see helpers/quiet.py
 silence_known_warnings()
 
+# %%
 path = resolve_model(MODEL)
 dtype = getattr(torch, DTYPE)
 N_GPUS = torch.cuda.device_count()
+MAIN = 0 if N_GPUS else "cpu"  # the main device: where layers run and inputs go
 print(f"transformers {transformers.__version__}, torch {torch.__version__}, GPUs here: {N_GPUS}")
 
+
+def say(*parts):
+    """print(*parts), wrapped at words: 107 characters a line, what a JupyterLab output line holds."""
+    print(textwrap.fill(" ".join(map(str, parts)), 107, subsequent_indent="  "))
+
 # %% [markdown]
-# ## 1. The recipe, on the bundled model
+# ## 1. The recipe, on the bundled model (or yours)
 #
 # ### 1.1 An empty model from the config
 #
@@ -91,10 +100,12 @@ model_class = getattr(transformers, config.architectures[0])
 with init_empty_weights():
     model = model_class._from_config(config, dtype=dtype)
 model.tie_weights()  # init_empty_weights loses the tie between embedding and head (notebook 02): restore it
+model.eval()  # from_config builds in training mode (dropout on); from_pretrained calls eval() (notebook 02)
 
 print(model_class.__name__, "| parameters on:", {p.device.type for p in model.parameters()},
       "| dtype:", {p.dtype for p in model.parameters()})
-print("head tied to the embedding:", model.lm_head.weight is model.model.embed_tokens.weight)
+print("head tied to the embedding:", model.get_output_embeddings().weight is model.get_input_embeddings().weight,
+      "| ties the model declares:", dict(model.all_tied_weights_keys))
 
 # %% [markdown]
 # ### 1.2 What must never be split
@@ -105,50 +116,66 @@ print("head tied to the embedding:", model.lm_head.weight is model.model.embed_t
 
 # %%
 print("_no_split_modules:", model._no_split_modules)
-print("model.model.layers[0] is a", type(model.model.layers[0]).__name__)
-assert type(model.model.layers[0]).__name__ in model._no_split_modules, "the decoder layer class must be protected"
+layers = [n for n, m in model.named_modules() if type(m).__name__ in model._no_split_modules]
+print(f"{len(layers)} modules of those classes: {layers[0]!r} ... {layers[-1]!r}, the decoder layers")
+assert layers, "the model class should name its decoder layer class in _no_split_modules"
 
 # %% [markdown]
 # ### 1.3 A budget per device, and the map it gives
 #
 # `max_memory` caps the bytes of **weights** each device may take. We give the main device less
-# room than the model needs, so that part of the model must be offloaded. On a machine without a
-# GPU the CPU is the main device, and what does not fit goes to `"disk"` (an offload folder). With
-# a GPU, GPU 0 gets the small budget and the rest is offloaded to CPU RAM instead.
+# room than the model needs, so that part of the model must be offloaded: room for everything that is
+# not a decoder layer, for half of the layers and for one more (accelerate keeps room for the largest
+# offloaded layer on the main device: see below), computed from the model's own sizes. On a machine
+# without a GPU the CPU is the main device, and what does not fit goes to `"disk"` (an offload
+# folder). With a GPU, GPU 0 gets the small budget and the rest is offloaded to CPU RAM instead.
 
 # %%
+sizes = compute_module_sizes(model)  # bytes of each module ("" is the whole model), a tied weight once
+LAYER = max(sizes[n] for n in layers)
+budget = sizes[""] - sum(sizes[n] for n in layers) + (len(layers) // 2 + 1) * LAYER
 if N_GPUS:
-    MAX_MEMORY = {0: "160MiB", "cpu": "4GiB"}  # part on GPU 0, the rest offloaded to CPU RAM
+    MAX_MEMORY = {0: budget, "cpu": sizes[""]}  # part on GPU 0, the rest offloaded to CPU RAM
 else:
-    MAX_MEMORY = {"cpu": "160MiB"}  # the CPU is the main device; the rest goes to disk
+    MAX_MEMORY = {"cpu": budget}  # the CPU is the main device; the rest goes to disk
+print("max_memory:", {dev: f"{n / 2**20:.1f} MiB" for dev, n in MAX_MEMORY.items()},
+      f"(the model: {sizes[''] / 2**20:.1f} MiB)")
 
 device_map = infer_auto_device_map(model, max_memory=dict(MAX_MEMORY), no_split_module_classes=model._no_split_modules)
 print(f"{len(device_map)} map entries, e.g.", dict(list(device_map.items())[:3]))
-map_table(model, device_map)
 
 # %% [markdown]
-# Read the table: the embedding (tied to the head) and the first layers stay on the main device, and
-# the rest of the layers are offloaded, whole, to the next device (the cell below says which, on this
-# machine). The main device holds less than its budget: accelerate keeps room on it for the largest
-# offloaded layer, which is brought there at each forward pass.
-#
-# Before loading, check the map against the model, the budget and the checkpoint. `mode="run"` also
-# checks that every device in the map exists on this machine.
+# The map is a plain dict, `{module name: device}`; a name covers every module under it. Before
+# loading, check it against the model, the budget and the checkpoint. `mode="run"` also checks that
+# every device in the map exists on this machine. Then read it: which decoder layers sit where.
 
 # %%
 report = preflight(model, device_map, MAX_MEMORY, mode="run", checkpoint=path)
 print(report)
 assert report.ok, "fix the map before loading"
 
-where = placement(model, device_map)
-main, *offloaded_to = where  # devices in order: GPUs, then cpu, then disk
-print(f"on {device_label(main)}, the main device: {where[main]} "
-      f"({report.bytes_per_device[main] / 2**20:.1f} MiB of its {MAX_MEMORY[main]} budget)")
-for dev in offloaded_to:
-    print(f"offloaded to {device_label(dev)}: {where[dev]}")
-assert report.bytes_per_device[main] < convert_file_size_to_int(MAX_MEMORY[main]), "the main device is over budget"
+
+def device_of(name):
+    """The device of a module or tensor: that of the longest map key that is a prefix of its name ("" for all)."""
+    return device_map[max((k for k in device_map if k in ("", name) or name.startswith(k + ".")), key=len)]
+
+
+offloaded_to = [dev for dev in report.bytes_per_device if dev != MAIN]  # GPUs, then cpu, then disk
+for dev in [MAIN] + offloaded_to:
+    on_it = [i for i, n in enumerate(layers) if device_of(n) == dev]
+    others = [k for k, d in device_map.items() if d == dev and k not in layers]
+    say(f"{dev!r}: " + (f"decoder layers {on_it[0]}-{on_it[-1]}" if on_it else "no decoder layer")
+        + f" | other entries: {others} | {report.bytes_per_device[dev] / 2**20:.1f} MiB of weights")
+assert report.bytes_per_device[MAIN] < MAX_MEMORY[MAIN], "the main device is over budget"
+assert offloaded_to, "the budget should leave part of the model for another device"
 
 # %% [markdown]
+# The embedding (with the head, when the head is tied to it) and the first layers stay on the main
+# device, and the rest of the layers are offloaded, whole, to the next device; an untied head comes
+# after the layers in the model, so it goes with them. The main device holds less than its budget:
+# accelerate keeps room on it for the largest offloaded layer, which is brought there at each forward
+# pass.
+#
 # ### 1.4 Load the checkpoint into the map, then dispatch
 #
 # `load_checkpoint_in_model` reads the checkpoint shard by shard: weights for the CPU or a GPU go
@@ -161,8 +188,8 @@ assert report.bytes_per_device[main] < convert_file_size_to_int(MAX_MEMORY[main]
 
 # %%
 OFFLOAD = offload_folder("03-recipe")  # a new, empty folder: removed at the end
-on_disk = [n for n, _ in model.named_parameters() if device_of(n, device_map) == "disk"]
-offloaded = [n for n, _ in model.named_parameters() if device_of(n, device_map) != main]
+on_disk = [n for n, _ in model.named_parameters() if device_of(n) == "disk"]
+offloaded = [n for n, _ in model.named_parameters() if device_of(n) != MAIN]
 
 load_checkpoint_in_model(model, path, device_map=device_map, offload_folder=OFFLOAD, dtype=dtype)
 model = dispatch_model(model, device_map=device_map, offload_dir=OFFLOAD)
@@ -170,8 +197,7 @@ n_files = sum(1 for f in os.listdir(OFFLOAD) if f.endswith(".dat"))
 print(f"offload folder: {n_files} .dat files" + (" + index.json" if (OFFLOAD / "index.json").exists() else ""),
       f"for the {len(on_disk)} parameters mapped to disk")
 meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-print(f"on the meta device: {len(meta)} parameters, the ones mapped to "
-      f"{' and '.join(device_label(d) for d in offloaded_to)}")
+print(f"on the meta device: {len(meta)} parameters, the ones mapped to {' and '.join(map(repr, offloaded_to))}")
 assert n_files == len(on_disk) and sorted(meta) == sorted(offloaded), "offloaded weights should be hooked, not resident"
 
 # %% [markdown]
@@ -184,15 +210,15 @@ assert n_files == len(on_disk) and sorted(meta) == sorted(offloaded), "offloaded
 tokenizer = AutoTokenizer.from_pretrained(path)
 messages = [{"role": "user", "content": "What is the capital of France?"}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                       return_dict=True).to(0 if N_GPUS else "cpu")
+                                       return_dict=True).to(MAIN)
 NEW_TOKENS = 16
 with torch.inference_mode():
     out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    whole = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": 0 if N_GPUS else "cpu"})
+    whole = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": MAIN})
     ref = whole.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
 del whole
 answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-print(repr(answer))
+say(repr(answer))
 assert torch.equal(out.cpu(), ref.cpu()), "the dispatched model should generate the same tokens"
 print(f"same {NEW_TOKENS} tokens as the model loaded whole")
 
@@ -204,7 +230,9 @@ print(f"same {NEW_TOKENS} tokens as the model loaded whole")
 # **What changed since the recipe was first written** (accelerate's 2022 guide): `torch_dtype=` is
 # now `dtype=`; `_no_split_modules` is a set read from the class (no need to type `"LlamaDecoderLayer"`);
 # `init_empty_weights` needs `tie_weights()` afterwards; a multi-device map must be loaded with the
-# same `offload_folder` it was planned with.
+# same `offload_folder` it was planned with. And, as ever, a model built from its config is in
+# training mode until `eval()`: with dropout on (GPT-2, for one) it would not generate the tokens of
+# the model loaded whole.
 
 # %% [markdown]
 # ## 2. How `max_memory` is read
@@ -251,24 +279,25 @@ assert convert_file_size_to_int("8Gib") == 8 * 2**30, "an iB unit, in any case, 
 
 # %% [markdown]
 # accelerate takes `"24Gb"` without a word and plans with an eighth of the memory you meant. The
-# workbook's check reads budgets the same way (`helpers.preflight.parse_budget`, which `preflight`
-# runs on its `max_memory`), and warns (`helpers.preflight.BudgetWarning`) when a size is in bits:
+# workbook's check reads a budget the same way (`preflight` reads its `max_memory` with
+# `helpers.budgets.parse_budget` and keeps the bytes in `report.budget`), and warns (a `BudgetWarning`)
+# when a size is in bits. The recipe's map, checked against its main device's budget written three ways,
+# in whole MB:
 
 # %%
-import warnings
-
-from helpers.preflight import BudgetWarning, parse_budget
-
+n_mb = -(-MAX_MEMORY[MAIN] // 10**6)  # the recipe's budget for the main device, rounded up to whole MB
 warned = {}
-for size in ("24Gb", "24GB", "24GiB"):
+for size in (f"{n_mb}Mb", f"{n_mb}MB", f"{n_mb}MiB"):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        n = parse_budget({0: size})[0]
-    warned[size] = [str(w.message) for w in caught if issubclass(w.category, BudgetWarning)]
-    say(f"{size!r}: {n:,} bytes (as accelerate reads it: {n == convert_file_size_to_int(size)})")
+        checked = preflight(model, device_map, {**MAX_MEMORY, MAIN: size})
+    warned[size] = [f"{w.category.__name__}: {w.message}" for w in caught]
+    n = checked.budget[MAIN]
+    say(f"{size!r}: {n:,} bytes (as accelerate reads it: {n == convert_file_size_to_int(size)}); the check: "
+        + ("OK" if checked.ok else ", ".join(checked.kinds())))
     for message in warned[size]:
-        say(f"  BudgetWarning: {message}")
-assert warned["24Gb"] and not warned["24GB"] and not warned["24GiB"], "only the size in bits should warn"
+        say(f"  {message}")
+assert warned[f"{n_mb}Mb"] and not warned[f"{n_mb}MB"] and not warned[f"{n_mb}MiB"], "only bits should warn"
 
 # %% [markdown]
 # A `"cuda:0"` key (torch's name for the device) is the other common slip: accelerate refuses it, as the
@@ -278,8 +307,9 @@ assert warned["24Gb"] and not warned["24GB"] and not warned["24GiB"], "only the 
 
 # %%
 for bad in ({"cuda:0": "24GiB"}, "24GiB"):
-    refused(lambda: parse_budget(bad), ValueError)
-assert parse_budget({0: "24GiB", "cpu": "30GiB"}) == {0: 24 * 2**30, "cpu": 30 * 2**30}, "GPU ids are ints"
+    refused(lambda: preflight(model, device_map, bad), ValueError)
+good = preflight(model, device_map, {0: "24GiB", "cpu": "30GiB"}).budget
+assert good == {0: 24 * 2**30, "cpu": 30 * 2**30}, "GPU ids are ints, sizes bytes"
 
 # %% [markdown]
 # ## 3. `balanced`, `balanced_low_0` and `sequential` on the same budget
@@ -297,9 +327,10 @@ assert parse_budget({0: "24GiB", "cpu": "30GiB"}) == {0: 24 * 2**30, "cpu": 30 *
 # %%
 from accelerate.utils import get_balanced_memory
 
-from helpers.shapes import meta_model
+from helpers.shapes import shape_config
 
-llama7 = meta_model("llama-2-7b", dtype=torch.bfloat16)
+with torch.device("meta"):  # shapes only: no bytes allocated, ties applied as from_pretrained would
+    llama7 = AutoModelForCausalLM.from_config(shape_config("llama-2-7b"), dtype=torch.bfloat16)
 budget = {i: "24GiB" for i in range(4)}
 no_split = llama7._no_split_modules
 
@@ -313,8 +344,8 @@ with quiet_planning():
         print(f"{name:>15}: caps (GiB) {[round(v / 2**30, 2) for v in caps.values()]}")
 
 for name, dm in strategies.items():
-    table = map_table(llama7, dm)
-    print(f"{name:>15}: " + " | ".join(f"GPU {r.device}: {r.GiB:.2f} GiB" for r in table.itertuples()))
+    used = preflight(llama7, dm, mode="plan").bytes_per_device  # weights per device, as the check counts them
+    print(f"{name:>15}: " + " | ".join(f"GPU {d}: {n / 2**30:.2f} GiB" for d, n in used.items()))
 
 # %%
 fig, axes = plt.subplots(3, 1, figsize=(8.4, 5.6))  # 840 px: JupyterLab shows it unscaled
@@ -344,8 +375,10 @@ SKIPPED = {0: "24GiB", 2: "24GiB"}  # GPU 1 left out
 with quiet_planning():
     refused(lambda: get_balanced_memory(llama7, max_memory=dict(SKIPPED), no_split_module_classes=no_split,
                                         low_zero=True), KeyError, label="accelerate:")
-gap = refused(lambda: parse_budget(SKIPPED, strategy="balanced_low_0"), ValueError, label="the check:")
-print("the same budget with 'balanced':", parse_budget(SKIPPED, strategy="balanced"))
+gap = refused(lambda: preflight(llama7, strategies["balanced"], SKIPPED, strategy="balanced_low_0"), ValueError,
+              label="the check:")
+print("the same budget with 'balanced', as the check reads it:",
+      preflight(llama7, strategies["balanced"], SKIPPED, strategy="balanced").budget)
 assert gap is not None, "the check should refuse GPU ids with a gap for balanced_low_0"
 
 # %% [markdown]
@@ -416,51 +449,79 @@ print("70B bf16 on 2 x 24 GiB:", preflight(big.model, big.device_map, big.max_me
 # ## 5. A 4-bit plan is transformers' plan
 #
 # A 4-bit model is not a bf16 model divided by four. `from_pretrained(quantization_config=...)`
-# replaces only the `nn.Linear` layers inside the blocks with bitsandbytes layers; the embedding, the
-# norms and the output head stay in the compute dtype. To plan what it will do, prepare the meta model
-# with transformers' own quantizer, then size it with the quantizer. These are the steps
-# `from_pretrained` runs (transformers 5.24, `modeling_utils.py`). The workbook writes them once, in
-# `helpers.planner` (section 4's `plan` calls them); here is the first, the library calls in full:
+# replaces the `nn.Linear` layers (and GPT-2's `Conv1D`) with bitsandbytes layers, except those its
+# quantizer skips: by default the output head and whatever is tied to it (`replace_with_bnb_linear` in
+# `integrations/bitsandbytes.py`, `get_keys_to_not_convert` in `quantizers/base.py`). The embedding and
+# the norms are not `Linear` layers. What is not quantized keeps the **load dtype** (`dtype=`, else the
+# checkpoint's dtype; bf16 here), not the compute dtype. To plan what `from_pretrained` will do, prepare
+# the meta model with transformers' own quantizer, as it does before it plans (transformers 5.24,
+# `modeling_utils.py`), then size it with the quantizer. `helpers.planner.plan` (section 4) runs these
+# same steps; here they are in full:
 
 # %%
-from helpers.planner import plan_device_map, prepare_meta_model
+from transformers import BitsAndBytesConfig
+from transformers.quantizers import AutoHfQuantizer
 
-print(inspect.getsource(prepare_meta_model))
+
+def prepare(config, quantization_config=None, dtype=torch.bfloat16):
+    """The model as from_pretrained prepares it before planning: on the meta device, its Linear layers swapped."""
+    with torch.device("meta"):  # ties declared by the config are applied by post_init
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quantizer = None
+    if quantization_config is not None:
+        # pre_quantized=False: the checkpoint holds unquantized weights, quantized while loading
+        quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=False)
+        quantizer.preprocess_model(model=model, dtype=dtype, device_map="auto", checkpoint_files=None,
+                                   use_kernels=False)
+    return model.eval(), quantizer
+
+
+qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+llama70, quantizer = prepare(shape_config("llama-2-70b"), qconfig)
 
 # %% [markdown]
 # Called on the 70B shape with an NF4 config, then sized by transformers' `compute_module_sizes`
 # with the quantizer (the sizes the planner uses), beside the same shape in bf16:
 
 # %%
-from transformers import BitsAndBytesConfig
-from transformers.integrations.accelerate import compute_module_sizes
-
-from helpers.shapes import shape_config
-
-qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-llama70, quantizer = prepare_meta_model(shape_config("llama-2-70b"), qconfig, torch.bfloat16)
+from transformers.integrations.accelerate import compute_module_sizes as hf_module_sizes
 
 print("q_proj:", type(llama70.model.layers[0].self_attn.q_proj).__name__,
-      "| embed_tokens:", type(llama70.model.embed_tokens).__name__, "| lm_head:", type(llama70.lm_head).__name__)
-sizes, _ = compute_module_sizes(llama70, quantizer)
-bf16_sizes, _ = compute_module_sizes(meta_model("llama-2-70b", dtype=torch.bfloat16))
+      "| embed_tokens:", type(llama70.model.embed_tokens).__name__, "| lm_head:", type(llama70.lm_head).__name__,
+      "| lm_head dtype:", llama70.lm_head.weight.dtype)
+q_sizes, _ = hf_module_sizes(llama70, quantizer)
+bf16_sizes, _ = hf_module_sizes(prepare(shape_config("llama-2-70b"))[0])
 for name in ("model.embed_tokens", "model.layers.0", "lm_head", ""):
-    print(f"{name or '(whole model)':<20} bf16 {bf16_sizes[name] / 2**30:7.3f} GiB -> NF4 {sizes[name] / 2**30:7.3f} GiB"
-          f"  ({sizes[name] / bf16_sizes[name]:.3f} x)")
+    print(f"{name or '(whole model)':<20} bf16 {bf16_sizes[name] / 2**30:7.3f} GiB -> NF4 {q_sizes[name] / 2**30:7.3f} GiB"
+          f"  ({q_sizes[name] / bf16_sizes[name]:.3f} x)")
 print(f"a global 0.25 x would predict {0.25 * bf16_sizes[''] / 2**30:.2f} GiB for the whole model")
 for s in SHAPES:  # the smaller the model, the more its (unshrunk) embedding weighs
     nf4, bf16 = plans[(s, "nf4", 2, 24)].total_bytes, plans[(s, "bf16", 2, 24)].total_bytes
     print(f"{s:<12} NF4 / bf16 = {nf4 / bf16:.3f} (a global multiplier would say 0.250)")
-assert sizes["model.embed_tokens"] == bf16_sizes["model.embed_tokens"], "the embedding is not quantized"
+assert q_sizes["model.embed_tokens"] == bf16_sizes["model.embed_tokens"], "the embedding is not quantized"
 
 # %% [markdown]
 # A decoder layer shrinks to 0.25 x (0.5 byte instead of 2 per weight); the embedding and head do not
-# shrink at all. Planning then follows `transformers.integrations.accelerate._get_device_map`:
-# balance the budget, let the quantizer adjust it, place the modules. The workbook's copy of those
-# steps:
+# shrink at all (they stay bf16, the load dtype). Planning then follows
+# `transformers.integrations.accelerate._get_device_map`: balance the budget, let the quantizer adjust
+# it, place the modules:
 
 # %%
-print(inspect.getsource(plan_device_map))
+from transformers.integrations.accelerate import get_balanced_memory as hf_balanced_memory
+from transformers.integrations.accelerate import infer_auto_device_map as hf_infer_auto_device_map
+
+
+def place(model, quantizer, max_memory):
+    """The map from_pretrained(device_map="auto", max_memory=...) computes, and the caps it used."""
+    no_split = model._no_split_modules
+    with quiet_planning():  # "Device N is not available" for GPUs this machine lacks: expected
+        caps = hf_balanced_memory(model, max_memory=dict(max_memory), no_split_module_classes=no_split,
+                                  hf_quantizer=quantizer, low_zero=False)
+        caps = quantizer.adjust_max_memory(caps)  # bitsandbytes: 90% of each, for buffers made while quantizing
+        device_map = hf_infer_auto_device_map(model, max_memory=caps, no_split_module_classes=no_split,
+                                              hf_quantizer=quantizer,
+                                              no_placement_params=getattr(model, "_no_placement_params", None))
+    return dict(device_map), {k: int(v) for k, v in caps.items()}
 
 # %% [markdown]
 # Checked against transformers' (private) function, and against section 4's `plan`:
@@ -469,7 +530,7 @@ print(inspect.getsource(plan_device_map))
 from transformers.integrations.accelerate import _get_device_map
 
 two_24 = {0: 24 * 2**30, 1: 24 * 2**30}
-mine, caps = plan_device_map(llama70, quantizer, two_24)
+mine, caps = place(llama70, quantizer, two_24)
 with quiet_planning():
     theirs = _get_device_map(llama70, "auto", dict(two_24), quantizer)
 print("caps after balancing and the 90% cut (GiB):", {k: round(v / 2**30, 2) for k, v in caps.items()})
@@ -478,15 +539,21 @@ print("same as helpers.planner.plan:", mine == plans[("llama-2-70b", "nf4", 2, 2
 assert mine == theirs == plans[("llama-2-70b", "nf4", 2, 24)].device_map, "the plan should be transformers' own"
 
 # %% [markdown]
-# And against `from_pretrained` itself, on the real bundled checkpoint: we wrap the function it calls
-# to place modules, so we can read the map it computed. With a budget too small for the whole model,
+# And against `from_pretrained` itself, on the real checkpoint of section 1: we wrap the function it
+# calls to place modules, so we can read the map it computed. With a budget too small for the whole
+# 4-bit model (room for what is not a decoder layer and for half of the layers, in 4-bit sizes),
 # `from_pretrained` then refuses to load a bitsandbytes model with modules on the CPU or disk
-# (notebook 06, case 9), after it has computed its map, and before loading any weight.
+# (notebook 06, case 9), after it has computed its map, and before loading any weight. The refusal
+# is shown whole: its remedy is at its end.
 
 # %%
 import transformers.integrations.accelerate as hf_accelerate
 
-SMALL = {0: "40MiB", "cpu": "40MiB"} if N_GPUS else {"cpu": "40MiB"}
+small_model, qsmall = prepare(config, qconfig)
+small_sizes, _ = hf_module_sizes(small_model, qsmall)
+small_layers = [n for n, m in small_model.named_modules() if type(m).__name__ in small_model._no_split_modules]
+room = small_sizes[""] - sum(small_sizes[n] for n in small_layers) + len(small_layers) // 2 * small_sizes[small_layers[0]]
+SMALL = {0: room, "cpu": room} if N_GPUS else {"cpu": room}
 seen = {}
 original = hf_accelerate.infer_auto_device_map
 
@@ -501,37 +568,46 @@ try:
     with quiet_planning():
         refused(lambda: AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig, dtype=torch.bfloat16,
                                                              device_map="auto", max_memory=dict(SMALL)),
-                ValueError, width=95)
+                ValueError)
 finally:
     hf_accelerate.infer_auto_device_map = original
 
 # %% [markdown]
-# The same two helpers on the bundled model's config give the map `from_pretrained` computed:
+# The remedy it names is real, but its "32-bit" is not what transformers 5.24 does: with
+# `llm_int8_enable_fp32_cpu_offload=True` and a `device_map` **dict**, `_process_model_before_weight_loading`
+# (`quantizers/quantizer_bnb_4bit.py`) only adds the modules the dict maps to `"cpu"` or `"disk"` to the
+# modules it does not convert. They stay unquantized in the load dtype (`dtype=`, bf16 here), not
+# float32; with `"auto"` the flag does nothing, because the map is planned after that step. Notebook 06,
+# case 9, runs the remedy and measures it.
+#
+# `prepare` and `place` on the same config give the map `from_pretrained` computed:
 
 # %%
-small_model, qsmall = prepare_meta_model(config, qconfig, torch.bfloat16)
-planned, _ = plan_device_map(small_model, qsmall, {k: convert_file_size_to_int(v) for k, v in SMALL.items()})
+planned, _ = place(small_model, qsmall, SMALL)
 print("devices in from_pretrained's map:", sorted(set(map(str, seen["map"].values()))))
 print("our plan equals from_pretrained's map:", planned == seen["map"])
-assert planned == seen["map"], "prepare_meta_model + plan_device_map should reproduce from_pretrained's map"
+assert planned == seen["map"], "prepare + place should reproduce from_pretrained's map"
 
 # %% [markdown]
 # ### Where transformers' accounting differs from the real bytes
 #
 # 1. **It counts 0.5 byte per 4-bit weight.** bitsandbytes also stores one float32 scale (`absmax`)
 #    per block of 64 weights: 4/64 = 0.0625 byte more per weight (about 0.016 with double
-#    quantization, which quantizes the scales too). Measured on one real weight matrix of the bundled
-#    model:
+#    quantization, which quantizes the scales too). Measured on one real weight matrix of the checkpoint
+#    of section 1, quantized by bitsandbytes itself:
 
 # %%
 import bitsandbytes.functional as bnbF
 from safetensors import safe_open
 
-from helpers.memory import linear_bytes_per_weight
-
-name = "model.layers.0.mlp.down_proj.weight"
-with open(os.path.join(path, "model.safetensors.index.json")) as f:
-    shard = json.load(f)["weight_map"][name]  # which shard holds this tensor
+# the first weight the quantizer turned 4-bit, read from the checkpoint
+name = next(n for n, m in small_model.named_modules() if type(m).__name__ == "Linear4bit") + ".weight"
+index = os.path.join(path, "model.safetensors.index.json")
+if os.path.exists(index):  # a sharded checkpoint: the index says which shard holds the tensor
+    with open(index) as f:
+        shard = json.load(f)["weight_map"][name]
+else:
+    shard = "model.safetensors"
 with safe_open(os.path.join(path, shard), framework="pt") as f:
     w = f.get_tensor(name).to(torch.bfloat16)
 for double in (False, True):
@@ -540,8 +616,7 @@ for double in (False, True):
     if double:
         scales += state.state2.absmax.numel() * state.state2.absmax.element_size()
     real = (packed.numel() * packed.element_size() + scales) / w.numel()
-    say(f"{name} {tuple(w.shape)}, double quant {double!s:<5}: {real:.4f} bytes/weight "
-          f"(transformers counts 0.5000; helpers.memory predicts {linear_bytes_per_weight('nf4-dq' if double else 'nf4'):.4f})")
+    say(f"{name} {tuple(w.shape)}, double quant {double!s:<5}: {real:.4f} bytes/weight (transformers counts 0.5000)")
 
 # %% [markdown]
 # On the whole 70B plan that is a couple of GiB per GPU:
@@ -585,24 +660,25 @@ say(f"llama-2-7b NF4: {total7 / 2**30:.2f} GiB of weights (transformers' count) 
 # several query heads, so it can be far below `num_attention_heads`) and *head dim* is `hidden_size /
 # num_attention_heads` unless the config sets `head_dim`. It grows linearly with the context and with
 # the batch (sequences in flight). `helpers.memory.kv_cache_bytes(config, tokens, batch,
-# bytes_per_value)` computes it; `kv_cache_layers` gives one figure per layer.
+# bytes_per_value)` computes it, layer by layer (section 6.2 says why).
 #
 # ### 6.1 The formula against a real cache
 #
-# Written out for the bundled model, then checked against the cache `generate` really built (the
+# Written out for the model of section 1, then checked against the cache `generate` really built (the
 # model loaded whole, as in 1.5): with `return_dict_in_generate=True` it returns it as
 # `past_key_values`, a `DynamicCache` holding one layer of key and value tensors per decoder layer.
+# (A config without `num_key_value_heads`, such as GPT-2's, has one KV head per query head.)
 
 # %%
-from helpers.memory import kv_cache_bytes, kv_cache_layers
+from helpers.memory import kv_cache_bytes
 
-kv_heads, layers = config.num_key_value_heads, config.num_hidden_layers
-head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-per_token = 2 * layers * kv_heads * head_dim * dtype.itemsize
-print(f"2 x {layers} layers x {kv_heads} KV heads (for {config.num_attention_heads} query heads) x head dim "
-      f"{head_dim} x {dtype.itemsize} bytes = {per_token:,} bytes per token")
+kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+n_layers, head_dim = config.num_hidden_layers, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+per_token = 2 * n_layers * kv_heads * head_dim * dtype.itemsize
+say(f"2 x {n_layers} layers x {kv_heads} KV heads (for {config.num_attention_heads} query heads) x head dim "
+    f"{head_dim} x {dtype.itemsize} bytes = {per_token:,} bytes per token")
 
-whole = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": 0 if N_GPUS else "cpu"})
+whole = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": MAIN})
 with torch.inference_mode():
     gen = whole.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
 del whole
@@ -627,8 +703,6 @@ assert tokens == gen.sequences.shape[1] - 1, "the last generated token is fed ba
 # grouped-query attention, the 7B shape does not (the table prints their KV heads):
 
 # %%
-from helpers.shapes import shape_config
-
 CONTEXTS = (4096, 32768, 131072)
 print(f"{'shape':<12} {'layers':>6} {'KV heads':>8} {'per token':>11}" + "".join(f"{t:>12,}" for t in CONTEXTS))
 for name in ("llama-2-7b", "llama-2-70b"):
@@ -667,15 +741,14 @@ for t in (1024, 4096, 16384, 32768):
 assert kv_cache_bytes(windowed, 32768) == kv_cache_bytes(windowed, 4096) == kv_cache_bytes(full, 4096)
 
 # %% [markdown]
-# Does a real cache stop growing? A toy Mistral with random weights (`helpers.shapes.random_model`) and
-# an 8-token window, generating more and more tokens:
+# Does a real cache stop growing? A toy Mistral with random weights and an 8-token window, generating
+# more and more tokens:
 
 # %%
-from helpers.shapes import random_model
-
 toy_config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=100, sliding_window=8)
-toy = random_model(toy_config, dtype=torch.bfloat16)
+torch.manual_seed(0)
+toy = AutoModelForCausalLM.from_config(toy_config, dtype=torch.bfloat16).eval()  # random weights
 prompt = torch.ones(1, 5, dtype=torch.long)
 held = {}
 for new in (1, 10, 40):
@@ -723,12 +796,12 @@ beyond = plan(full, "bf16", 2, 16, context=p8.max_context + 1, batch=8)
 print(f"{p8.max_context:,} tokens x 8: fits {edge.fits} | {p8.max_context + 1:,} tokens x 8: fits {beyond.fits}")
 assert edge.fits and (p8.max_context_capped or not beyond.fits), "max_context should be the edge of fitting"
 assert p1.max_context >= p8.max_context, "more sequences leave room for shorter contexts"
-on_gpu0 = [int(k.split(".")[2]) for k, d in p8.device_map.items() if k.startswith("model.layers.") and d == 0]
-per_layer = kv_cache_layers(full, 4096, batch=8)
-assert p8.kv_bytes_per_device[0] == sum(per_layer[i] for i in on_gpu0), "each layer's cache sits on its GPU"
+on_gpu0 = [k for k, d in p8.device_map.items() if k.startswith("model.layers.") and d == 0]
+per_layer = kv_cache_bytes(full, 4096, batch=8) // full.num_hidden_layers  # no window: every layer alike
+assert p8.kv_bytes_per_device[0] == per_layer * len(on_gpu0), "each layer's cache sits on its GPU"
 
 # %% [markdown]
-# A checkpoint folder works the same (`plan` reads only its `config.json`: here the bundled model's),
+# A checkpoint folder works the same (`plan` reads only its `config.json`: here section 1's),
 # and so does a hub id on a machine that is online (only the config is fetched). Offline, as the
 # workbook runs by default, `plan` refuses a hub id with a `ValueError` that says what to pass instead:
 
@@ -782,18 +855,20 @@ print("offload folder removed:", not OFFLOAD.exists())
 # ## Summary
 #
 # 1. The manual recipe works on transformers 5 with two changes: `dtype=` instead of `torch_dtype=`,
-#    and `tie_weights()` after `init_empty_weights()`. `infer_auto_device_map` with per-device
+#    and `tie_weights()` after `init_empty_weights()` (and, as ever, `eval()` for a model built from
+#    its config). `infer_auto_device_map` with per-device
 #    `max_memory` and the model's `_no_split_modules` gives the map; `load_checkpoint_in_model` and
 #    `dispatch_model` load and hook it; the dispatched model generates the same tokens as the whole one.
 # 2. `max_memory` keys are GPU ids, `"cpu"` and `"disk"` (unlimited, always last); `GiB` (in any
 #    case, `"24Gib"` too) is 2^30, `GB` 10^9, and `Gb`/`gb` (a lowercase final `b` without the `i`)
-#    means bits. `helpers.preflight.parse_budget` (run by `preflight`) warns about bits and refuses
-#    `"cuda:0"` keys and a string instead of a dict, naming the fix.
+#    means bits. The pre-flight check reads `max_memory` the same way (`helpers.budgets.parse_budget`),
+#    warns about bits and refuses `"cuda:0"` keys and a string instead of a dict, naming the fix.
 # 3. `sequential` fills GPU 0 first; `balanced` (= `"auto"`) spreads the model with a margin;
 #    `balanced_low_0` keeps GPU 0 light, and needs GPU ids without gaps (`{0: ..., 2: ...}` fails
 #    with `KeyError: 1`).
 # 4. Plans for any GPUs run on the meta device in a fraction of a second; for 4-bit, prepare the meta
-#    model with transformers' quantizer: only the Linear layers in the blocks shrink.
+#    model with transformers' quantizer: only its Linear layers shrink (not the head, nor what is tied to
+#    it), and what is not quantized keeps the load dtype.
 # 5. transformers counts 0.5 byte per 4-bit weight (the real cost is 0.5625, or about 0.516 with
 #    double quantization) and plans with 90% of each budget; check maps with the pre-flight check.
 # 6. The KV cache takes 2 x layers x KV heads x head dim x bytes per value per token, times the
@@ -806,21 +881,26 @@ print("offload folder removed:", not OFFLOAD.exists())
 # 1. Plan `llama-2-13b` in bf16 on 2 x 24 GiB. Does it fit? What is the smallest GPU memory (in whole
 #    GiB) at which it fits on two GPUs, with `plan`'s default room for the KV cache (4,096 tokens,
 #    batch 1) and the reserve? Put your answer in `smallest_gib` below and run the check.
-# 2. In section 1.3, give the main device `"400MiB"` instead. What does the map look like, and does
-#    `dispatch_model` still add hooks? *Self-check:* `len(set(device_map.values())) == 1` and
-#    `hasattr(model.model.layers[0], "_hf_hook")` is False.
-# 3. Plan `llama-2-70b` in `int8` on 4 x 24 GiB and compare it with NF4. *Self-check:* the int8 plan's
-#    `total_bytes` is about twice the NF4 one minus the (unchanged) embedding and head.
-# 4. Write a map by hand that puts `model.layers.5.mlp` on another device than `model.layers.5.self_attn`
-#    (every other module somewhere too) and put it in `cut_map` below. The check runs `preflight` on it:
-#    its report should have a `no-split-cut` finding.
+# 2. In section 1.3, give the main device room for the whole model (`MAX_MEMORY[MAIN] = 2 * sizes[""]`)
+#    instead. What does the map look like, and does `dispatch_model` still add hooks? *Self-check:*
+#    `len(set(device_map.values())) == 1` and `hasattr(model.get_submodule(layers[0]), "_hf_hook")` is False.
+# 3. Plan `llama-2-70b` in `int8` on 4 x 24 GiB and compare it with NF4. *Self-check:* take the embedding
+#    and the head away (the same bytes in both): what is left of the int8 plan's `total_bytes` is twice
+#    what is left of the NF4 one (1 byte against 0.5 per weight, as transformers counts them).
+# 4. Write a map by hand for the model of section 1 that puts the `mlp` of one decoder layer (the cell
+#    below prints which) on another device than the rest of that layer, every other module somewhere too,
+#    and put it in `cut_map` below. The check runs `preflight` on it: its report should have a
+#    `no-split-cut` finding.
 # 5. Without calling `kv_cache_bytes`, work out the KV cache (GiB, bf16) of the `llama-2-70b` shape
 #    for 8 sequences of 32,768 tokens (its fields: `shape_config("llama-2-70b")`). Put it in `kv_gib`.
 
 # %%
 smallest_gib = None  # exercise 1: a whole number of GiB per GPU
-cut_map = None       # exercise 4: a dict {module name: device} for the bundled model
+cut_map = None       # exercise 4: a dict {module name: device} for the model of section 1
 kv_gib = None        # exercise 5: GiB of KV cache
+
+CUT_LAYER = layers[len(layers) // 2]  # exercise 4's decoder layer
+say("exercise 4's layer:", CUT_LAYER, "| its parts:", [n for n, _ in small_model.get_submodule(CUT_LAYER).named_children()])
 
 # %%
 def fits(g):
@@ -829,25 +909,32 @@ def fits(g):
 
 
 def cut_kinds(m):
-    """The kinds of finding the check reports on map `m` for the bundled model."""
-    return preflight(prepare_meta_model(config)[0], m).kinds()
+    """The kinds of finding the check reports on map `m` for the model of section 1."""
+    return preflight(prepare(config)[0], m).kinds()
 
 
+weights_13b = plan("llama-2-13b", "bf16", 2, 80).total_bytes
+bytes_only = -(-weights_13b // (2 * 2**30))  # the mistake: room for the weights alone, no KV cache nor reserve
+smallest = next(g for g in range(bytes_only, 200) if fits(g) == "fits")
 check_answer(smallest_gib, lambda g: fits(g) == "fits" and fits(g - 1) != "fits",
              lambda g: f"it fits on 2 x {g} GiB and not on one GiB less.",
              lambda g: f"on 2 x {g} GiB it {fits(g)}, on 2 x {g - 1} GiB it {fits(g - 1)}.",
-             "try plan('llama-2-13b', 'bf16', 2, g).fits for a few g.", label="Exercise 1")
+             "try plan('llama-2-13b', 'bf16', 2, g).fits for a few g.",
+             wrong_example=bytes_only if bytes_only != smallest else smallest + 1, label="Exercise 1")
 _ = check_answer(cut_map, lambda m: "no-split-cut" in cut_kinds(m), "the check reports no-split-cut",
-                 lambda m: f"the check found {cut_kinds(m) or 'no problem'}; layer 5's attention and MLP must sit on "
-                           "two devices.",
-                 "start from {'': 0}, then add 'model.layers.5.mlp': 1.", label="Exercise 4")
+                 lambda m: f"the check found {cut_kinds(m) or 'no problem'}; {CUT_LAYER}'s mlp and the rest of it "
+                           "must sit on two devices.",
+                 f"start from {{'': 0}}, then add '{CUT_LAYER}.mlp': 1.", wrong_example={"": 0}, label="Exercise 4")
 
 # %%
-expected_gib = kv_cache_bytes(shape_config("llama-2-70b"), 32768, batch=8) / 2**30
+l70 = shape_config("llama-2-70b")
+expected_gib = kv_cache_bytes(l70, 32768, batch=8) / 2**30
+with_query_heads = expected_gib * l70.num_attention_heads / l70.num_key_value_heads  # the likely slip
 _ = check_answer(kv_gib, lambda g: abs(g - expected_gib) < 0.05 * expected_gib, f"{expected_gib:.1f} GiB.",
                  lambda g: f"{g} GiB; count KV heads (num_key_value_heads), not query heads, "
                            "and multiply by tokens and sequences.",
-                 "2 x layers x KV heads x head dim x 2 bytes, per token and sequence.", label="Exercise 5")
+                 "2 x layers x KV heads x head dim x 2 bytes, per token and sequence.",
+                 wrong_example=with_query_heads, label="Exercise 5")
 
 # %% [markdown]
 # ## Further reading

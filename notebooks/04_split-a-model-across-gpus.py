@@ -30,9 +30,12 @@
 #    GPU at a time.
 # 3. Generate for a batch with left padding and an attention mask, and check that the split model's
 #    greedy output is identical to the single-device run.
-# 4. Split a 4-bit (bitsandbytes NF4) model: load it in the dtype the plan assumed, check the bytes on
-#    each GPU against the plan, and see why transformers refuses a 4-bit split onto the CPU or disk.
-# 5. Read what CPU offload costs per token on a GPU, from the workbook's GPU reference run.
+# 4. Time the split against the single device, each rate beside the most this machine's memory bandwidth
+#    allows, and compare them only as far as the spread of the repeats allows.
+# 5. Split a 4-bit (bitsandbytes NF4) model: load it in the dtype the plan assumed, check the bytes on
+#    each GPU against the plan, see why transformers refuses a 4-bit split onto the CPU or disk, and what
+#    its escape hatch, `llm_int8_enable_fp32_cpu_offload`, really does. Then read what CPU offload costs
+#    per token on a GPU, from the workbook's GPU reference run.
 #
 # **What you'll need**
 # - Notebooks 02 (dispatch a checkpoint) and 03 (design a device map) first.
@@ -43,7 +46,9 @@
 #   workbook's reference run of the tier that matches the machine (`gpu-reference/one-gpu/results.json`
 #   without a GPU or with one, `gpu-reference/two-gpu/results.json` with two or more); figures that need
 #   two GPUs, such as the split's speed, come from the two-GPU tier on every machine.
-# - Run time: about 20 s on an idle 2-core CPU, about 35 s on one H200 GPU.
+# - Run time: about a minute on an idle 2-core CPU (most of it timing the CPU-and-disk stand-in of the
+#   split); about 35 s on one H200 GPU, measured before sections 4 and 5 timed the split and loaded the
+#   flag's map.
 
 # %% tags=["parameters"]
 MODEL = "bundled"  # "bundled" (SmolLM2-135M-Instruct), a local checkpoint folder, or a hub id
@@ -52,34 +57,53 @@ NEW_TOKENS = 12  # greedy new tokens per prompt
 
 # %%
 import gc
+import logging
 import shutil
+import tempfile
 import time
+from collections import Counter
+from importlib.metadata import version
 
 import matplotlib.pyplot as plt
 import torch
 from accelerate import infer_auto_device_map
-from accelerate.utils import CustomDtype, get_balanced_memory
+from accelerate.utils import CustomDtype, compute_module_sizes, get_balanced_memory
+from accelerate.utils.modeling import get_max_layer_size
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.quantizers import AutoHfQuantizer
 
-from helpers.checkpoints import offload_folder, resolve_model
-from helpers.devicemap import bytes_per_device, canonical_device, device_label, device_of, placement, tensor_sizes
-from helpers.hardware import bnb_backend, gpu_count, print_report
-from helpers.measure import time_generate
-from helpers.memory import linear_bytes_per_weight
-from helpers.quiet import quiet_planning, silence_known_warnings
-from helpers.reference import (TIER_GPUS, batch_growth, by_batch, matching_tier, print_sources, records, reference_files,
-                               speed)
-from helpers.shapes import meta_model, n_params
+from helpers.checkpoints import resolve_model
+from helpers.devicemap import placement
+from helpers.measure import compare_rates, decode_limit, memory_bandwidth, rate_text, time_generate
+from helpers.quiet import silence_known_warnings
+from helpers.reference import read_reference
 from helpers.text import say
-from helpers.units import MiB
 
 silence_known_warnings()  # routine library messages, and accelerate's loading bar in quiet runs
 _ = torch.manual_seed(0)
+MiB = 2**20
+
+# %%
+def label(dev):
+    """'GPU 0' for a GPU id or a CUDA device; 'cpu' or 'disk' otherwise."""
+    if isinstance(dev, str) and dev.startswith("cuda"):
+        dev = torch.device(dev)
+    if isinstance(dev, torch.device):
+        dev = dev.index if dev.type == "cuda" else dev.type
+    return f"GPU {dev}" if isinstance(dev, int) else str(dev)
+
+
+def owner(name, device_map):
+    """The device a map gives module or tensor `name`: its longest key that is `name` or a prefix of it."""
+    keys = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+    return device_map[max(keys, key=len)]
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-# The hardware report depends on the machine.
-print_report()
+# Versions and GPUs depend on the machine (notebook 00 prints the whole hardware report).
+n_gpu = torch.cuda.device_count()
+print(", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "accelerate", "bitsandbytes")),
+      f"| GPUs: {[torch.cuda.get_device_name(g) for g in range(n_gpu)] or 'none'}")
 
 # %% [markdown]
 # ## 1. Plan a split over two GPUs
@@ -91,7 +115,6 @@ print_report()
 
 # %%
 path = resolve_model(MODEL)
-n_gpu = gpu_count()
 real_gpus = n_gpu >= 2 and (GPUS is None or (len(GPUS) >= 2 and all(g < n_gpu for g in GPUS)))
 gpus = (list(GPUS) if GPUS is not None else list(range(n_gpu))) if real_gpus else [0, 1]
 dtype = torch.bfloat16 if n_gpu >= 1 else torch.float32  # bf16 on a GPU, fp32 on the CPU
@@ -107,11 +130,39 @@ else:
     print("A split needs two GPUs; this machine has none. The CPU plays GPU 0 and the disk plays GPU 1:\n"
           "the second half's weights stay on disk and are read for every pass.")
 config = AutoConfig.from_pretrained(path)
-meta = meta_model(config, dtype=dtype)
-no_split = meta._no_split_modules  # {"LlamaDecoderLayer"}: a decoder layer stays whole on one device
-weights = sum(p.numel() * p.element_size() for p in meta.parameters())
-print(f"{config.model_type}: {n_params(meta) / 1e6:.1f} M parameters, {weights / MiB:.0f} MiB in {dtype}; "
-      f"never split: {no_split}")
+with torch.device("meta"):  # shapes, no bytes; the config's ties are applied, as after from_pretrained
+    meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
+no_split = meta._no_split_modules  # e.g. {"LlamaDecoderLayer"}: a decoder layer stays whole on one device
+sizes = compute_module_sizes(meta, dtype=dtype)  # bytes of every module and tensor, a tied weight once
+weights = sizes[""]
+print(f"{config.model_type}: {sum(p.numel() for p in meta.parameters()) / 1e6:.1f} M parameters, "
+      f"{weights / MiB:.0f} MiB in {dtype}; never split: {no_split}")
+
+# %% [markdown]
+# A map written by hand names modules: the decoder layers (the blocks `no_split` names) and what sits
+# before and after them. We read those names from the model rather than typing them: `blocks` are the
+# decoder layers in order, and the modules beside them are the base model's other children (embedding,
+# final norm, ...) and the output head. The first half of the layers and what comes before them go to the
+# first GPU, the rest to the last; a head tied to the embedding stays with the embedding.
+
+# %%
+blocks = [n for n, m in meta.named_modules() if type(m).__name__ in no_split]  # "model.layers.0", ...
+container = blocks[0].rpartition(".")[0]  # "model.layers" (Llama, Qwen2), "transformer.h" (GPT-2, Bloom)
+base = container.rpartition(".")[0]  # "model", "transformer"
+children = [f"{base}.{n}" for n, _ in meta.get_submodule(base).named_children()]
+emb = next(n for n, m in meta.named_modules() if m is meta.get_input_embeddings())
+head = next(n for n, m in meta.named_modules() if m is meta.get_output_embeddings())
+tied = meta.get_output_embeddings().weight is meta.get_input_embeddings().weight
+by_hand = {}
+for n in children + [head]:
+    module = meta.get_submodule(n)
+    if n == container or not [*module.parameters(), *module.buffers()]:
+        continue  # the layers are placed one by one below; a module without tensors needs no place
+    before = n in children and children.index(n) < children.index(container)
+    by_hand[n] = gpus[0] if before or (n == head and tied) else gpus[-1]
+by_hand.update({b: gpus[i * len(gpus) // len(blocks)] for i, b in enumerate(blocks)})
+say(f"{len(blocks)} decoder layers under {container!r}; beside them {[n for n in by_hand if n not in blocks]}; "
+    f"the head {head!r} is {'tied to' if tied else 'separate from'} the embedding {emb!r}")
 
 # %% [markdown]
 # Four ways to ask for a split. `"auto"` and `"balanced"` are the same in transformers 5: budgets that
@@ -119,77 +170,80 @@ print(f"{config.model_type}: {n_params(meta) / 1e6:.1f} M parameters, {weights /
 # several layers, so the layer counts differ). `"balanced_low_0"` leaves GPU 0 light
 # (room for `generate`'s work there). A budget per GPU names GPU ids and bytes: for a 65 GB model one would
 # write `max_memory={0: "35GiB", 1: "35GiB"}`; we scale it to our model (60% of its weights per GPU, so it
-# cannot fit one). And a map written by hand: module name -> device. Planning for GPU ids this machine
-# lacks makes accelerate log "Device N is not available" once per call: `quiet_planning()` silences
-# exactly that message.
+# cannot fit one). And the map by hand. Planning for GPU ids this machine lacks makes accelerate log
+# "Device N is not available" once per call: the first line of the cell silences exactly that logger.
 
 # %%
+logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)  # "Device 0 is not available, ..."
 plan_for = {g: "139GiB" for g in gpus}  # an H200's usable memory, for planning
-budget = {g: f"{0.6 * weights / MiB:.0f}MiB" for g in gpus}  # {0: "35GiB", 1: "35GiB"}, scaled to this model
-n_layers = config.num_hidden_layers
-by_hand = {"model.embed_tokens": gpus[0], "lm_head": gpus[0], "model.rotary_emb": gpus[0], "model.norm": gpus[-1]}
-by_hand.update({f"model.layers.{i}": gpus[i * len(gpus) // n_layers] for i in range(n_layers)})
-with quiet_planning():
-    balanced = get_balanced_memory(meta, max_memory=plan_for, no_split_module_classes=no_split, dtype=dtype)
-    low_0 = get_balanced_memory(meta, max_memory=plan_for, no_split_module_classes=no_split, dtype=dtype,
-                                low_zero=True)
-    plans = {
-        '"auto" / "balanced"': infer_auto_device_map(meta, max_memory=balanced, no_split_module_classes=no_split,
-                                                     dtype=dtype),
-        '"balanced_low_0"': infer_auto_device_map(meta, max_memory=low_0, no_split_module_classes=no_split,
-                                                  dtype=dtype),
-        f"max_memory={budget}": infer_auto_device_map(meta, max_memory=dict(budget),
-                                                       no_split_module_classes=no_split, dtype=dtype),
-        "by hand": by_hand,
-    }
+budget_bytes = round(0.6 * weights / MiB) * MiB
+budget = {g: f"{budget_bytes // MiB}MiB" for g in gpus}  # {0: "35GiB", 1: "35GiB"}, scaled to this model
+balanced = get_balanced_memory(meta, max_memory=plan_for, no_split_module_classes=no_split, dtype=dtype)
+low_0 = get_balanced_memory(meta, max_memory=plan_for, no_split_module_classes=no_split, dtype=dtype, low_zero=True)
+caps = {'"auto" / "balanced"': balanced, '"balanced_low_0"': low_0, f"max_memory={budget}": dict(budget)}
+plans = {name: infer_auto_device_map(meta, max_memory=cap, no_split_module_classes=no_split, dtype=dtype)
+         for name, cap in caps.items()}
+plans["by hand"] = by_hand
 for name, plan in plans.items():
     print(name)
     for dev, parts in placement(meta, plan).items():
-        print(f"  {device_label(dev):>6}: {parts}")
+        print(f"  {label(dev):>6}: {parts}")
 
 # %% [markdown]
-# `helpers.devicemap.placement` lists the parts each device holds, decoder layers as ranges. The tied
-# output head (`lm_head` shares the embedding's weights) sits with the embedding: after the last layer
-# the hidden states travel back to that GPU for the head.
+# `helpers.devicemap.placement` lists the parts each device holds, decoder layers as ranges. A tied
+# output head (it shares the embedding's weights) sits with the embedding: after the last layer the
+# hidden states travel back to that GPU for the head.
 #
-# Look at `"balanced_low_0"`: next to an H200's budget this model is tiny, and "keep GPU 0 light" leaves
+# Look at `"balanced_low_0"`: next to an H200's budget a small model is tiny, and "keep GPU 0 light" leaves
 # GPU 0 empty. For a model near the GPUs' size it would fill the other GPUs and put the rest on GPU 0.
 #
-# **Self-check.** `"auto"` uses every GPU, the budgets and the map by hand use more than one,
-# `"balanced_low_0"` leaves GPU 0 empty, and no plan cuts a decoder layer:
+# **Self-check.** No plan cuts a decoder layer, the map by hand uses every GPU, and `"balanced_low_0"`
+# leaves GPU 0 empty for a model far smaller than a GPU. Whether `"auto"` and the budget use both GPUs
+# depends on the model: on the first GPU accelerate keeps room for the largest layer (where an offloaded
+# layer is brought in), so a model whose embedding outweighs its decoder layers can leave GPU 0 empty.
+# The cell says which happened.
 
 # %%
+largest, largest_names = get_max_layer_size(list(meta.named_children()), sizes, no_split)
 for name, plan in plans.items():
-    used = set(plan.values())
-    if "low_0" in name:
-        assert gpus[0] not in used, f"{name} should leave GPU {gpus[0]} empty for this small model: {used}"
-    else:
-        assert len(used) >= 2, f"{name} should use more than one GPU: {used}"
-    assert all(k.count(".") <= 2 for k in plan if k.startswith("model.layers.")), f"{name} cut a layer"
-assert set(plans['"auto" / "balanced"'].values()) == set(gpus), '"auto" should spread over every GPU'
-print("the plans use GPUs", gpus, "and keep decoder layers whole")
+    assert not any(k.startswith(b + ".") for k in plan for b in blocks), f"{name} cut a decoder layer"
+    used = sorted(set(plan.values()), key=str)
+    print(f"{name}: {', '.join(label(d) for d in used)}")
+    cap = {'"auto" / "balanced"': balanced[gpus[0]], f"max_memory={budget}": budget_bytes}.get(name)
+    if gpus[0] not in used and cap is not None:
+        why = (f": its {cap / MiB:.0f} MiB, less the room kept for the largest layer ({largest_names[0]}, "
+               f"{largest / MiB:.0f} MiB), cannot hold the first module, {emb} ({sizes[emb] / MiB:.0f} MiB); "
+               "this model's decoder layers are too light beside its embedding to split"
+               if cap - largest < sizes[emb] else "")
+        say(f"  GPU {gpus[0]} stays empty{why}")
+assert set(by_hand.values()) == set(gpus), "the map by hand should use every GPU"
+if weights < 0.5 * 139 * 2**30:
+    assert gpus[0] not in plans['"balanced_low_0"'].values(), "balanced_low_0 should leave GPU 0 empty"
+print("every plan keeps its decoder layers whole")
 
 # %% [markdown]
 # ## 2. Load the split and feed it inputs
 #
 # We load the map by hand for real, on the devices the first cell of section 1 named, with an offload
-# folder of our own in case a stand-in needs one (`helpers.checkpoints.offload_folder`, removed at the end).
-# Then the same model whole on one device, as the reference. We record the bytes each GPU gained during
-# the split's load (`torch.cuda.memory_allocated`, before the single-device copy arrives).
+# folder of our own in case a stand-in needs one (a temporary folder, removed at the end). Then the same
+# model whole on one device, as the reference. We record the bytes each GPU gained during the split's load
+# (`torch.cuda.memory_allocated`, before the single-device copy arrives).
 
 # %%
 real_map = {name: stand_in[dev] for name, dev in by_hand.items()}
-offload = offload_folder("04-split")
+offload = tempfile.mkdtemp(prefix="04-split-")
 cuda_ids = sorted({d for d in real_map.values() if isinstance(d, int)})
 before = {g: torch.cuda.memory_allocated(g) for g in cuda_ids}
 split = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=real_map, offload_folder=offload)
 measured = {g: torch.cuda.memory_allocated(g) - before[g] for g in cuda_ids}
-mapped = bytes_per_device(meta, real_map, tensor_sizes(meta))  # bytes the map puts on each device
+mapped = {}  # bytes the map puts on each device: the sizes of the modules it names there
+for name, dev in real_map.items():
+    mapped[dev] = mapped.get(dev, 0) + sizes[name]
 single_device = 0 if n_gpu >= 1 else "cpu"
 single = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": single_device})
-print("split over:", ", ".join(device_label(d) for d in mapped), "| single device:", device_label(single_device))
+print("split over:", ", ".join(label(d) for d in mapped), "| single device:", label(single_device))
 for dev, parts in placement(split, split.hf_device_map).items():
-    print(f"  {device_label(dev):>6}: {parts}")
+    print(f"  {label(dev):>6}: {parts}")
 
 # %% [markdown]
 # **Where do the inputs go?** To the device of the first module that sees them, the embedding.
@@ -200,11 +254,12 @@ for dev, parts in placement(split, split.hf_device_map).items():
 
 # %%
 first = split.get_input_embeddings().weight.device
+layers = split.get_submodule(container)
 print("inputs go to:", first, "| model.device:", split.device)
-for i in (0, n_layers - 1):
-    layer = split.model.layers[i]
-    print(f"layer {i:>2}: {type(layer._hf_hook).__name__}, runs on {layer._hf_hook.execution_device}, "
-          f"weights kept on {layer.mlp.up_proj.weight.device} between passes")
+for i in (0, len(layers) - 1):
+    hook = layers[i]._hf_hook
+    print(f"layer {i:>2}: {type(hook).__name__}, runs on {hook.execution_device}, "
+          f"weights kept on {next(layers[i].parameters()).device} between passes")
 
 # %% [markdown]
 # ## 3. Why the layers run one GPU at a time
@@ -217,23 +272,18 @@ for i in (0, n_layers - 1):
 stamps = []
 
 
-def pre(module, args):
+def stamp(kind, i, hidden):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    stamps.append(("start", module.layer_idx, args[0].device, time.perf_counter()))
+    stamps.append((kind, i, hidden.device, time.perf_counter()))
 
 
-def post(module, args, output):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    hidden = output[0] if isinstance(output, tuple) else output
-    stamps.append(("end", module.layer_idx, hidden.device, time.perf_counter()))
-
-
-for layer in split.model.layers:
-    layer.layer_idx = layer.self_attn.layer_idx
-handles = [h for layer in split.model.layers
-           for h in (layer.register_forward_pre_hook(pre), layer.register_forward_hook(post))]
+handles = []
+for i, layer in enumerate(layers):  # the hidden states come in positionally or as a keyword, by architecture
+    handles.append(layer.register_forward_pre_hook(
+        lambda m, args, kwargs, i=i: stamp("start", i, args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+    handles.append(layer.register_forward_hook(
+        lambda m, args, out, i=i: stamp("end", i, out[0] if isinstance(out, tuple) else out)))
 tok = AutoTokenizer.from_pretrained(path)
 with torch.inference_mode():
     split(**tok(["The capital of France is"], return_tensors="pt").to(first))
@@ -245,19 +295,18 @@ starts = [s for s in stamps if s[0] == "start"]
 ends = [s for s in stamps if s[0] == "end"]
 sequential = all(starts[i + 1][3] >= ends[i][3] for i in range(len(ends) - 1))
 hops = [(a[1], b[1], str(a[2]), str(b[2])) for a, b in zip(ends, ends[1:]) if a[2] != b[2]]  # output devices
-placed = [device_label(split.hf_device_map[f"model.layers.{s[1]}"]) for s in starts]
-runs_on = [device_label(d) for d in dict.fromkeys(canonical_device(layer._hf_hook.execution_device)
-                                                   for layer in split.model.layers)]
-say("layer order:", [s[1] for s in starts] == list(range(n_layers)))
+placed = [label(split.hf_device_map[blocks[s[1]]]) for s in starts]
+runs_on = [label(d) for d in dict.fromkeys(layer._hf_hook.execution_device for layer in layers)]
+say("layer order:", [s[1] for s in starts] == list(range(len(layers))))
 say("each layer starts after the previous one ends:", sequential)
 say("map in run order:", " -> ".join(f"{d} x{placed.count(d)}" for d in dict.fromkeys(placed)))
 say("layers compute on:", ", ".join(runs_on))
 if hops:
     say("the hidden states changed device between layers:", hops,
-          "\n(once per forward pass: one tensor of batch x tokens x hidden)")
+        "\n(once per forward pass: one tensor of batch x tokens x hidden)")
 else:
     say(f"the hidden states never changed device: {runs_on[0]} computes every layer, and the second half's "
-          "weights are brought to it at every pass")
+        "weights are brought to it at every pass")
 
 # %% [markdown]
 # **Self-check:** `sequential` must be `True`, and each device of the map that computes (a GPU, or the
@@ -265,23 +314,24 @@ else:
 
 # %%
 assert sequential, "a layer started before the previous one finished: not a plain device_map split?"
-assert all(device_label(g) in runs_on for g in cuda_ids), f"a GPU of the map never computed: {runs_on}"
+assert all(label(g) in runs_on for g in cuda_ids), f"a GPU of the map never computed: {runs_on}"
 print("one layer at a time, on", ", ".join(runs_on))
 
 # %% [markdown]
 # ### Memory per device after the load
 #
-# For each device: the bytes the map puts there (parameters and buffers, tied weights once, from the meta
-# model), and on GPUs what `torch.cuda.memory_allocated` gained during the load. For the CPU and the disk
-# the figure is the map's (for the disk, transformers reads a safetensors checkpoint's offloaded weights
-# from the checkpoint's own files, so the offload folder stays empty).
+# For each device: the bytes the map puts there (accelerate's `compute_module_sizes` of the meta model:
+# parameters and buffers, a tied weight once), and on GPUs what `torch.cuda.memory_allocated` gained during
+# the load. For the CPU and the disk the figure is the map's (for the disk, transformers reads a
+# safetensors checkpoint's offloaded weights from the checkpoint's own files, so the offload folder stays
+# empty).
 
 # %%
 for dev, b in mapped.items():
     got = f"{measured[dev] / MiB:6.0f} MiB measured" if dev in measured else "not a GPU: not measured"
-    print(f"{device_label(dev):>6}: {b / MiB:6.0f} MiB in the map, {got}")
+    print(f"{label(dev):>6}: {b / MiB:6.0f} MiB in the map, {got}")
 fig, ax = plt.subplots(figsize=(5, 3))
-labels = [device_label(d) for d in mapped]
+labels = [label(d) for d in mapped]
 ax.bar(labels, [b / MiB for b in mapped.values()], color="tab:blue", label="in the map")
 if measured:  # GPUs only: CPU and disk bytes are not measured
     ax.bar(labels, [measured.get(d, 0) / MiB for d in mapped], width=0.4, color="tab:orange",
@@ -359,77 +409,86 @@ print("same as left padding, per prompt:", same_as_left)
 # that a model split with a device map runs one device at a time, so on two GPUs expect about the speed
 # of one (plus one hop per token), less where per-layer overhead dominates, as it does for a small model in
 # eager mode: each layer's hook adds Python work. A stand-in pays more: its second half's weights are
-# brought in at every pass. We time both on this machine (a warm-up, then medians of 3 on a GPU, one run on
-# the CPU), then read the GPU reference runs.
+# brought in at every pass.
+#
+# A rate means little without the most it could be. A decode step reads every weight once (a tied head the
+# embedding's matrix; an untied input embedding one row a sequence), so tokens/s can be at most
+# `batch x memory bandwidth / bytes read`: `helpers.measure.decode_limit(model, memory_bandwidth(), batch)`,
+# with the bandwidth measured here by a 1 GiB copy (for a stand-in, the bandwidth of the device that holds
+# the first half, the faster one: an upper bound). `time_generate` times a warm-up and then 3 repeats and
+# gives their median and spread; it refuses (`MeasurementError`) a timing too noisy to be a rate. Two rates
+# differ measurably only when the ratio's range over the repeats leaves out 1.00.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 # Timings depend on the machine and its load.
-repeats = 3 if n_gpu else 1  # the CPU stand-ins are slow: one timed run after the warm-up
-t_split = time_generate(split, batch.to(first), new_tokens=8, repeats=repeats, pad_token_id=tok.pad_token_id)
-t_single = time_generate(single, batch.to(single.device), new_tokens=8, repeats=repeats,
-                         pad_token_id=tok.pad_token_id)
-ratio = t_split["tokens_per_s"] / t_single["tokens_per_s"]
-print(f"split : {t_split['tokens_per_s']:.1f} tokens/s per sequence (batch {len(prompts)})")
-print(f"single: {t_single['tokens_per_s']:.1f} tokens/s per sequence; split / single: {ratio:.2f}")
+timing_tokens = 16 if n_gpu else 4  # few on the CPU, where the stand-in reads its disk half at every pass
+bandwidth = memory_bandwidth(first if first.type == "cuda" else "cpu")  # bytes/s, a 1 GiB copy
+timed = {}
+for name, model in (("split", split), ("single", single)):
+    b = len(prompts)
+    try:  # MeasurementError (a RuntimeError): a timing too noisy, or a rate above the limit; it says what to do
+        r = time_generate(model, batch.to(model.get_input_embeddings().weight.device), repeats=3,
+                          new_tokens=timing_tokens, pad_token_id=tok.pad_token_id)
+        limit = decode_limit(model, bandwidth, b)  # total tokens/s for the batch
+        say(f"{name:>6}: {rate_text(r['total_tokens_per_s'], limit, [b * x for x in r['spread']])}")
+        timed[name] = r
+    except RuntimeError as e:
+        say(f"{name}: {type(e).__name__}: {e}")
+if len(timed) == 2:
+    say(compare_rates(timed["split"], timed["single"], "split", "single"))
 
 # %% [markdown]
 # The GPU reference runs are `gpu-reference/<tier>/results.json`, made by `gpu-reference/tools/gpu_bench.py`
 # on a random-weight llama-1b shape. Each measurement is a **record**: `path` (`"one GPU"`, `"split"`,
 # `"cpu offload"`, ...), `format`, `batch` (sequences in flight), `tokens_per_s` (all their new tokens per
-# second) and `limit_tokens_per_s`, the bandwidth limit for that path and batch. An older file (one section
-# per method) is read into the same form. `helpers.reference` reads them: `records(res)`, `by_batch(res, path)` ({batch: record}) and
-# `speed(record)` (tokens/s with the share of its limit).
-
-# %% [markdown]
+# second, the median of its repeats), `spread` (the lowest and highest repeat, where the file recorded them)
+# and `limit_tokens_per_s`, the bandwidth limit for that path and batch. An older file (one section per
+# method, no limit) is read into the same form, its limits computed from the GPU's specified bandwidth.
+#
 # Which tier's file do we read? The one that matches this machine: the two-GPU tier with two GPUs or more,
 # else the one-GPU tier. A split needs two GPUs, so its figures come from the two-GPU tier wherever the
-# matching tier lacks them. The cell prints which file each figure comes from, with that file's hardware
-# and versions.
+# matching tier lacks them. `helpers.reference.read_reference` reads both and prints which file each figure
+# comes from, with that file's hardware and versions; it files each record under `rows[path, format][batch]`
+# and adds its `rate`, the tokens/s as `rate_text` prints it (beside its limit; a figure above its limit
+# would stop the cell).
 
 # %%
-tier, files = matching_tier(n_gpu), reference_files(n_gpu)  # this machine's tier, and two-gpu for two GPUs
-ref, two_ref = files[tier], files["two-gpu"]
-print_sources(files, n_gpu)
-if not by_batch(ref, "split"):
+files = read_reference(n_gpu)  # {tier: results}: this machine's tier first, then two-gpu
+tier = next(iter(files))
+ref, two_ref = files[tier], files["two-gpu"]  # each with "rows": {(path, format): {batch: record}}
+if ("split", "bf16") not in ref["rows"]:
     print(f"The {tier} tier has no split (it needs two GPUs): the split's figures come from the two-gpu tier.")
 
 # %% [markdown]
-# **Self-check.** Each file is the tier it is read as: its own `tier` entry (where it has one) and the number
-# of GPUs in its hardware report say so.
+# **Self-check.** Each file is the tier it is read as (its number of GPUs says so), and no figure in it is
+# above its limit.
 
 # %%
 assert tier == ("two-gpu" if n_gpu >= 2 else "one-gpu"), "the tier does not match this machine"
-assert all(len(res["hardware"]["gpus"]) == TIER_GPUS[name] for name, res in files.items())
-print("figures from " + " and ".join(f"gpu-reference/{name}/ ({TIER_GPUS[name]} GPU{'s' * (name != 'one-gpu')})"
-                                     for name in files))
+assert all(len(res["hardware"]["gpus"]) == (2 if name == "two-gpu" else 1) for name, res in files.items())
+assert all(r["tokens_per_s"] <= r["limit_tokens_per_s"] for res in files.values() for r in res["records"])
+print("figures from " + " and ".join(f"gpu-reference/{name}/" for name in files) + ", each within its limit")
 
 # %%
-one2, split2 = by_batch(two_ref, "one GPU"), by_batch(two_ref, "split")
-say(f"[two-gpu] split over {split2[min(split2)]['gpus']} GPUs (device_map={two_ref['split']['device_map']!r}), "
-      f"against one GPU in the same run:")
+one2, split2 = two_ref["rows"]["one GPU", "bf16"], two_ref["rows"]["split", "bf16"]  # {batch: record}
+print(f"[two-gpu] split over {split2[min(split2)]['gpus']} GPUs (device_map={two_ref['split']['device_map']!r}) "
+      "and one GPU, in the same run:")
 for b in sorted(set(one2) & set(split2)):
-    say(f"  batch {b:>2}: split {speed(split2[b])}, one GPU {speed(one2[b])}: "
-          f"{split2[b]['tokens_per_s'] / one2[b]['tokens_per_s']:.2f}x")
-one = by_batch(ref, "one GPU")
-lo, hi, growth, step = batch_growth(ref)  # step: how much longer a decoding step took at batch hi than at lo
-say(f"[{tier}] one GPU: batch {lo} {speed(one[lo])}, batch {hi} {speed(one[hi])}:\n  {hi // lo}x the rows gave "
-      f"{growth:.1f}x the tokens/s: a decoding step for {hi} rows took {step:.2f}x as long as one for {lo}")
-shares = [r["tokens_per_s"] / r["limit_tokens_per_s"] for r in (one[lo], one[hi]) if r.get("limit_tokens_per_s")]
-if step < 2:
-    say("  so the GPU's arithmetic did not set the pace" + (
-        f", nor did its memory reads (at most {max(shares):.1%} of the bandwidth limit)" if shares and max(shares) < 0.5
-        else ""))
+    print(f"  batch {b:>2}, split  : {split2[b]['rate']}")
+    print(f"  batch {b:>2}, one GPU: {one2[b]['rate']}")
+    say("  " + compare_rates(split2[b], one2[b], "split", "one GPU"))
 
 # %% [markdown]
-# The two-GPU reference split ran below one GPU's speed at every batch it measured. A step that costs about
-# the same for many rows as for one is bound by per-step work outside the arithmetic (Python, kernel
-# launches), and accelerate's hooks add more of it at every layer of a split.
+# Where a file recorded no spread of its repeats, its ratios cannot show whether, or by how much, the split
+# was slower than one GPU: the line says so. What holds on every machine is the mechanism of section 3,
+# the layers running one after the other, and the small share of the limit every figure reached: eager
+# decoding of a small model is bound by per-step work outside the memory reads (Python, kernel launches),
+# and a split's hooks add more of it at every layer. Figures of two different runs are not compared at all:
+# notebook 05 shows how far two runs of the same measurement can differ.
 
 # %%
-assert all(split2[b]["tokens_per_s"] < one2[b]["tokens_per_s"] for b in set(one2) & set(split2)), \
-    "the two-GPU reference split was not slower than one GPU"
-del split, single, layer
+del split, single, layers
 gc.collect()  # accelerate's hooks hold reference cycles: collect them to free the memory now
 if torch.cuda.is_available():
     torch.cuda.empty_cache()
@@ -437,51 +496,60 @@ if torch.cuda.is_available():
 # %% [markdown]
 # ## 5. A 4-bit model split across GPUs
 #
-# bitsandbytes' 4-bit layers can be split across GPUs like any other. transformers quantizes the Linear
-# layers inside the decoder blocks; the embedding, the norms and the (tied) head stay in the **compute
-# dtype**, here bfloat16. So the plan counts each quantized weight at half a byte (accelerate's
-# `CustomDtype.INT4`) and everything else at two bytes, and we give each GPU 60% of that 4-bit model.
+# bitsandbytes' 4-bit layers can be split across GPUs like any other. Which weights become 4-bit is
+# transformers' quantizer's decision, so we ask it, as `from_pretrained` does before it plans: on the meta
+# model, `AutoHfQuantizer.from_config(...).preprocess_model(...)` replaces the layers it quantizes (the
+# Linear layers, and GPT-2's `Conv1D`, outside the modules it keeps, such as the output head) with
+# `bitsandbytes.nn.Linear4bit`. Everything else (the embedding, the norms, the head) keeps the **load
+# dtype**: `dtype=` if given, else the checkpoint's. We load with `dtype=torch.bfloat16`, the compute dtype,
+# so the plan counts each 4-bit weight at half a byte (accelerate's `CustomDtype.INT4`) and everything else
+# at two bytes, and we give each GPU 60% of that 4-bit model.
 
 # %%
-compute_dtype = torch.bfloat16  # the dtype of the plan, of bitsandbytes' compute, and of the load below
-meta_4bit = meta_model(config, dtype=compute_dtype)
-quantized = {f"{n}.weight" for n, m in meta_4bit.named_modules()
-             if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
-special = {n: CustomDtype.INT4 for n in quantized}
-sizes_4bit = tensor_sizes(meta_4bit)  # bytes per tensor in bf16 ...
-sizes_4bit.update({n: sizes_4bit[n] // 4 for n in quantized})  # ... and half a byte per 4-bit weight
-budget_4bit = {g: round(0.6 * sum(sizes_4bit.values()) / MiB) * MiB for g in gpus}
-with quiet_planning():
-    plan_4bit = infer_auto_device_map(meta_4bit, max_memory=dict(budget_4bit), no_split_module_classes=no_split,
-                                      dtype=compute_dtype, special_dtypes=special)
-planned = bytes_per_device(meta_4bit, plan_4bit, sizes_4bit)
-print(f"{len(quantized)} Linear layers in 4-bit; model {sum(sizes_4bit.values()) / MiB:.0f} MiB; "
-      f"budget {budget_4bit[gpus[0]] / MiB:.0f} MiB per GPU")
+import bitsandbytes as bnb  # here, after silence_known_warnings(): its import may log a harmless kernel notice
+
+compute_dtype = torch.bfloat16  # bitsandbytes' compute dtype, and the load dtype (dtype=) the plan assumes
+bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+with torch.device("meta"):
+    meta_4bit = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=False)  # the quantizer from_pretrained makes
+quantizer.preprocess_model(model=meta_4bit, dtype=compute_dtype, device_map="auto", checkpoint_files=None,
+                           use_kernels=False)  # replaces the layers it quantizes, on the meta device
+converted = [n for n, m in meta_4bit.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+special = {f"{n}.weight": CustomDtype.INT4 for n in converted}  # half a byte per 4-bit weight
+sizes_4bit = compute_module_sizes(meta_4bit, dtype=compute_dtype, special_dtypes=special)
+budget_4bit = {g: round(0.6 * sizes_4bit[""] / MiB) * MiB for g in gpus}
+plan_4bit = infer_auto_device_map(meta_4bit, max_memory=dict(budget_4bit), no_split_module_classes=no_split,
+                                  dtype=compute_dtype, special_dtypes=special)
+planned = {}
+for name, dev in plan_4bit.items():
+    planned[dev] = planned.get(dev, 0) + sizes_4bit[name]
+say(f"{len(converted)} layers in 4-bit, from {converted[0]} to {converted[-1]}; not converted: "
+    f"{sorted(quantizer.modules_to_not_convert)}")
+print(f"model {sizes_4bit[''] / MiB:.0f} MiB; budget {budget_4bit[gpus[0]] / MiB:.0f} MiB per GPU")
 for dev, parts in placement(meta_4bit, plan_4bit).items():
-    print(f"  {device_label(dev):>6}: {planned[dev] / MiB:5.1f} MiB, {parts}")
+    print(f"  {label(dev):>6}: {planned[dev] / MiB:5.1f} MiB, {parts}")
 
 # %% [markdown]
 # We load that plan on the devices of section 2, **in the dtype the plan assumed**: `dtype=compute_dtype`.
-# Without `dtype`, the unquantized parts keep the checkpoint's dtype (float32 for the bundled model), and
-# the embedding alone takes twice the bytes the plan gave it. With one GPU or none, the stand-in puts
-# 4-bit layers on the CPU or disk, and transformers refuses: 4-bit layers of a dispatched model cannot live
-# there (the escape hatch, `llm_int8_enable_fp32_cpu_offload=True`, keeps those layers unquantized in float32).
+# Without `dtype`, the modules left unquantized keep the checkpoint's dtype (float32 for the bundled model),
+# and the embedding alone takes twice the bytes the plan gave it. With one GPU or none, the stand-in puts
+# 4-bit layers on the CPU or disk, and transformers refuses: the whole message follows.
 
 # %%
-bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
-map_4bit = {name: stand_in[dev] for name, dev in plan_4bit.items()}
+map_4bit = {name: stand_in.get(dev, dev) for name, dev in plan_4bit.items()}  # a plan's "disk" stays "disk"
 before = {g: torch.cuda.memory_allocated(g) for g in range(n_gpu)}
 try:
-    model_4bit = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype, quantization_config=bnb,
+    model_4bit = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype, quantization_config=bnb_config,
                                                       device_map=map_4bit, offload_folder=offload)
 except ValueError as e:
     model_4bit = None
-    print(f"{type(e).__name__}: {str(e).split('. ')[0]}.")
+    say(f"{type(e).__name__}: {e}")
 else:
     gained = {g: torch.cuda.memory_allocated(g) - before[g] for g in gpus}
-    lin = model_4bit.model.layers[-1].mlp.down_proj
-    print(f"last layer's down_proj: {type(lin).__module__}.{type(lin).__name__}, weight {type(lin.weight).__name__} "
-          f"on {lin.weight.device}; bitsandbytes backend: {bnb_backend()}")
+    lin = model_4bit.get_submodule(converted[-1])
+    print(f"{converted[-1]}: {type(lin).__module__}.{type(lin).__name__}, weight {type(lin.weight).__name__} "
+          f"on {lin.weight.device}")
     print("embedding:", model_4bit.get_input_embeddings().weight.dtype)
     with torch.inference_mode():
         out_4bit = model_4bit.generate(**batch.to(model_4bit.get_input_embeddings().weight.device), **gen)
@@ -491,14 +559,15 @@ else:
 
 # %% [markdown]
 # **Self-check: the bytes on each GPU.** The plan counts half a byte per 4-bit weight; NF4 also stores one
-# float32 scale per block of 64 weights (0.0625 byte a weight, `helpers.memory.linear_bytes_per_weight`).
-# With the model on GPUs, what each GPU gained during the load must be the plan's bytes plus those scales,
-# **within 5%**: an embedding left in float32 shows up here as a GPU far over its share. Where the load
-# was refused there are no GPU bytes: the cell says so and checks the plan's bytes against the budget.
+# float32 scale per block of 64 weights (4 / 64 = 0.0625 byte a weight). With the model on GPUs, what each
+# GPU gained during the load must be the plan's bytes plus those scales, **within 5%**: an embedding left in
+# float32 shows up here as a GPU far over its share. Where the load was refused there are no GPU bytes: the
+# cell says so and checks the plan's bytes against the budget.
 
 # %%
-scales = linear_bytes_per_weight("nf4") - 0.5  # bytes a 4-bit weight costs on top of the plan's half byte
-n_4bit = {g: sum(2 * sizes_4bit[n] for n in quantized if device_of(n, plan_4bit) == g) for g in gpus}  # weights
+scales = 4 / 64  # bytes a 4-bit weight costs on top of the plan's half byte: a float32 absmax per 64 weights
+n_4bit = {g: sum(meta_4bit.get_submodule(n).weight.numel() for n in converted if owner(n, plan_4bit) == g)
+          for g in gpus}  # 4-bit weights on each GPU
 expected = {g: planned.get(g, 0) + scales * n_4bit[g] for g in gpus}
 assert all(planned.get(g, 0) <= budget_4bit[g] for g in gpus), f"the plan overfills a GPU: {planned}"
 if model_4bit is not None:
@@ -515,6 +584,42 @@ else:
           + f", each within its {budget_4bit[gpus[0]] / MiB:.0f} MiB budget.")
 
 # %% [markdown]
+# **The escape hatch, and what it really does.** The refusal's advice is `llm_int8_enable_fp32_cpu_offload=True`
+# with a custom `device_map`, "keeping these modules in 32-bit". In transformers 5.24 the flag does one thing
+# (`Bnb4BitHfQuantizer._process_model_before_weight_loading`, `transformers/quantizers/quantizer_bnb_4bit.py`):
+# every module the map sends to `"cpu"` or `"disk"` joins the modules not to convert. Those layers stay
+# ordinary layers in the **load dtype** (`dtype=`, else the checkpoint's): not 4-bit, and not float32 unless
+# that is the load dtype. On a machine without a GPU, where the map holds only `"cpu"` and `"disk"`, nothing
+# is quantized at all. We load with the flag and the stand-in map (on two GPUs: GPU 1's share moved to the
+# CPU, as if GPU 1 were missing), in float16 on purpose, a dtype neither the flag's name nor the compute
+# dtype suggests, and look at the layers the quantizer would have converted. Where the map leaves nothing to
+# quantize, transformers warns "You are loading your model using eetq but no linear modules were found in
+# your model" (its bitsandbytes code borrows another method's words; quiet runs hide it): the flag at work.
+
+# %%
+hatch = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                           llm_int8_enable_fp32_cpu_offload=True)
+hatch_map = {n: stand_in.get(d, d) if not real_gpus or d == gpus[0] else "cpu" for n, d in plan_4bit.items()}
+model_hatch = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, quantization_config=hatch,
+                                                   device_map=hatch_map, offload_folder=offload)
+kinds = Counter((label(owner(n, hatch_map)), type(model_hatch.get_submodule(n)).__name__) for n in converted)
+for (dev, kind), count in sorted(kinds.items()):
+    print(f"  {dev:>6}: {count} {kind}")
+away = [n for n in converted if owner(n, hatch_map) in ("cpu", "disk")]
+mod = model_hatch.get_submodule(away[0])
+w = mod.weight if mod.weight.device.type != "meta" else mod._hf_hook.weights_map["weight"]  # disk: the stored copy
+say(f"{away[0]} on {owner(away[0], hatch_map)}: {type(mod).__name__}, weight {w.dtype}, "
+    f"{w.numel() * w.element_size() / MiB:.2f} MiB (float32 would be {w.numel() * 4 / MiB:.2f} MiB, "
+    f"NF4 {w.numel() * (0.5 + scales) / MiB:.2f} MiB)")
+assert w.dtype == torch.float16 and not isinstance(mod, bnb.nn.Linear4bit), "an offloaded layer was converted?"
+del model_hatch, mod, w
+_ = gc.collect()
+
+# %% [markdown]
+# So the flag makes the load succeed by quantizing less: the layers on the CPU or disk keep the load dtype
+# and its bytes, and they are copied to the GPU at every pass like any offloaded layer (section 6).
+# Notebook 06 follows the whole recipe to a working load.
+#
 # On the GPU reference machines, `gpu-reference/tools/gpu_bench.py` loaded the random-weight llama-1b shape
 # in NF4 (with `dtype=torch.bfloat16`): on one GPU where the file has it, and split over two GPUs with
 # `device_map="balanced"` where the file has that. What the files recorded, each line naming its tier:
@@ -524,20 +629,23 @@ nf4_one, nf4_split = ref.get("nf4"), two_ref.get("split_nf4")  # one GPU (newer 
 if nf4_one:
     lib = nf4_one["bnb_library"]
     say(f"[{tier}] NF4 on one GPU: {nf4_one['module_type']} with {nf4_one['weight_type']} on "
-          f"{nf4_one['weight_device']}, bitsandbytes library {lib['library']} ({lib['backend']})")
-    q, bf = by_batch(ref, "one GPU", "nf4"), by_batch(ref, "one GPU")
+        f"{nf4_one['weight_device']}, bitsandbytes library {lib['library']} ({lib['backend']})")
     say(f"  memory footprint {nf4_one['footprint_bytes'] / 2**30:.2f} GiB in NF4, "
-          f"{ref['model']['weight_bytes'] / 2**30:.2f} GiB in bf16")
+        f"{ref['model']['weight_bytes'] / 2**30:.2f} GiB in bf16")
+    q, bf = ref["rows"]["one GPU", "nf4"], ref["rows"]["one GPU", "bf16"]
     for b in sorted(set(q) & set(bf)):
-        say(f"  batch {b:>2}: {speed(q[b])} in NF4, {speed(bf[b])} in bf16")
+        print(f"  batch {b:>2}, NF4 : {q[b]['rate']}\n  batch {b:>2}, bf16: {bf[b]['rate']}")
+        say("  " + compare_rates(q[b], bf[b], "NF4", "bf16"))
 if nf4_split:
     say(f"[two-gpu] NF4 split: {nf4_split['module_type']} with {nf4_split['weight_type']} on "
-          f"{nf4_split['weight_device']}, bitsandbytes backend {nf4_split['bnb_backend']}")
+        f"{nf4_split['weight_device']}, bitsandbytes backend {nf4_split['bnb_backend']}")
     say("  memory after the load:", ", ".join(f"GPU {g} {b / 2**30:.2f} GiB"
-                                               for g, b in enumerate(nf4_split["mem_after_load_bytes"])),
-          "| bf16 split:", ", ".join(f"GPU {g} {b / 2**30:.2f} GiB"
-                                     for g, b in enumerate(two_ref["split"]["mem_after_load_bytes"])))
-    say(f"  batch 1: {speed(by_batch(two_ref, 'split', 'nf4')[1])} in NF4, {speed(split2[1])} in bf16")
+                                             for g, b in enumerate(nf4_split["mem_after_load_bytes"])),
+        "| bf16 split:", ", ".join(f"GPU {g} {b / 2**30:.2f} GiB"
+                                   for g, b in enumerate(two_ref["split"]["mem_after_load_bytes"])))
+    q = two_ref["rows"]["split", "nf4"]
+    print(f"  batch  1, NF4 : {q[1]['rate']}\n  batch  1, bf16: {split2[1]['rate']}")
+    say("  " + compare_rates(q[1], split2[1], "NF4", "bf16"))
 assert nf4_one or nf4_split, "neither reference file has an NF4 measurement"
 if model_4bit is not None:
     del model_4bit
@@ -547,24 +655,25 @@ _ = gc.collect()
 # ## 6. The price of CPU offload on a GPU
 #
 # Notebook 02 offloads layers when the main device is too small (to CPU RAM first on a GPU machine, to disk
-# on a CPU-only one). On a GPU every offloaded layer is copied
-# to the GPU **at every forward pass**, so each token pays `bytes offloaded / host-to-device rate`. The
-# reference run of the matching tier kept a growing number of decoder layers on the CPU of a GPU machine
-# (batch 1; records with path `"cpu offload"`); the inverse of the slope of seconds per token against bytes
-# offloaded is the effective host-to-device rate, compared below with plain copies measured in the same run.
+# on a CPU-only one). On a GPU every offloaded layer is copied to the GPU **at every forward pass**, so each
+# token pays `bytes offloaded / host-to-device rate`. The reference run of the matching tier kept a growing
+# number of decoder layers on the CPU of a GPU machine (batch 1; records with path `"cpu offload"`); each
+# figure's limit adds its offloaded bytes at the pinned host-to-device copy rate measured in the same run.
+# The inverse of the slope of seconds per token against bytes offloaded is the effective host-to-device
+# rate, compared below with plain copies measured in the same run.
 
 # %%
 off = ref["offload"]  # the fit of seconds per token against bytes offloaded
-rows = sorted((r for r in records(ref) if r["path"] == "cpu offload"), key=lambda r: r["layers_on_cpu"])
-xs = [r["bytes_offloaded"] / 1e9 for r in rows]
-ys = [r["s_per_token"] * 1e3 for r in rows]
+offloaded = sorted(ref["rows"]["cpu offload", "bf16"].values(), key=lambda r: r["layers_on_cpu"])
+xs = [r["bytes_offloaded"] / 1e9 for r in offloaded]
+ys = [r["s_per_token"] * 1e3 for r in offloaded]
 hw = ref["hardware"]
 say(f"[{tier}] {ref['model']['label']}: {ref['model']['layers']} decoder layers, batch {off['batch']}, "
-      f"on one {hw['gpus'][0][0]}")
-for r in rows:
-    say(f"{r['layers_on_cpu']:>2} layers on the CPU ({r['bytes_offloaded'] / 1e9:.2f} GB): {speed(r)}")
+    f"on one {hw['gpus'][0][0]}")
+for r in offloaded:
+    say(f"{r['layers_on_cpu']:>2} layers on the CPU ({r['bytes_offloaded'] / 1e9:.2f} GB): {r['rate']}")
 say(f"effective host-to-device rate (1 / slope): {off['effective_h2d_GBps']:.1f} GB/s; a plain 1 GiB copy: "
-      f"{ref['h2d']['pageable_GBps']:.1f} GB/s pageable, {ref['h2d']['pinned_GBps']:.1f} GB/s pinned")
+    f"{ref['h2d']['pageable_GBps']:.1f} GB/s pageable, {ref['h2d']['pinned_GBps']:.1f} GB/s pinned")
 fig, ax = plt.subplots(figsize=(5, 3.5))
 ax.plot(xs, ys, "o", label="measured")
 ax.plot(xs, [(off["fit_intercept_s"] + off["fit_s_per_byte"] * x * 1e9) * 1e3 for x in xs], "-",
@@ -577,14 +686,16 @@ plt.show()
 
 # %% [markdown]
 # Offload makes a model fit; it does not make it fast: every offloaded byte crosses the host-to-device
-# link again for every token. How the measured rate compares with the two plain copies, from the file:
+# link again for every token. How the measured rate compares with the two plain copies, from the file, and
+# what the file can say about the most offloaded run against none:
 
 # %%
-rate, pageable, pinned = off["effective_h2d_GBps"], ref["h2d"]["pageable_GBps"], ref["h2d"]["pinned_GBps"]
-assert rate < pinned, "offload ran at pinned-copy speed?"
-slow = rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"]
-say(f"[{tier}] offload moved weights at {rate / pageable:.0%} of a pageable copy's rate and {rate / pinned:.0%} "
-      f"of a pinned copy's; {rows[-1]['layers_on_cpu']} layers on the CPU gave {slow:.2f}x the tokens/s of none")
+h2d, pageable, pinned = off["effective_h2d_GBps"], ref["h2d"]["pageable_GBps"], ref["h2d"]["pinned_GBps"]
+assert h2d < pinned, "offload ran at pinned-copy speed?"
+say(f"[{tier}] offload moved weights at {h2d / pageable:.0%} of a pageable copy's rate and {h2d / pinned:.0%} "
+    "of a pinned copy's")
+say(f"[{tier}] " + compare_rates(offloaded[-1], offloaded[0], f"{offloaded[-1]['layers_on_cpu']} layers on the CPU",
+                                 "none"))
 shutil.rmtree(offload, ignore_errors=True)  # the offload folder this notebook made
 
 # %% [markdown]
@@ -592,25 +703,28 @@ shutil.rmtree(offload, ignore_errors=True)  # the offload folder this notebook m
 #
 # - A `device_map` split (`"auto"`/`"balanced"`, `"balanced_low_0"`, per-GPU budgets, or a map by hand) puts
 #   whole decoder layers on each GPU; the inputs go to the embedding's device; hooks move the hidden states.
-# - The layers run one after the other: a split buys memory, at about the speed of one GPU or less (the
-#   two-GPU reference run's split was slower than one GPU).
+#   A model whose embedding outweighs its layers may not split at all under `"auto"`.
+# - The layers run one after the other: a split buys memory, at about the speed of one GPU or less.
+# - A rate is printed beside its limit (`decode_limit(model, memory_bandwidth(), batch)`), and two rates
+#   are compared only through the spread of their repeats; figures of different runs are not compared.
 # - Batches are padded on the left with an attention mask; greedy output of the split model is identical to
 #   the single-device run.
-# - A 4-bit model splits across GPUs like any other: plan its block Linear layers at half a byte, load it
-#   with the `dtype` the plan assumed, and check each GPU's bytes against the plan. transformers refuses to
-#   put 4-bit layers of a dispatched model on the CPU or disk.
+# - A 4-bit model splits across GPUs like any other: plan the layers transformers' quantizer converts at half
+#   a byte, load it with the `dtype` the plan assumed, and check each GPU's bytes against the plan.
+#   transformers refuses 4-bit layers of a dispatched model on the CPU or disk; with
+#   `llm_int8_enable_fp32_cpu_offload=True` those layers are simply not quantized and keep the load dtype.
 # - CPU offload costs its bytes over the host-to-device link at every token.
 #
 # ## Exercises
 #
-# 1. Plan the split with `max_memory={0: "200MiB", 1: "200MiB", "cpu": "2GiB"}` for float32 (build
-#    `meta_model(config, dtype=torch.float32)` first: on a GPU, `meta` is bf16). How many
-#    layers land on each GPU, and where does the rest go? *Self-check:* the map then holds `"cpu"` entries.
-# 2. Move `lm_head` and `model.embed_tokens` to the second device in the map by hand and load it. What does
-#    transformers do with the tied pair? *Self-check:* compare `split.hf_device_map["lm_head"]` with the
-#    embedding's device.
+# 1. Plan the split with `max_memory={0: "200MiB", 1: "200MiB", "cpu": "2GiB"}` for float32 (build the meta
+#    model with `dtype=torch.float32` first: on a GPU, `meta` is bf16). How many layers land on each GPU,
+#    and where does the rest go? *Self-check:* the map then holds `"cpu"` entries.
+# 2. Move the head and the embedding (`head` and `emb` above) to the second device in the map by hand and
+#    load it. What does transformers do with a tied pair? *Self-check:* compare `split.hf_device_map[head]`
+#    with the embedding's device.
 # 3. Load the 4-bit plan without `dtype=` on two GPUs. *Self-check:* the bytes check of section 5 fails
-#    on the GPU that holds the embedding.
+#    on the GPU that holds the embedding when the checkpoint is stored in float32.
 # 4. The executable self-check below: how many decoder layers does the `max_memory={...}` budget plan of
 #    section 1 put on GPU 0? Set `answer` and run the cell.
 
@@ -619,10 +733,11 @@ from helpers.exercises import check_answer
 
 answer = None  # your answer: a whole number of decoder layers
 plan_budget = plans[f"max_memory={budget}"]
-right_answer = sum(1 for k, d in plan_budget.items() if k.startswith("model.layers.") and d == gpus[0])
-_ = check_answer(answer, right_answer, f"{right_answer} layers fit GPU 0's budget next to the embedding and the tied head",
+right_answer = sum(1 for b in blocks if owner(b, plan_budget) == gpus[0])
+_ = check_answer(answer, right_answer, f"{right_answer} layers fit GPU 0's budget next to the modules before them",
                  lambda a: f"you said {a}; read the layer range on GPU 0 (a range a-b holds b - a + 1 layers)",
-                 "count the layers placement() lists for GPU 0 under max_memory=...")
+                 "count the layers placement() lists for GPU 0 under max_memory=...",
+                 wrong_example=right_answer - 1 if right_answer else 1)  # a range a-b read as b - a layers
 
 # %% [markdown]
 # ## Further reading

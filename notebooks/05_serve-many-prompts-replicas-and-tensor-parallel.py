@@ -31,7 +31,8 @@
 # 3. Load a model tensor-parallel with `from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))`,
 #    see which head counts allow it, and check its logits against a single device.
 # 4. Compare a split, replicas and tensor parallelism from measured figures, at equal batch per GPU and at
-#    a batch that saturates one GPU, and say what the figures do and don't show.
+#    a batch that saturates one GPU, each figure beside its limit and each ratio beside the spread of its
+#    repeats, and say what the figures do and don't show.
 #
 # **What you'll need**
 # - Notebook 04 (split a model across GPUs) first.
@@ -50,11 +51,11 @@ MODEL = "bundled"  # "bundled" (SmolLM2-135M-Instruct), a local checkpoint folde
 NEW_TOKENS = 12  # greedy new tokens per prompt
 
 # %%
-import inspect
 import json
 import shlex
 import shutil
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -62,24 +63,23 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers.distributed import DistributedConfig
 
-from helpers.checkpoints import cache_dir, random_checkpoint, resolve_model
-from helpers.hardware import gpu_count, print_report
-from helpers.launch import ROOT, LaunchError, launch
+from helpers.checkpoints import random_checkpoint, resolve_model
+from helpers.launch import launch
+from helpers.measure import compare_rates
 from helpers.quiet import silence_known_warnings
-from helpers.reference import (REFERENCE, TIER_GPUS, batch_growth, by_batch, matching_tier, print_sources, records,
-                               reference_files, speed)
-from helpers.shapes import SHAPES, random_model
+from helpers.reference import read_reference
 from helpers.text import say
 
 silence_known_warnings()  # routine library messages, and accelerate's loading bar in quiet runs
 path = resolve_model(MODEL)
-n_gpu = gpu_count()
+n_gpu = torch.cuda.device_count()
 work = Path(tempfile.mkdtemp(prefix="05-serve-"))  # the launches' output files; removed at the end
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-# The hardware report depends on the machine.
-print_report()
+# Versions and GPUs depend on the machine (notebook 00 prints the whole hardware report).
+print(", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "accelerate")),
+      f"| GPUs: {[torch.cuda.get_device_name(g) for g in range(n_gpu)] or 'none'}")
 
 # %% [markdown]
 # ## 1. One replica per GPU
@@ -171,45 +171,51 @@ del plain
 #
 # Tensor parallelism cuts each weight matrix: the query/key/value and MLP input projections by columns
 # (each GPU computes some heads), the output projections by rows (partial sums, added up by an
-# all-reduce). transformers ships the plan with the model (`base_model_tp_plan`), and attention and
-# key/value head counts must divide by the number of GPUs:
+# all-reduce). transformers ships the plan with the model: the config's `base_model_tp_plan`, merged with
+# the model class's own rules (the output head cut by columns and gathered) and, where there is a plan, the
+# input embedding cut by vocabulary rows, into `model.tp_plan` (`init_parallel_plans` in
+# `transformers/distributed/mixin.py`). Attention and key/value head counts must divide by the number of GPUs:
 
 # %%
 config = AutoConfig.from_pretrained(path)
+with torch.device("meta"):  # shapes only: the plan needs no weights
+    meta = AutoModelForCausalLM.from_config(config)
 tp_n = 2  # the number of GPUs (processes) to cut every layer over
-print("Llama's plan:", json.dumps(config.base_model_tp_plan, indent=1))
-shapes = {"bundled": config.to_dict(), "llama-1b": SHAPES["llama-1b"]}
-for name, shape in shapes.items():
-    h, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
-    print(f"{name:>8}: {h} heads, {kv} key/value heads -> splits over {tp_n}: {h % tp_n == 0 and kv % tp_n == 0}")
+if meta.tp_plan:
+    print(f"{type(meta).__name__}'s plan (model.tp_plan):", json.dumps(meta.tp_plan, indent=1))
+else:
+    say(f"{type(meta).__name__} has no tensor-parallel plan in transformers {version('transformers')} "
+        f"(config.base_model_tp_plan is {config.base_model_tp_plan}): from_pretrained refuses tp_size={tp_n} "
+        "for it. The rest of this section uses a Llama.")
+toy = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=1024)  # the CPU stand-in below: a toy Llama
+for name, cfg in {"this model": config, "toy Llama": toy}.items():
+    h = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or h  # GPT-2 and Bloom: one key/value head per head
+    print(f"{name:>10}: {h} heads, {kv} key/value heads -> both divide by {tp_n}: {h % tp_n == 0 and kv % tp_n == 0}")
 
 # %% [markdown]
-# The bundled model's heads do not split over 2, so we use the **llama-1b shape** with **random weights**.
-# The call that loads a model tensor-parallel takes a `DistributedConfig` (transformers 5.24 here; the
-# two-GPU tier's `tp-system-transformers.json`, printed below, shows 5.17 took it too).
-# Each process makes it under `torchrun` (it needs the process
-# group the launcher sets up), so we define it here and check that the worker makes exactly this call:
+# The bundled model's heads (9 and 3) do not split over 2, so the run below uses a Llama with **random
+# weights**: the llama-1b shape on two GPUs, the toy on the CPU. The call that loads a model tensor-parallel
+# takes a `DistributedConfig`. Each process makes it under `torchrun` (it needs the process group the
+# launcher sets up), so `workers/tensor_parallel.py` makes it, exactly as written here (`tests/test_launch.py`
+# checks the worker's source against this line):
+#
+# ```python
+# model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32,
+#                                              distributed_config=DistributedConfig(tp_size=world))
+# ```
+#
+# `DistributedConfig(tp_size=2)` leaves `tp_plan` at `None`. That is not a missing plan: `None` means no
+# override, so `from_pretrained` cuts the model by its own `model.tp_plan`, printed above. A dict there would
+# replace single rules of that plan, and `{}` would apply none (the `DistributedConfig` docstring in
+# `transformers/distributed/configuration_utils.py`; `_resolve_parallel_plans` in `mixin.py` applies only a
+# dict). A model without a plan is refused: "`tp_size=2` was requested, but ... has no `tp_plan`".
 
 # %%
 distributed_config = DistributedConfig(tp_size=tp_n)
-say(f"DistributedConfig(tp_size={distributed_config.tp_size}): tp_plan {distributed_config.tp_plan}, "
-      f"pp_size {distributed_config.pp_size}")
-
-
-def load_tensor_parallel(checkpoint, world):
-    """What each process of workers/tensor_parallel.py runs: its own shard of every layer (one process per GPU)."""
-    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
-                                                distributed_config=DistributedConfig(tp_size=world))
-
-
-mine = " ".join(inspect.getsource(load_tensor_parallel).split())  # the call above, on one line
-call = mine[mine.index("AutoModelForCausalLM.from_pretrained("):]
-worker = " ".join((ROOT / "workers" / "tensor_parallel.py").read_text().split())
-assert call.replace("(checkpoint,", "(args.checkpoint,") in worker, "the worker no longer makes this call"
-say("the worker calls:", call.replace("(checkpoint,", "(args.checkpoint,"))
-old = json.loads((REFERENCE / "two-gpu" / "tp-system-transformers.json").read_text())
-say(f"GPU reference with transformers {old['transformers']}: {old['api']}, logits check ok: "
-      f"{old['logits_check']['ok']}")
+say(f"DistributedConfig(tp_size={tp_n}): tp_size {distributed_config.tp_size}, tp_plan "
+    f"{distributed_config.tp_plan!r} (no override: the model's own plan), pp_size {distributed_config.pp_size}")
 
 # %% [markdown]
 # Each process loads its shards and computes the logits of fixed random token ids in float32; rank 0
@@ -217,10 +223,10 @@ say(f"GPU reference with transformers {old['transformers']}: {old['api']}, logit
 # partial sums are added, so the logits agree within 1e-3 (times the largest logit, if above 1).
 #
 # With two GPUs or more this runs over two of them on the llama-1b shape. With fewer, the cell says so and
-# runs the same worker on two CPU processes (gloo) with a toy Llama of the same layout (2 layers, hidden
-# 256, 8 heads, 4 key/value heads, random weights): the code path is the same, the sizes are not. The
-# stand-in's processes start with `CUDA_VISIBLE_DEVICES=` (no GPU visible): transformers sets up tensor
-# parallelism on the machine's accelerator, and on a machine with one GPU it would try to use it.
+# runs the same worker on two CPU processes (gloo) with the toy Llama (2 layers, hidden 256, 8 heads, 4
+# key/value heads, random weights): the code path is the same, the sizes are not. The stand-in's processes
+# start with `CUDA_VISIBLE_DEVICES=` (no GPU visible): transformers sets up tensor parallelism on the
+# machine's accelerator, and on a machine with one GPU it would try to use it.
 
 # %%
 hide = {} if n_gpu >= 2 else {"CUDA_VISIBLE_DEVICES": ""}  # CPU processes: a visible GPU would pull them to it
@@ -229,25 +235,25 @@ if n_gpu >= 2:
     say(f"{n_gpu} GPUs: tensor parallel over {tp_n} of them on the llama-1b shape, RANDOM weights")
 else:
     say(f"Tensor parallelism needs at least two GPUs (one process per GPU, each holding part of every layer);\n"
-          f"this machine has {n_gpu}. Running the same worker on {tp_n} CPU processes with a toy Llama "
-          f"(RANDOM weights) instead.")
-    toy = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-                      num_key_value_heads=4, vocab_size=1024)
+        f"this machine has {n_gpu}. Running the same worker on {tp_n} CPU processes with the toy Llama "
+        f"(RANDOM weights) instead.")
     tp_checkpoint, extra = work / "toy-llama", ["--cpu"]
-    random_model(toy, dtype=torch.float32, seed=0).save_pretrained(tp_checkpoint)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(toy, dtype=torch.float32).save_pretrained(tp_checkpoint)
 cmd = ["torchrun", "--standalone", f"--nproc_per_node={tp_n}", "workers/tensor_parallel.py",
        "--checkpoint", tp_checkpoint, "--expect-world-size", tp_n, "--out", work / "tp.json", *extra]
 say("".join(f"{k}={v} " for k, v in hide.items())
-      + shlex.join(map(str, cmd)).replace(str(work), "$WORK").replace(str(cache_dir()), "$CACHE"))
+    + shlex.join(map(str, cmd)).replace(str(work), "$WORK").replace(str(Path(tp_checkpoint).parent), "$CACHE"))
 try:
     launch(cmd, extra_env=hide)
     tp = json.loads((work / "tp.json").read_text())
-except LaunchError as e:
+except RuntimeError as e:  # helpers.launch.LaunchError: the processes' own error lines
     tp = None
-    say(f"{type(e).__name__}: {' '.join(str(e).splitlines()[:2])}")
+    say(f"{type(e).__name__}: {e}")
 if tp:
     say(f"model: {tp['model']}; {tp['world_size']} processes; api: {tp['api']}")
-    say(f"q_proj: full {tp['q_proj_full_shape']}, shard per process {[r['q_proj_shard_shape'] for r in tp['per_rank']]}")
+    shards = [r["q_proj_shard_shape"] for r in tp["per_rank"]]
+    say(f"q_proj: full {tp['q_proj_full_shape']}, shard per process {shards}")
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -272,66 +278,66 @@ print("logits within tolerance:", tp["logits_check"]["ok"])
 # `gpu-reference/tools/gpu_bench.py` (random-weight llama-1b shape, bfloat16, eager `generate`, greedy,
 # warm-up then medians of 3), one file per hardware tier: `gpu-reference/<tier>/results.json`. Each
 # measurement is a **record**: `path` (`"one GPU"`, `"split"`, `"replicas"`, `"tensor parallel"`), `format`,
-# `batch` (the prompts in flight over all GPUs), `tokens_per_s` (all their tokens) and `limit_tokens_per_s`,
-# the bandwidth limit for that path and batch. An older file (one section per method) is read into the same
-# form. `helpers.reference` reads them: `records(res)`, `by_batch(res, path)` ({batch: record}) and
-# `speed(record)` (tokens/s with the share of its limit).
-
-# %% [markdown]
+# `batch` (the prompts in flight over all GPUs), `tokens_per_s` (all their tokens, the median of the
+# repeats), `spread` (the lowest and highest repeat, where the file recorded them) and `limit_tokens_per_s`,
+# the bandwidth limit for that path and batch. An older file (one section per method, no limit) is read into
+# the same form, its limits computed from the GPU's specified bandwidth.
+#
 # Which tier's file do we read? The one that matches this machine: the two-GPU tier with two GPUs or more,
 # else the one-GPU tier. A split, tensor parallelism and two replicas need two GPUs, so those figures come
-# from the two-GPU tier wherever the matching tier lacks them. The cell prints which file each figure
-# comes from, with that file's hardware and versions; every figure below names its tier in brackets.
+# from the two-GPU tier wherever the matching tier lacks them. `helpers.reference.read_reference` prints
+# which file each figure comes from, with that file's hardware and versions, files each record under
+# `rows[path, format][batch]` and adds its `rate` (its tokens/s beside its limit, as
+# `helpers.measure.rate_text` prints it). Every figure below names its file in brackets.
 
 # %%
-tier, files = matching_tier(n_gpu), reference_files(n_gpu)  # this machine's tier, and two-gpu for two GPUs
+files = read_reference(n_gpu)  # {tier: results}: this machine's tier first, then two-gpu
+tier = next(iter(files))
 ref, two_ref = files[tier], files["two-gpu"]
-print_sources(files, n_gpu)
-lacks = [p for p in ("split", "tensor parallel") if not by_batch(ref, p)]
-lacks += [] if any(r["gpus"] >= 2 for r in by_batch(ref, "replicas").values()) else ["two replicas"]
+lacks = [p for p in ("split", "tensor parallel") if (p, "bf16") not in ref["rows"]]
+lacks += [] if any(r["gpus"] >= 2 for r in ref["rows"].get(("replicas", "bf16"), {}).values()) else ["two replicas"]
 if lacks:
     say(f"The {tier} tier has no {', no '.join(lacks)} (they need two GPUs): those come from the two-gpu tier.")
 
 # %% [markdown]
-# **Self-check.** Each file is the tier it is read as (`reference_files` refuses one whose `tier` entry or
+# **Self-check.** Each file is the tier it is read as (`read_reference` refuses one whose `tier` entry or
 # GPU count is not its folder's), and its replicas ran one process per GPU of that tier.
 
 # %%
-assert tier == matching_tier(n_gpu), "the tier does not match this machine"
+assert tier == ("two-gpu" if n_gpu >= 2 else "one-gpu"), "the tier does not match this machine"
 for name, res in files.items():
-    assert all(r["gpus"] == TIER_GPUS[name] for r in by_batch(res, "replicas").values()), f"{name}: replicas"
-print("replicas, one process per GPU:", ", ".join(f"{name} {TIER_GPUS[name]}" for name in files))
+    n = len(res["hardware"]["gpus"])
+    assert all(r["gpus"] == n for r in res["rows"]["replicas", "bf16"].values()), f"{name}: replicas"
+print("replicas, one process per GPU:", ", ".join(f"{k} {len(res['hardware']['gpus'])}" for k, res in files.items()))
 
 # %% [markdown]
-# First the plain table, one per file: total tokens/s at each total batch the file holds, its share of the
-# limit where the file records one, and each method against one GPU **at the same total batch, in the same
-# file**. At equal total batch, two replicas give each GPU half the prompts.
+# First the plain table, one per file: total tokens/s at each total batch the file holds, with its share
+# of the limit. The two files are two different runs, so they get two tables and two panels: a figure is
+# compared only with figures of its own run, and only as far as the spread of its repeats allows (the cells
+# after the table).
 
 # %%
 PATHS = ("one GPU", "split", "replicas", "tensor parallel")
-tables = {name: {p: by_batch(res, p) for p in PATHS if by_batch(res, p)} for name, res in files.items()}
+tables = {name: {p: res["rows"][p, "bf16"] for p in PATHS if (p, "bf16") in res["rows"]} for name, res in files.items()}
 for name, tps in tables.items():
-    one = tps["one GPU"]
-    print(f"[{name}] total tokens/s (share of the limit) ratio to one GPU\n{'total batch':>11}"
-          + "".join(f"{p:>24}" for p in tps))
+    spreads = all(r.get("spread") for row in tps.values() for r in row.values())
+    print(f"[{name}] total tokens/s (share of the limit); spreads of repeats "
+          f"{'in the file' if spreads else 'not recorded'}\n{'total batch':>11}" + "".join(f"{p:>18}" for p in tps))
     for b in sorted(set().union(*tps.values())):
-        cells = []
-        for r in (row.get(b) for row in tps.values()):
-            share = f"({r['tokens_per_s'] / r['limit_tokens_per_s']:.1%})" if r and r["limit_tokens_per_s"] else ""
-            ratio = f"{r['tokens_per_s'] / one[b]['tokens_per_s']:.2f}x" if r and b in one else ""
-            cells.append(f"{r['tokens_per_s']:.0f} {share} {ratio}" if r else "-")
-        print(f"{b:>11}" + "".join(f"{c:>24}" for c in cells))
-fig, ax = plt.subplots(figsize=(6, 3.5))
-for name, tps in tables.items():
+        cells = [f"{r['tokens_per_s']:.0f} ({r['tokens_per_s'] / r['limit_tokens_per_s']:.1%})" if r else "-"
+                 for r in (row.get(b) for row in tps.values())]
+        print(f"{b:>11}" + "".join(f"{c:>18}" for c in cells))
+fig, axes = plt.subplots(1, len(tables), figsize=(8, 3.5), sharey=True, squeeze=False)
+for ax, (name, tps) in zip(axes[0], tables.items()):
     for p, row in tps.items():
-        ax.plot(sorted(row), [row[b]["tokens_per_s"] for b in sorted(row)], "o-" if name == tier else "s--",
-                label=f"{p} [{name}]")
-ax.set_xscale("log", base=2)
-ax.set_xlabel("total batch (prompts in flight over all GPUs)")
-ax.set_ylabel("total tokens/s")
-ax.set_title("Reference runs: random-weight llama-1b, bf16, "
-             + " / ".join(sorted({res["hardware"]["gpus"][0][0] for res in files.values()})))
-ax.legend(fontsize=7)
+        ax.plot(sorted(row), [row[b]["tokens_per_s"] for b in sorted(row)], "o-", label=p)
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"[{name}] one run, {len(files[name]['hardware']['gpus'])} x {files[name]['hardware']['gpus'][0][0]}",
+                 fontsize=9)
+    ax.set_xlabel("total batch (prompts over all GPUs)")
+    ax.legend(fontsize=7)
+axes[0][0].set_ylabel("total tokens/s")
+fig.suptitle("Reference runs: random-weight llama-1b, bf16 (each panel its own run)", fontsize=10)
 plt.show()
 
 # %% [markdown]
@@ -353,7 +359,8 @@ for name, tps in tables.items():
 # (**equal batch per GPU**: one GPU at batch *b* against *n* replicas at a total of *n b*), and they pay most
 # once one GPU is **saturated**: the smallest batch at which doubling it raises one GPU's tokens/s by less
 # than 10%. With one GPU, *n* is 1: one replica against plain `generate` at equal batch. The next cells
-# compute both for each file, or say which measurement a file lacks.
+# compute both for each file, or say which measurement a file lacks. The saturation rule reads medians; a
+# file that recorded no spread of repeats cannot tell a 10% step from noise, and the cell says so.
 
 # %%
 def saturation_walk(one):
@@ -368,104 +375,111 @@ def saturation_walk(one):
 
 walks, missing = {}, {}
 for name, res in files.items():
-    one = {b: r["tokens_per_s"] for b, r in by_batch(res, "one GPU").items()}
+    one = {b: r["tokens_per_s"] for b, r in res["rows"]["one GPU", "bf16"].items()}
     walks[name] = doubling, saturated, last = saturation_walk(one)
+    if doubling and not all(r.get("spread") for r in res["rows"]["one GPU", "bf16"].values()):
+        say(f"[{name}] one run, no spread of repeats recorded: the ratios below are not measured differences")
     for b, g in doubling.items():
         say(f"[{name}] one GPU, batch {b} -> {2 * b}: tokens/s x{g:.2f}")
     if saturated is not None:
-        say(f"[{name}] one GPU saturates at batch {saturated}")
+        say(f"[{name}] by the medians, one GPU saturates at batch {saturated}")
     elif doubling and last == max(one):
-        say(f"[{name}] one GPU was not saturated by the largest batch measured: tokens/s still rose "
-              f"{doubling[last // 2] - 1:.0%} from batch {last // 2} to {last}")
+        say(f"[{name}] by the medians, the largest batch measured did not saturate one GPU: tokens/s rose "
+            f"{doubling[last // 2] - 1:.0%} from batch {last // 2} to {last}")
     else:
         missing[name] = True
         say(f"[{name}] MISSING for the saturating batch: one GPU at batches a doubling apart ({min(one)}, "
-              f"{2 * min(one)}, {4 * min(one)}, ...) up to the first doubling that adds less than 10%. The file "
-              f"has one GPU at batches {sorted(one)}: one GPU at batch {2 * last} is the next one missing.")
+            f"{2 * min(one)}, {4 * min(one)}, ...) up to the first doubling that adds less than 10%. The file "
+            f"has one GPU at batches {sorted(one)}: one GPU at batch {2 * last} is the next one missing.")
     if "saturation" in res:
         say(f"[{name}] the file's own finding: {res['saturation']}")
 
 # %%
 equals = {}
 for name, res in files.items():
-    one, rep = by_batch(res, "one GPU"), by_batch(res, "replicas")
+    one, rep = res["rows"]["one GPU", "bf16"], res["rows"]["replicas", "bf16"]
     n = max(r["gpus"] for r in rep.values())
-    equals[name] = {b: rep[n * b]["tokens_per_s"] / one[b]["tokens_per_s"] for b in sorted(one) if n * b in rep}
-    for b, x in equals[name].items():
-        if n == 1:
-            say(f"[{name}] batch {b}: one replica {speed(rep[b])}, plain generate {speed(one[b])}: {x:.2f}x")
-        else:
-            say(f"[{name}] equal batch per GPU ({b}): {n} replicas at total {n * b} gave {x:.2f}x one GPU at {b} "
-                  f"(ideal {n}.00x)")
+    equals[name] = {b: (rep[n * b], one[b]) for b in sorted(one) if n * b in rep}
+    for b, (r, o) in equals[name].items():
+        what = "one replica" if n == 1 else f"{n} replicas at total {n * b}"
+        say(f"[{name}] equal batch per GPU ({b}): " + compare_rates(r, o, what, f"one GPU at {b}")
+            + (f" (ideal {n}.00x)" if n > 1 else ""))
     if not equals[name]:
         missing[name] = True
         say(f"[{name}] MISSING for equal batch per GPU: one GPU at a batch b together with replicas at a total "
-              f"of {n}*b. The file has one GPU at batches {sorted(one)} and replicas at totals {sorted(rep)}.")
+            f"of {n}*b. The file has one GPU at batches {sorted(one)} and replicas at totals {sorted(rep)}.")
     saturated = walks[name][1]
     if saturated is not None and n * saturated in rep and n * saturated in one:
         B = n * saturated
-        say(f"[{name}] at total {B}, {n} replica{'s' * (n > 1)} gave "
-              f"{rep[B]['tokens_per_s'] / one[B]['tokens_per_s']:.2f}x one GPU")
+        say(f"[{name}] at the saturating total {B}: " + compare_rates(rep[B], one[B], f"{n} replica(s)", "one GPU"))
     elif saturated is not None:
         missing[name] = True
         say(f"[{name}] MISSING: one GPU saturates at batch {saturated}, but the file lacks replicas at a total "
-              f"of {n * saturated}.")
+            f"of {n * saturated}.")
 
 # %% [markdown]
-# What the figures say, in sentences computed from them (they change when the benchmark is remade):
+# What the figures say, in sentences computed from them (they change when the benchmark is remade). A ratio
+# is given with the spread of its repeats where the file has them; where it has none, the sentence says
+# that no difference can be claimed from it.
 
 # %%
 for name, res in files.items():
-    lo, hi, growth, step = batch_growth(res)  # step: how much longer a decoding step took at batch hi than at lo
-    say(f"- [{name}] One GPU at batch {hi} gave {growth:.1f}x its tokens/s at batch {lo} ({hi // lo}x the "
-          f"prompts): a step for {hi} rows took {step:.2f}x as long as one for {lo}"
-          + (f": in this run (one timed sweep), one GPU was far from saturated below {hi}." if step < 2 else "."))
-    if one[lo]["limit_tokens_per_s"] and one[hi]["limit_tokens_per_s"]:
-        say(f"- [{name}] One GPU reached {one[lo]['tokens_per_s'] / one[lo]['limit_tokens_per_s']:.1%} of its "
-              f"memory-bandwidth limit at batch {lo} and "
-              f"{one[hi]['tokens_per_s'] / one[hi]['limit_tokens_per_s']:.1%} at batch {hi}.")
+    one = res["rows"]["one GPU", "bf16"]
+    lo, hi = min(one), max(one)
+    step = hi / lo / (one[hi]["tokens_per_s"] / one[lo]["tokens_per_s"])  # time of a step at hi over one at lo
+    say(f"- [{name}] One GPU at batch {hi} ({hi // lo}x the prompts of batch {lo}): "
+        + compare_rates(one[hi], one[lo], f"batch {hi}", f"batch {lo}")
+        + f"; by the medians, a step for {hi} rows took {step:.2f}x as long as one for {lo}.")
+    say(f"- [{name}] One GPU reached {one[lo]['tokens_per_s'] / one[lo]['limit_tokens_per_s']:.1%} of its "
+        f"memory-bandwidth limit at batch {lo} and {one[hi]['tokens_per_s'] / one[hi]['limit_tokens_per_s']:.1%} "
+        f"at batch {hi}: memory reads were far from setting the pace of eager decoding.")
 
 # %%
 for name, res in files.items():
-    one, rep = by_batch(res, "one GPU"), by_batch(res, "replicas")
+    one, rep = res["rows"]["one GPU", "bf16"], res["rows"]["replicas", "bf16"]
     n, lo, hi = max(r["gpus"] for r in rep.values()), min(one), max(one)
-    x = {b: rep[b]["tokens_per_s"] / one[b]["tokens_per_s"] for b in sorted(set(rep) & set(one))}
     if n == 1:
-        say(f"- [{name}] One replica adds no GPU: against plain generate it gave {min(x.values()):.2f}x to "
-              f"{max(x.values()):.2f}x at batches {sorted(x)}. Both time the same model on the same GPU, in two "
-              f"processes, so a ratio away from 1.00x is a difference between two runs, not a gain: a gain from "
-              f"replicas needs a second GPU.")
+        say(f"- [{name}] One replica adds no GPU: the lines above time the same model on the same GPU, in two "
+            "processes; a gain from replicas needs a second GPU.")
         continue
-    if lo in x and lo < n:
-        say(f"- [{name}] At total batch {lo}, {n - lo} of {n} replicas had no prompt: {x[lo]:.2f}x one GPU. "
-              "Replicas do not make one prompt faster.")
-    if hi in x:
-        gain = "gained nothing" if x[hi] <= 1 else f"gained {x[hi] - 1:.0%}"
-        say(f"- [{name}] At total batch {hi}, {n} replicas ({hi // n} per GPU) gave {x[hi]:.2f}x one GPU: "
-              f"giving each GPU {hi // n} of the {hi} prompts {gain}.")
-    if equals[name]:
-        b = walks[name][1] if walks[name][1] in equals[name] else max(equals[name])
-        say(f"- [{name}] At equal batch per GPU ({b}), replicas reached {equals[name][b] / n:.0%} of the ideal {n}x.")
+    if lo in rep and lo < n:
+        say(f"- [{name}] At total batch {lo}, {n - lo} of {n} replicas had no prompt: "
+            + compare_rates(rep[lo], one[lo], "replicas", "one GPU") + ". Replicas do not make one prompt faster.")
+    if hi in rep:
+        say(f"- [{name}] At total batch {hi}, {n} replicas ({hi // n} per GPU) against one GPU with all {hi}: "
+            + compare_rates(rep[hi], one[hi], "replicas", "one GPU") + ".")
     if missing.get(name):
         say(f"- [{name}] So the file cannot yet say how much replicas gain when every GPU is busy: that needs "
-              "the measurements marked MISSING above.")
+            "the measurements marked MISSING above.")
     elif walks[name][1] is None:
         say(f"- [{name}] One GPU was not saturated by batch {hi}: how much replicas gain when every GPU is busy "
-              "needs larger batches.")
+            "needs larger batches.")
 
 # %%
-why = {"split": "a split buys memory, not speed", "tensor parallel": "two all-reduces per layer add to its work"}
+why = {"split": "a split buys memory, not speed", "tensor parallel": "two all-reduces a layer add to each step"}
 for name, tps in tables.items():
-    one = tps["one GPU"]
     for p in why:
-        both = sorted(set(tps.get(p, {})) & set(one))
-        if both:
-            r_lo, r_hi = (tps[p][b]["tokens_per_s"] / one[b]["tokens_per_s"] for b in (both[0], both[-1]))
-            say(f"- [{name}] {p}: {r_lo:.2f}x one GPU at total batch {both[0]}, {r_hi:.2f}x at {both[-1]} "
-                  f"(eager decoding; {why[p]}).")
+        for b in sorted(set(tps.get(p, {})) & set(tps["one GPU"])):
+            say(f"- [{name}] {p} at total batch {b}: " + compare_rates(tps[p][b], tps["one GPU"][b], p, "one GPU")
+                + f" (what to expect of eager decoding: {why[p]}).")
 
 # %% [markdown]
-# Published material says the same about the split: it runs one GPU at a time (accelerate's
+# Two runs are not one: the same measurement in both reference files, where both have it, shows how far two
+# runs of the same benchmark on the same kind of GPU can differ. That is why every ratio above sets figures
+# of one run against each other, and none sets one file's figure against the other's.
+
+# %%
+if len(files) > 1:
+    one1, one2 = ref["rows"]["one GPU", "bf16"], two_ref["rows"]["one GPU", "bf16"]
+    for b in sorted(set(one1) & set(one2)):
+        x = one2[b]["tokens_per_s"] / one1[b]["tokens_per_s"]
+        say(f"one GPU, batch {b}: [{tier}] {one1[b]['rate']}; [two-gpu] {one2[b]['rate']}: "
+            f"{max(x, 1 / x):.2f}x apart")
+else:
+    print("one file here: its figures are compared only with each other")
+
+# %% [markdown]
+# Published material explains the split's side: it runs one GPU at a time (accelerate's
 # [big model inference guide](https://huggingface.co/docs/accelerate/usage_guides/big_modeling)). For
 # tensor parallelism it shows the other side: with the per-layer overhead compiled away, gpt-fast's
 # [README](https://github.com/pytorch-labs/gpt-fast/blob/main/README.md) reports tensor parallelism on 2, 4
@@ -473,26 +487,28 @@ for name, tps in tables.items():
 # figures with their hardware. The reference runs here are eager `generate`, and measure the first side only.
 #
 # **Self-check.** The comparison's own numbers are consistent: in the two-GPU file no method exceeded the
-# number of GPUs times one GPU's tokens/s; in each file no figure exceeded the limit recorded beside it, and
-# a saturating batch the file states agrees with its records; and the tensor-parallel logits check on the
-# GPUs passed.
+# number of GPUs times one GPU's tokens/s; in each file no figure exceeded its limit, and a saturating batch
+# the file states agrees with its records; and the tensor-parallel logits checks on the GPUs passed, with
+# the transformers of the run and (the two-GPU tier's `tp-system-transformers.json`) with the GPU machine's
+# own, older transformers.
 
 # %%
-n_ref, one2 = len(two_ref["hardware"]["gpus"]), by_batch(two_ref, "one GPU")
+n_ref, one2 = len(two_ref["hardware"]["gpus"]), two_ref["rows"]["one GPU", "bf16"]
 assert all(r["tokens_per_s"] <= n_ref * one2[b]["tokens_per_s"] * 1.05 for row in tables["two-gpu"].values()
            for b, r in row.items() if b in one2), "a method beat (number of GPUs) x one GPU?"
 for name, res in files.items():
-    assert all(r["tokens_per_s"] <= r["limit_tokens_per_s"] for r in records(res) if r["limit_tokens_per_s"]), \
-        f"a figure of the {name} file beat its own bandwidth limit?"
+    assert all(r["tokens_per_s"] <= r["limit_tokens_per_s"] for r in res["records"]), f"{name}: above a limit?"
     if "saturation" in res:
         doubling, saturated, last = walks[name]
         assert res["saturation"]["found"] == (saturated is not None), f"the {name} file's saturation disagrees"
         assert res["saturation"]["batch"] == (saturated if saturated is not None else last), \
             f"the {name} file's saturating batch disagrees with its records"
-tp_ref = two_ref["tensor_parallel"]["logits_check"]
-assert tp_ref["ok"], "the reference tensor-parallel logits check failed"
-say(f"[two-gpu] reference tensor-parallel logits: max difference {tp_ref['max_abs_diff']:.1e} "
-      f"(tolerance {tp_ref['tolerance']:.0e}), API {two_ref['tensor_parallel']['api']}")
+for run in filter(None, (two_ref["tensor_parallel"], two_ref["other_files"].get("tp-system-transformers.json"))):
+    assert run["logits_check"]["ok"], "a reference tensor-parallel logits check failed"
+    check = run["logits_check"]
+    version_of_run = run.get("transformers", two_ref["versions"]["transformers"])
+    say(f"[two-gpu] tensor-parallel logits with transformers {version_of_run}: max difference "
+        f"{check['max_abs_diff']:.1e} (tolerance {check['tolerance']:.0e}), API {run['api']}")
 shutil.rmtree(work, ignore_errors=True)  # this notebook's temporary folder
 
 # %% [markdown]
@@ -504,21 +520,22 @@ shutil.rmtree(work, ignore_errors=True)  # this notebook's temporary folder
 #   the prompts, `gather_object` returns the answers in prompt order, and the group is torn down at the
 #   end. The answers equal a plain `generate`.
 # - Tensor parallelism cuts every layer: `from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))`
-#   (transformers 5.24; the two-GPU tier shows 5.17 took it too); the attention and key/value head counts must divide by N, and
-#   the logits match a single device within float32 rounding.
+#   (transformers 5.24; the two-GPU tier shows 5.17 took it too) cuts by the model's own `model.tp_plan`
+#   (`DistributedConfig.tp_plan=None` means no override); the attention and key/value head counts must
+#   divide by N, and the logits match a single device within float32 rounding.
 # - Compare replicas with one GPU at equal batch per GPU and at a batch that saturates one GPU; a ratio at
-#   equal total batch, where one GPU is far from busy, says little. The reference files' figures and what
-#   they lack are printed above.
+#   equal total batch, where one GPU is far from busy, says little. A ratio means something only beside the
+#   spread of its repeats, and only within one run.
 #
 # ## Exercises
 #
 # 1. Run `workers/replicas.py` with `--expect-world-size 3` under `torchrun --nproc_per_node=2` (build the
-#    command as in section 1 and pass it to `launch` inside `try`/`except LaunchError`). With one GPU,
-#    use `--nproc_per_node=1` and `--expect-world-size 2` instead: a second process would ask for a GPU
-#    that is not there before the check runs.
+#    command as in section 1 and pass it to `launch` inside `try`/`except RuntimeError`: `launch` raises a
+#    `LaunchError`). With one GPU, use `--nproc_per_node=1` and `--expect-world-size 2` instead: a second
+#    process would ask for a GPU that is not there before the check runs.
 #    *Self-check:* every process stops with a message naming both numbers.
-# 2. Change `tp_n` to 3 in section 2. Which shape splits now? *Self-check:* the bundled one (9 and 3 heads
-#    divide by 3) and not llama-1b (32 and 4 do not).
+# 2. Change `tp_n` to 3 in section 2. Which shape splits now? *Self-check:* the bundled model (9 and 3 heads
+#    divide by 3) and not the toy Llama (8 and 4 do not).
 # 3. On two GPUs, extend `gpu-reference/tools/gpu_bench.py --batches` with batches a doubling apart and
 #    run it; then section 3 finds the saturating batch. *Self-check:* the MISSING lines disappear.
 # 4. The executable self-check below: in the two-GPU reference file, how many times one GPU's tokens/s did
@@ -528,14 +545,16 @@ shutil.rmtree(work, ignore_errors=True)  # this notebook's temporary folder
 from helpers.exercises import check_answer
 
 answer = None  # your answer, e.g. 1.23
-rep2 = {b: r["tokens_per_s"] for b, r in by_batch(two_ref, "replicas").items()}
-one2 = {b: r["tokens_per_s"] for b, r in by_batch(two_ref, "one GPU").items()}
+rep2 = {b: r["tokens_per_s"] for b, r in two_ref["rows"]["replicas", "bf16"].items()}
+one2 = {b: r["tokens_per_s"] for b, r in two_ref["rows"]["one GPU", "bf16"].items()}
 top = max(set(rep2) & set(one2))  # the largest total batch with both figures
 truth = round(rep2[top] / one2[top], 2)
 _ = check_answer(answer, lambda a: abs(a - truth) < 0.006,
                  f"{truth:.2f}x at total batch {top}, with {top // n_ref} prompts per GPU",
                  lambda a: f"{a} is not it; divide replicas' tokens/s by one GPU's at total batch {top}",
-                 f"read the replicas column of the [two-gpu] table in section 3, at total batch {top}")
+                 f"read the replicas column of the [two-gpu] table in section 3, at total batch {top}",
+                 wrong_example=round(one2[top] / rep2[top], 2) if abs(one2[top] / rep2[top] - truth) > 0.01
+                 else round(2 * truth, 2))  # the ratio the wrong way round (or, near 1.00x, doubled for two GPUs)
 
 # %% [markdown]
 # ## Further reading

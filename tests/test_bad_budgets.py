@@ -3,7 +3,7 @@
 Every test first runs accelerate on the input (on a tiny Llama on the meta
 device, or a tiny checkpoint saved to a temporary folder) and asserts what it
 does: refuses, crashes, or silently accepts. Then it asserts what
-``helpers.preflight`` does with the same input: a ValueError naming the fix
+``helpers.budgets`` (``parse_budget``) and ``helpers.preflight`` do with the same input: a ValueError naming the fix
 where accelerate refuses or crashes or the value cannot be meant, a
 ``BudgetWarning`` where accelerate silently takes something that is probably a
 mistake, acceptance where accelerate accepts. CPU only; no GPU is touched.
@@ -50,7 +50,8 @@ from accelerate.utils import compute_module_sizes, convert_file_size_to_int, get
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from helpers.devicemap import canonical_device as map_device
-from helpers.preflight import BudgetWarning, parse_budget, preflight
+from helpers.budgets import BudgetWarning, parse_budget
+from helpers.preflight import preflight
 
 pytestmark = [pytest.mark.usefixtures("quiet_accelerate"),
               # accelerate's note when a plan offloads for GPUs this machine lacks: expected here

@@ -30,6 +30,8 @@ import pytest
 
 from tests.browser import SHOTS
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 PLANNER = "03_design-the-device-map-yourself.ipynb"

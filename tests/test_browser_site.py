@@ -19,6 +19,8 @@ import pytest
 from tests.browser import SHOTS
 from tests.site_pages import NOTEBOOKS
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 ORDER = [n.with_suffix(".html").name for n in NOTEBOOKS]
 
 # Per image: loaded (naturalWidth) and laid out (a box on the page), so that a figure can be seen.

@@ -1,4 +1,4 @@
-"""Unit tests of helpers.preflight (the pre-flight check) and helpers.devicemap (the table, the plot, placement).
+"""Unit tests of helpers.preflight (the pre-flight check), helpers.budgets and helpers.devicemap (the table, the plot).
 
 They use small Llama configs on the meta device (no weights, no checkpoint),
 plus the bundled checkpoint's index for the checkpoint checks.
@@ -6,7 +6,10 @@ plus the bundled checkpoint's index for the checkpoint checks.
 
 from __future__ import annotations
 
+import ast
+import warnings
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +17,11 @@ from accelerate import init_empty_weights
 from accelerate.utils import compute_module_sizes
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+import helpers.budgets
+import helpers.preflight
+from helpers.budgets import BudgetWarning, parse_budget
 from helpers.devicemap import device_map_of, map_table, placement, plot_device_map
-from helpers.preflight import Report, _checkpoint_keys as checkpoint_keys, _declared_ties as declared_ties, parse_budget, preflight
+from helpers.preflight import Report, _checkpoint_keys as checkpoint_keys, _declared_ties as declared_ties, preflight
 
 
 
@@ -54,6 +60,50 @@ def test_parse_budget_units_and_keys():
 def test_parse_budget_rejects_bad_input(bad):
     with pytest.raises(ValueError, match="max_memory"):
         parse_budget(bad)
+
+
+HELPERS = Path(__file__).resolve().parent.parent / "helpers"
+
+
+def helper_imports() -> dict[str, set[str]]:
+    """{module: the helpers modules it imports}, top-level and inside functions alike."""
+    graph = {}
+    for path in sorted(HELPERS.glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module.split(".")[0])
+        graph[path.stem] = deps
+    return graph
+
+
+def test_helper_imports_run_one_way():
+    """No two helpers import each other, directly or around a loop: budgets has one owner (helpers.budgets)."""
+    graph = helper_imports()
+    assert "devicemap" in graph["budgets"] and "budgets" in graph["preflight"]
+    assert not graph["devicemap"] & {"budgets", "preflight", "planner"}, "devicemap is the vocabulary: it imports none"
+
+    def reaches(start, goal, seen=()):
+        return any(d == goal or (d not in seen and reaches(d, goal, seen + (d,))) for d in graph.get(start, ()))
+
+    loops = sorted(m for m in graph if reaches(m, m))
+    assert not loops, f"helpers that import themselves around a loop: {loops}"
+
+
+def test_preflight_still_offers_the_budget_names_notebooks_import_from_it():
+    # notebooks 04 and 06 write `from helpers.preflight import parse_budget, preflight`
+    assert helpers.preflight.parse_budget is helpers.budgets.parse_budget
+    assert helpers.preflight.BudgetWarning is helpers.budgets.BudgetWarning
+
+
+def test_budget_warnings_point_at_the_callers_line():
+    """A BudgetWarning names the learner's line, whether it comes from parse_budget or from preflight."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parse_budget({0: "24Gb"})
+        preflight(meta_llama(), {"": "cpu"}, {"cpu": "24Gb"})
+    assert [w.category for w in caught] == [BudgetWarning, BudgetWarning]
+    assert {Path(w.filename).name for w in caught} == {Path(__file__).name}
 
 
 # -- devices -----------------------------------------------------------------
@@ -232,6 +282,37 @@ def test_quantized_offload_rules():
     model.config.quantization_config["llm_int8_enable_fp32_cpu_offload"] = True
     assert preflight(model, mixed).ok
     assert preflight(model, {"": "disk"}).kinds() == ["quantized-offload"]
+
+
+def test_fp32_cpu_offload_flag_as_transformers_applies_it():
+    """With the flag, from_pretrained leaves the modules a dict maps to cpu/disk unquantized (quantizer_bnb_4bit.py,
+    _process_model_before_weight_loading); with "auto" it quantizes first and the flag does nothing."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+    from transformers.quantizers import AutoHfQuantizer
+
+    dict_map = full_map(layer_dev=lambda i: "cpu" if i >= 2 else 0)
+    qc = BitsAndBytesConfig(load_in_4bit=True, llm_int8_enable_fp32_cpu_offload=True)
+
+    def prepared(device_map):
+        model = meta_llama(dtype=torch.bfloat16)
+        quantizer = AutoHfQuantizer.from_config(qc, pre_quantized=False)
+        quantizer.preprocess_model(model=model, dtype=torch.bfloat16, device_map=device_map, checkpoint_files=None,
+                                   use_kernels=False)
+        return model, quantizer
+
+    model, quantizer = prepared(dict_map)  # the recipe: layers 2-3 stay plain bf16 Linear on the CPU
+    assert type(model.model.layers[3].mlp.up_proj).__name__ == "Linear"
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert preflight(model, dict_map, hf_quantizer=quantizer).ok
+    model, quantizer = prepared("auto")  # planned after quantizing: the CPU layers are 4-bit, offloaded
+    report = preflight(model, dict_map, hf_quantizer=quantizer)
+    assert report.kinds() == ["quantized-offload"] and "acts only on a device_map dict" in str(report)
+    cpu_only = {k: "cpu" if v == 0 else v for k, v in dict_map.items()}
+    model, quantizer = prepared(cpu_only)  # no GPU in the map: nothing is quantized at all
+    assert not any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    report = preflight(model, cpu_only, hf_quantizer=quantizer)
+    assert report.kinds() == ["quantized-offload"] and "nothing is quantized" in str(report)
 
 
 # -- report, table, plot -----------------------------------------------------------

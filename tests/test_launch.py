@@ -85,3 +85,61 @@ def test_replicas_refuse_a_wrong_world_size(tmp_path):
     with pytest.raises(LaunchError, match="expected 3 processes"):
         torchrun("workers/replicas.py", 2, ["--expect-world-size", 3, "--model", ckpt, "--random-weights",
                                             "--out", tmp_path / "r.json"], timeout=300)
+
+
+def test_notebook_05_shows_the_call_the_tensor_parallel_worker_makes():
+    """The from_pretrained call notebook 05 prints in its markdown is, whitespace aside, the worker's."""
+    source = next((ROOT / "notebooks").glob("05_*.py")).read_text()
+    block = source[source.index("# model = AutoModelForCausalLM.from_pretrained(args."):].split("# ```")[0]
+    shown = " ".join(line.lstrip("#").strip() for line in block.splitlines()).removeprefix("model = ")
+    worker = " ".join((ROOT / "workers/tensor_parallel.py").read_text().split())
+    assert shown.startswith("AutoModelForCausalLM.from_pretrained(args.checkpoint,") and shown in worker, shown
+
+
+def test_read_reference_gives_every_figure_its_limit_and_rate(capsys):
+    from helpers.reference import read_reference
+
+    files = read_reference(0)
+    assert list(files) == ["one-gpu", "two-gpu"]
+    assert "specified 4.8 TB/s" in capsys.readouterr().out  # the older two-GPU file measured no bandwidth
+    for res in files.values():
+        for r in res["records"]:
+            assert 0 < r["tokens_per_s"] <= r["limit_tokens_per_s"], r
+            key = r["layers_on_cpu"] if r["path"] == "cpu offload" else r["batch"]
+            assert "% of the limit, " in r["rate"] and res["rows"][r["path"], r["format"]][key] is r
+    assert "tp-system-transformers.json" in files["two-gpu"]["other_files"]
+
+
+def _gpu_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "gpu-reference/tools/gpu_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bench_records_a_rate_with_its_spread_and_refuses_what_is_not_a_rate():
+    bench, refused = _gpu_bench(), []
+    timed = {"tokens_per_s": 10.0, "total_tokens_per_s": 40.0, "spread_total": [36.0, 44.0], "ttft_s": 0.1}
+    row = bench.record("bf16", "one GPU", 4, 1, timed, 1000.0, refused)
+    assert row["tokens_per_s"] == 40.0 and row["spread"] == [36.0, 44.0] and row["limit_tokens_per_s"] == 1000.0
+    assert bench.record("bf16", "one GPU", 4, 1, timed, 30.0, refused) is None  # above its limit
+    assert bench.record("bf16", "one GPU", 8, 1, {"error": "MeasurementError: too noisy"}, 30.0, refused) is None
+    assert [r["reason"] for r in refused] == ["40 tokens/s is above the limit 30", "MeasurementError: too noisy"]
+
+
+def test_workers_bench_records_spreads_on_two_cpu_processes(tmp_path):
+    ckpt = _tiny_checkpoint(tmp_path / "tiny")
+    torchrun("workers/replicas.py", 2, ["--expect-world-size", 2, "--model", ckpt, "--random-weights", "--bench",
+                                        "--batches", 2, "--bench-tokens", 8, "--out", tmp_path / "r.json"], timeout=300)
+    launch(["torchrun", "--standalone", "--nproc_per_node=2", "workers/tensor_parallel.py", "--checkpoint", ckpt,
+            "--expect-world-size", 2, "--cpu", "--bench", "--batches", 2, "--bench-tokens", 8,
+            "--out", tmp_path / "tp.json"], timeout=300, extra_env={"CUDA_VISIBLE_DEVICES": ""})
+    for row in (json.loads((tmp_path / "r.json").read_text())["bench"][0],
+                json.loads((tmp_path / "tp.json").read_text())["bench"][0]):
+        if "error" in row:  # a timing too noisy on a busy machine is recorded as such, never as a rate
+            assert row["error"].startswith("MeasurementError"), row
+            continue
+        low, high = row["spread_total"]
+        assert 0 < low <= row["total_tokens_per_s"] <= high, row

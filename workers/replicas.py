@@ -20,7 +20,10 @@ answer is at position i. Rank 0 writes a JSON file (see ``--out``). The process
 group is torn down at the end, also after an error.
 
 With ``--bench``, each process also times generation on its share of a batch
-(``--batches``): barrier, generate, barrier; total tokens / wall time.
+(``--batches``) with ``helpers.measure.time_generate`` (warm-up, medians of 3
+repeats with their spread; barrier, generate, barrier, so every process
+measures the slowest). A timing too noisy to mean anything is recorded as
+``error`` (time_generate's MeasurementError) instead of a rate.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def run(args, state, use_cuda, gather_object) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from helpers.checkpoints import resolve_model
-    from helpers.measure import time_generate
+    from helpers.measure import MeasurementError, time_generate
 
     if state.num_processes != args.expect_world_size:
         raise SystemExit(
@@ -149,11 +152,16 @@ def run(args, state, use_cuda, gather_object) -> int:
             with state.split_between_processes(share) as idx:
                 n_local = len(list(idx))
             row = {"batch_total": total, "batch_local": n_local}
-            r = time_generate(model, encode(list(range(n_local))) if n_local else None, new_tokens=args.bench_tokens,
-                              barrier=state.wait_for_everyone, pad_token_id=pad_id)
-            row.update(ttft_s=r["ttft_s"], wall_s=r["wall_s"], tokens_per_s_per_sequence=r["tokens_per_s"],
-                       total_tokens_per_s=total * r["tokens_per_s"],
-                       peak_bytes=int(torch.cuda.max_memory_allocated(device)) if use_cuda else 0)
+            try:
+                r = time_generate(model, encode(list(range(n_local))) if n_local else None, repeats=3,
+                                  new_tokens=args.bench_tokens, barrier=state.wait_for_everyone, pad_token_id=pad_id)
+            except MeasurementError as e:  # all processes time one interval between barriers: they decide alike
+                row["error"] = f"MeasurementError: {e}"
+            else:  # a sequence's tokens/s; every process measured the slowest, so total = total batch x that
+                row.update(ttft_s=r["ttft_s"], wall_s=r["wall_s"], tokens_per_s=r["tokens_per_s"],
+                           total_tokens_per_s=total * r["tokens_per_s"],
+                           spread_total=[total * r["spread"][0], total * r["spread"][1]])
+            row["peak_bytes"] = int(torch.cuda.max_memory_allocated(device)) if use_cuda else 0
             bench.append(row)
         me["bench"] = bench
 
@@ -172,11 +180,8 @@ def run(args, state, use_cuda, gather_object) -> int:
             "results": gathered,
         }
         if args.bench:
-            report["bench"] = [
-                {"batch_total": rows[0]["batch_total"],
-                 "total_tokens_per_s": rows[0]["total_tokens_per_s"],
-                 "tokens_per_s_per_sequence": rows[0]["tokens_per_s_per_sequence"],
-                 "wall_s": rows[0]["wall_s"],
+            report["bench"] = [  # rank 0's timing (all ranks timed the same barriers), every rank's memory
+                {**{k: v for k, v in rows[0].items() if k not in ("batch_local", "peak_bytes")},
                  "per_rank": [{"rank": p["rank"], "batch_local": p["bench"][k]["batch_local"],
                                "peak_bytes": p["bench"][k]["peak_bytes"]} for p in everyone]}
                 for k, rows in enumerate(zip(*[p["bench"] for p in everyone]))

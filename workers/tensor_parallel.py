@@ -24,8 +24,9 @@ What it does, in every process:
    ``--atol`` (default 1e-3) times max(1, largest |logit|) -- the shards only
    change the order in which partial sums are added;
 3. with ``--bench``: loads it again in bfloat16 and times greedy ``generate`` at
-   each batch size of ``--batches`` (warm-up, medians of 3), records the memory
-   per GPU.
+   each batch size of ``--batches`` (``helpers.measure.time_generate``: warm-up,
+   medians of 3 repeats with their spread; a timing too noisy to mean anything
+   is recorded as ``error``), records the memory per GPU.
 Rank 0 writes the JSON report; the process group is torn down at the end.
 """
 
@@ -101,7 +102,7 @@ def run(args, world, rank, dev) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
-    from helpers.measure import time_generate
+    from helpers.measure import MeasurementError, time_generate
 
     cuda = dev.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False  # keep the float32 check in float32
@@ -154,9 +155,15 @@ def run(args, world, rank, dev) -> int:
         for b in args.batches:
             enc = {"input_ids": torch.randint(0, cfg.vocab_size, (b, args.prompt_len), generator=gen).to(dev)}
             enc["attention_mask"] = torch.ones_like(enc["input_ids"])
-            r = time_generate(model, enc, new_tokens=args.bench_tokens, barrier=dist.barrier, pad_token_id=0)
-            bench.append({"batch": b, "ttft_s": r["ttft_s"], "tokens_per_s_per_sequence": r["tokens_per_s"],
-                          "total_tokens_per_s": r["total_tokens_per_s"]})
+            try:
+                r = time_generate(model, enc, new_tokens=args.bench_tokens, repeats=3, barrier=dist.barrier,
+                                  pad_token_id=0)
+            except MeasurementError as e:  # all processes time one interval between barriers: they decide alike
+                bench.append({"batch": b, "error": f"MeasurementError: {e}"})
+                continue
+            bench.append({"batch": b, "ttft_s": r["ttft_s"], "tokens_per_s": r["tokens_per_s"],
+                          "total_tokens_per_s": r["total_tokens_per_s"],
+                          "spread_total": [b * r["spread"][0], b * r["spread"][1]]})
         mem["peak_bytes"] = torch.cuda.max_memory_allocated(dev) if cuda else 0
         del model
     mine = {"rank": rank, "device": str(dev), "q_proj_shard_shape": shard_shape, **mem}

@@ -8,14 +8,17 @@ The model is a RANDOM-weight Llama of the llama-1b shape (hidden 2048, 22
 layers, 32 heads, 4 key/value heads, 1.1 B parameters) in bfloat16, built once
 on the machine (``helpers.checkpoints.random_checkpoint``): its text is
 meaningless, every figure says so. Greedy ``generate``, eager, ``--tokens``
-new tokens after a 32-token prompt, warm-up then medians of 3
-(``helpers.measure.time_generate``).
+new tokens after a 32-token prompt, warm-up then medians of 3 repeats with
+their spread (``helpers.measure.time_generate``: a timing too noisy to mean
+anything raises ``MeasurementError``; such a measurement, or one above its
+limit, is left out of ``records`` and listed in ``refused`` with the reason).
 
 Every speed measurement is a record in ``records``::
 
     {"shape": "llama-1b", "format": "bf16" | "nf4", "path": "one GPU" | "split" | "replicas" |
      "tensor parallel" | "cpu offload", "batch": total sequences in flight, "gpus": GPUs used,
-     "tokens_per_s": total new tokens per second, "tokens_per_s_per_sequence": ..., "ttft_s": ...,
+     "tokens_per_s": total new tokens per second (median of the repeats), "spread": [lowest, highest]
+     total tokens/s of the repeats, "tokens_per_s_per_sequence": ..., "ttft_s": ...,
      "limit_tokens_per_s": the bandwidth limit for that path and batch, "peak_bytes_per_gpu": [...]}
 
 The limit is measured in the same run: ``bandwidth`` is a device-to-device copy
@@ -23,7 +26,8 @@ of 2 GiB on GPU 0 (bytes read plus bytes written, divided by the time, median of
 5); a decode step reads every weight once (the input embedding only one row per
 sequence) plus the KV cache, so ``limit = batch * bandwidth / bytes read per step``
 (a split reads the same bytes one GPU after the other; replicas and tensor
-parallel read them on several GPUs at once).
+parallel read them on several GPUs at once; CPU offload adds the offloaded bytes
+at the pinned host-to-device copy rate, ``h2d``).
 
 Other sections: ``hardware`` and ``versions`` (helpers.hardware.report()),
 ``h2d`` (host-to-device copy rate, pinned and pageable), ``saturation`` (the
@@ -132,7 +136,8 @@ def step_bytes(model, batch: int, context: int, weight_bytes: int | None = None)
     return int(weights - emb.numel() * emb.element_size() + rows + kv)
 
 
-def timed(model, vocab: int, batch: int, tokens: int) -> dict:
+def timed(model, vocab: int, batch: int, tokens: int, limit: float) -> dict:
+    """Time ``batch`` random prompts against ``limit`` (total tokens/s). Raises MeasurementError (time_generate)."""
     import torch
 
     from helpers.measure import time_generate
@@ -141,19 +146,41 @@ def timed(model, vocab: int, batch: int, tokens: int) -> dict:
     ids = torch.randint(0, vocab, (batch, PROMPT), generator=g)
     first = model.get_input_embeddings().weight.device
     inputs = {"input_ids": ids.to(first), "attention_mask": torch.ones_like(ids).to(first)}
-    return time_generate(model, inputs, new_tokens=tokens, repeats=3, warmup=1)
+    r = time_generate(model, inputs, new_tokens=tokens, repeats=3, warmup=1, limit_tokens_per_s=limit / batch)
+    return {**r, "spread_total": [batch * r["spread"][0], batch * r["spread"][1]]}
 
 
-def record(fmt: str, path: str, batch: int, gpus: int, r: dict, limit: float | None) -> dict:
+def record(fmt: str, path: str, batch: int, gpus: int, r: dict, limit: float, refused: list) -> dict | None:
+    """A record of ``r`` (total and per-sequence tokens/s, ``spread_total``), or None when it cannot be one.
+
+    A measurement that failed (``r["error"]``: time_generate's MeasurementError) or whose median is above
+    ``limit`` is not a rate: it goes to ``refused`` with the reason, and the caller records nothing.
+    """
     import torch
 
-    row = {"shape": SHAPE, "format": fmt, "path": path, "batch": batch, "gpus": gpus,
-           "tokens_per_s": r["total_tokens_per_s"],
-           "tokens_per_s_per_sequence": r["tokens_per_s"], "ttft_s": r.get("ttft_s"),
+    what = {"format": fmt, "path": path, "batch": batch}
+    if "error" in r or r["total_tokens_per_s"] > limit:
+        reason = r.get("error") or f"{r['total_tokens_per_s']:.4g} tokens/s is above the limit {limit:.4g}"
+        refused.append({**what, "reason": reason})
+        print(f"   {path:<16} {fmt:<5} batch {batch:>3}: refused: {reason}", flush=True)
+        return None
+    row = {"shape": SHAPE, **what, "gpus": gpus, "tokens_per_s": r["total_tokens_per_s"],
+           "spread": r["spread_total"], "tokens_per_s_per_sequence": r["tokens_per_s"], "ttft_s": r.get("ttft_s"),
            "limit_tokens_per_s": limit, "peak_bytes_per_gpu": per_gpu(torch.cuda.max_memory_allocated)}
-    share = f" = {row['tokens_per_s'] / limit:.1%} of {limit:,.0f}" if limit else ""
-    print(f"   {path:<16} {fmt:<5} batch {batch:>3}: {row['tokens_per_s']:9.1f} tokens/s{share}", flush=True)
+    print(f"   {path:<16} {fmt:<5} batch {batch:>3}: {row['tokens_per_s']:9.1f} tokens/s (repeats "
+          f"{row['spread'][0]:.1f} to {row['spread'][1]:.1f}) = {row['tokens_per_s'] / limit:.1%} of {limit:,.0f}",
+          flush=True)
     return row
+
+
+def measure(model, vocab: int, batch: int, tokens: int, limit: float) -> dict:
+    """:func:`timed`, with a MeasurementError returned as ``{"error": message}`` for :func:`record`."""
+    from helpers.measure import MeasurementError
+
+    try:
+        return timed(model, vocab, batch, tokens, limit)
+    except MeasurementError as e:
+        return {"error": f"MeasurementError: {e}"}
 
 
 def saturation(rows: list[dict]) -> dict:
@@ -188,6 +215,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     records: list[dict] = []
     res["records"] = records
+    refused: list[dict] = []  # measurements that are not rates: too noisy, or above their limit
+    res["refused"] = refused
+
+    def keep(rec: dict | None) -> dict | None:
+        if rec is not None:
+            records.append(rec)
+        return rec
 
     def save():
         res["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -221,12 +255,18 @@ def main(argv=None) -> int:
     res["model"]["step_bytes_batch_1"] = base = step_bytes(model, 1, context)
     extra = step_bytes(model, 2, context) - base  # one more sequence: an embedding row and its KV cache
 
-    def replica_limit(batch_per_gpu: int, gpus: int) -> float:
-        """Total tokens/s when each of ``gpus`` GPUs reads a whole step's bytes for its own sequences."""
-        return gpus * batch_per_gpu * bw / (base + (batch_per_gpu - 1) * extra)
+    def replica_limit(total: int, gpus: int) -> float:
+        """Total tokens/s when each of ``gpus`` GPUs reads a whole step's bytes for its own share of ``total``
+        (split_between_processes: the largest share, ``ceil(total / gpus)``, sets the pace)."""
+        return total * bw / (base + (-(-total // gpus) - 1) * extra)
+
+    def tp_limit(batch: int, gpus: int) -> float:
+        """Total tokens/s when each of ``gpus`` GPUs reads 1/gpus of a step's bytes for all ``batch`` sequences."""
+        return gpus * batch * bw / (base + (batch - 1) * extra)
     limit = {b: b * bw / step_bytes(model, b, context) for b in args.batches}
-    one = [record("bf16", "one GPU", b, 1, timed(model, vocab, b, args.tokens), limit[b]) for b in args.batches]
-    records.extend(one)
+    one = [keep(record("bf16", "one GPU", b, 1, measure(model, vocab, b, args.tokens, limit[b]), limit[b], refused))
+           for b in args.batches]
+    one = [r for r in one if r is not None]
     res["saturation"] = saturation(one)
     sat = res["saturation"]["batch"]
     print(f"   one GPU saturates at batch {sat} ({res['saturation']})", flush=True)
@@ -246,7 +286,7 @@ def main(argv=None) -> int:
                       "bnb_library": bnb_library()}
         for b in (1, 16):
             lim = b * bw / step_bytes(model, b, context, nf4_bytes)
-            records.append(record("nf4", "one GPU", b, 1, timed(model, vocab, b, args.tokens), lim))
+            keep(record("nf4", "one GPU", b, 1, measure(model, vocab, b, args.tokens, lim), lim, refused))
         del model, lin
         free()
         save()
@@ -258,7 +298,8 @@ def main(argv=None) -> int:
                         "placement": {str(d): w for d, w in placement(model, model.hf_device_map).items()},
                         "mem_after_load_bytes": per_gpu(torch.cuda.memory_allocated)}
         for b in sorted({1, 16, sat}):  # one GPU works at a time: the same bytes, the same limit
-            records.append(record("bf16", "split", b, n_gpus, timed(model, vocab, b, args.tokens), limit.get(b)))
+            lim = b * bw / step_bytes(model, b, context)
+            keep(record("bf16", "split", b, n_gpus, measure(model, vocab, b, args.tokens, lim), lim, refused))
         del model
         free()
         save()
@@ -274,11 +315,10 @@ def main(argv=None) -> int:
             rep = json.loads(Path(d, "r.json").read_text())
         res["replicas_launch_and_run_s"] = round(time.perf_counter() - t0, 1)
         for r in rep["bench"]:  # each GPU reads the whole model for its own share of the batch
-            row = {"tokens_per_s": r["tokens_per_s_per_sequence"], "total_tokens_per_s": r["total_tokens_per_s"]}
-            rec = record("bf16", "replicas", r["batch_total"], n_gpus, row,
-                         replica_limit(r["batch_total"] // n_gpus, n_gpus))
-            rec["peak_bytes_per_gpu"] = [p["peak_bytes"] for p in r["per_rank"]]
-            records.append(rec)
+            rec = keep(record("bf16", "replicas", r["batch_total"], n_gpus, r, replica_limit(r["batch_total"], n_gpus),
+                              refused))
+            if rec:
+                rec["peak_bytes_per_gpu"] = [p["peak_bytes"] for p in r["per_rank"]]
         save()
 
     if n_gpus >= 2 and "tensor_parallel" not in args.skip:
@@ -292,12 +332,10 @@ def main(argv=None) -> int:
         res["tensor_parallel"] = {"api": tp["api"], "logits_check": tp["logits_check"],
                                   "launch_and_run_s": round(time.perf_counter() - t0, 1)}
         for r in tp["bench"]:  # every GPU reads its share of the weights at once
-            lim = replica_limit(r["batch"], n_gpus)  # the same bytes as n replicas of batch b: each GPU reads 1/n
-            rec = record("bf16", "tensor parallel", r["batch"], n_gpus,
-                         {"tokens_per_s": r["tokens_per_s_per_sequence"], "total_tokens_per_s": r["total_tokens_per_s"],
-                          "ttft_s": r["ttft_s"]}, lim)
-            rec["peak_bytes_per_gpu"] = [p.get("peak_bytes", 0) for p in tp["per_rank"]]
-            records.append(rec)
+            lim = tp_limit(r["batch"], n_gpus)
+            rec = keep(record("bf16", "tensor parallel", r["batch"], n_gpus, r, lim, refused))
+            if rec:
+                rec["peak_bytes_per_gpu"] = [p.get("peak_bytes", 0) for p in tp["per_rank"]]
         save()
 
     if "offload" not in args.skip:
@@ -310,15 +348,19 @@ def main(argv=None) -> int:
             model, _ = load(dtype=torch.bfloat16, device_map=dm)
             off = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                       if n.startswith("model.layers.") and int(n.split(".")[2]) < k)
-            r = timed(model, vocab, 1, args.offload_tokens)
-            rec = record("bf16", "cpu offload", 1, 1, r, None)
-            rec.update(layers_on_cpu=k, bytes_offloaded=off, s_per_token=1 / r["tokens_per_s"])
-            records.append(rec)
-            rows.append(rec)
+            # the bytes left on GPU 0 at its copy rate, the offloaded ones at the pinned host-to-device rate
+            lim = 1 / ((base - off) / bw + off / (res["h2d"]["pinned_GBps"] * 1e9))
+            rec = keep(record("bf16", "cpu offload", 1, 1, measure(model, vocab, 1, args.offload_tokens, lim), lim,
+                              refused))
+            if rec:
+                rec.update(layers_on_cpu=k, bytes_offloaded=off, s_per_token=1 / rec["tokens_per_s"])
+                rows.append(rec)
             del model
             free()
         import numpy as np
 
+        if len(rows) < 2:
+            raise SystemExit(f"offload: {len(rows)} measurement(s) left after refusals ({refused}): run again")
         x = np.array([r["bytes_offloaded"] for r in rows], dtype=float)
         y = np.array([r["s_per_token"] for r in rows])
         slope, intercept = np.polyfit(x, y, 1)

