@@ -105,9 +105,14 @@ def rate_text(tokens_per_s: float, limit_tokens_per_s: float, spread: tuple[floa
     if tokens_per_s > limit_tokens_per_s:
         raise MeasurementError(f"{tokens_per_s:.4g} tokens/s is above this machine's limit of "
                                f"{limit_tokens_per_s:.4g} tokens/s: measure again on an idle machine")
-    low_high = f", repeats {spread[0]:.3g} to {spread[1]:.3g}" if spread else ""
-    return (f"{tokens_per_s:.3g} tokens/s ({tokens_per_s / limit_tokens_per_s:.1%} of the limit, "
-            f"{limit_tokens_per_s:.4g} tokens/s{low_high})")
+    low_high = f", repeats {_rate(spread[0])} to {_rate(spread[1])}" if spread else ""
+    return (f"{_rate(tokens_per_s)} tokens/s ({tokens_per_s / limit_tokens_per_s:.1%} of the limit, "
+            f"{_rate(limit_tokens_per_s)} tokens/s{low_high})")
+
+
+def _rate(v: float) -> str:
+    """Three significant digits below 100, whole numbers with thousands separators above: 31.2, 1,093."""
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
 
 @torch.inference_mode()

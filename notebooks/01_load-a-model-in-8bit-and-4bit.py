@@ -33,7 +33,8 @@
 # **What you'll need**: notebook 00 done (it sets up the bundled model). A CPU is enough: bitsandbytes
 # 0.50 runs 8-bit and 4-bit layers on the CPU. About 1 minute on an idle 2-core CPU, section 9's
 # timing included. On a GPU the same cells run the CUDA kernels (and the compute dtype switches to
-# bf16). About 3 GB of RAM (section 9 copies 1 GiB to measure the memory bandwidth).
+# bf16). About 5 GB of RAM at the peak, measured as resident memory on the CPU (five models at once,
+# and section 9's 1 GiB copy to measure the memory bandwidth).
 
 # %% tags=["parameters"]
 # The model: "bundled" (SmolLM2-135M-Instruct, offline), a local checkpoint directory, or a hub id.
@@ -378,8 +379,9 @@ plt.show()
 # - They cannot give the **size** of the cost for another model, or even for this one on other text. The
 #   intervals treat the tokens as independent, which neighbouring tokens of one passage are not, so the
 #   true uncertainty is wider. The reference is SmolLM2 after Q4_1 rounding, not its original bf16
-#   weights, so the cost of going from the original weights to NF4 is not measured here at all. And small
-#   models lose more to quantization than large ones (the LLM.int8() paper's Table 1, below).
+#   weights, so the cost of going from the original weights to NF4 is not measured here at all. And size
+#   matters: in the LLM.int8() paper's Table 1 (below), 8-bit cost its 125M model a little perplexity and
+#   its 6.7B and 13B models none.
 # - On a random-weight checkpoint (`-p MODEL` with one), the perplexities sit near the vocabulary size and
 #   mean nothing; the KL and the top-1 agreement still compare the formats with each other.
 #
@@ -527,7 +529,7 @@ else:
 # ## Exercises
 # 1. Load the model in NF4 with the other compute dtype (`bnb_4bit_compute_dtype=OTHER_DTYPE`, defined
 #    below: float32 where section 1 chose bfloat16, bfloat16 where it chose float32) and measure its KL
-#    from fp32. Is it larger or smaller than with `COMPUTE_DTYPE`? Store the value in `kl_other`.
+#    from fp32. Is it larger than with `COMPUTE_DTYPE`, smaller, or the same? Store the value in `kl_other`.
 # 2. What fraction of the int8 model's footprint is the (unquantized) embedding? Store it in `frac`.
 #    (Section 9 freed the int8 model; its footprint is in `footprints`, and the fp32 model's embedding is
 #    the same tensor in the same dtype.)

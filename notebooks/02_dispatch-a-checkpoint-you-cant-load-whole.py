@@ -501,11 +501,12 @@ print("e.g.", dict(list(maps[N_LAYERS].items())[:3]))
 # %% [markdown]
 # Then timed. We time single decoding steps (one forward pass with the KV cache, batch 1: one new
 # token each), several per map, **interleaved**: step 1 of every map, then step 2 of every map, and so
-# on, so that a busy moment of the machine slows every map alike instead of one of them. Each map's
-# repeats give its median and its spread (fastest to slowest). The ceiling they are set against is the
-# machine's: a decoding step reads every weight at least once, so no step can be faster than the
-# weights' bytes over the main device's memory bandwidth (`helpers.measure.decode_limit`, with the
-# bandwidth measured here by `memory_bandwidth`: a copy of 1 GiB).
+# on, so that a busy moment of the machine slows every map alike instead of one of them. One untimed
+# round goes first: the first step after all the loads can be many times slower than the next ones.
+# Each map's repeats give its median and its spread (fastest to slowest). The ceiling they are set
+# against is the machine's: a decoding step reads every weight at least once, so no step can be faster
+# than the weights' bytes over the main device's memory bandwidth (`helpers.measure.decode_limit`, with
+# the bandwidth measured here by `memory_bandwidth`: a copy of 1 GiB).
 
 # %%
 bandwidth = memory_bandwidth(MAIN)  # bytes/s, read + written, of the main device
@@ -536,7 +537,9 @@ for k, dm in maps.items():
     loaded[k] = load_checkpoint_and_dispatch(empty_model(), path, device_map=dm, dtype=dtype,
                                              offload_folder=OFFLOAD / f"cost-{k}")
     with torch.inference_mode():
-        outs[k], _ = decode_step(loaded[k], loaded[k](**inputs, use_cache=True))  # prefill + one untimed step
+        outs[k] = loaded[k](**inputs, use_cache=True)  # the prefill
+for k, m in loaded.items():  # one untimed round: the first step after all the loads can be many times slower
+    outs[k], _ = decode_step(m, outs[k])
 times = {k: [] for k in loaded}
 for _ in range(STEPS):
     for k, m in loaded.items():  # interleaved: step i of every map, then step i + 1

@@ -23,11 +23,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers.launch import start, stop
 from tests.browser import SHOTS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -86,15 +89,14 @@ def _answer(server: subprocess.Popen, url: str, timeout_s: float = 120) -> bytes
     return None
 
 
-@pytest.fixture(scope="module")
-def lab(browser, tmp_path_factory):
-    """A JupyterLab server on a scratch copy of notebooks 00 and 03; yields (base URL, token, root)."""
-    root = tmp_path_factory.mktemp("lab")
-    work = root / "notebooks"
-    work.mkdir()
-    for name in (FIRST, PLANNER):  # each with its jupytext source, as in notebooks/
-        for source in (NOTEBOOKS / name, (NOTEBOOKS / name).with_suffix(".py")):
-            shutil.copy2(source, work / source.name)
+@contextmanager
+def lab_server(root: Path, work: Path) -> Iterator[tuple[str, str, subprocess.Popen]]:
+    """JupyterLab on ``work`` with its settings under ``root``; yields (base URL, token, server process).
+
+    The server starts in a session of its own (``helpers.launch.start``). On leaving the block, also when
+    the block raised, it is stopped with every process under it (``helpers.launch.stop``): Jupyter starts
+    each kernel in a session of its own, so stopping the server's process group alone could leave kernels.
+    """
     settings = root / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)  # only so that no "notified about news?" toast covers the screenshots
     (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
@@ -105,19 +107,28 @@ def lab(browser, tmp_path_factory):
     cmd = [sys.executable, "-m", "jupyterlab", "--config", str(ROOT / "tools" / "jupyter_lab_config.py"),
            "--no-browser", "--ip=127.0.0.1", f"--port={port}", f"--IdentityProvider.token={token}",
            f"--ServerApp.root_dir={work}", "--LabApp.expose_app_in_browser=True"]
-    log = open(root / "lab.log", "w")
-    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    if _answer(server, f"{url}/api/status?token={token}") is None:
-        server.kill()
-        pytest.fail(f"JupyterLab did not start: {(root / 'lab.log').read_text()[-2000:]}")
-    yield url, token, work
-    server.terminate()
-    try:
-        server.wait(20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
+    with open(root / "lab.log", "w") as log:
+        server = start(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            if _answer(server, f"{url}/api/status?token={token}") is None:
+                pytest.fail(f"JupyterLab did not start: {(root / 'lab.log').read_text()[-2000:]}")
+            yield url, token, server
+        finally:
+            stop(server)
+
+
+@pytest.fixture(scope="module")
+def lab(browser, tmp_path_factory):
+    """A JupyterLab server on a scratch copy of notebooks 00 and 03; yields (base URL, token, root)."""
+    root = tmp_path_factory.mktemp("lab")
+    work = root / "notebooks"
+    work.mkdir()
+    for name in (FIRST, PLANNER):  # each with its jupytext source, as in notebooks/
+        for source in (NOTEBOOKS / name, (NOTEBOOKS / name).with_suffix(".py")):
+            shutil.copy2(source, work / source.name)
+    with lab_server(root, work) as (url, token, _):
+        yield url, token, work
 
 
 def _open(page, lab, name):
@@ -312,21 +323,20 @@ def test_workbook_lab_starts_without_a_new_setup_and_hides_the_sources():
     and the file browser's listing holds each notebook once (no jupytext sources). No notebook is opened,
     so nothing committed can be autosaved."""
     import json
-    import signal
 
     if not (Path(sys.prefix) / ".workbook-setup").is_file():
         pytest.skip(f"{sys.prefix} was not made by ./workbook.sh setup (no set-up stamp)")
     port, token = _free_port(), "workbook-lab-test"
     env = dict(os.environ, WORKBOOK_VENV=sys.prefix, JUPYTER_CONFIG_DIR=str(ROOT / "build" / "lab-test-config"))
-    lab = subprocess.Popen([str(ROOT / "workbook.sh"), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-                            f"--IdentityProvider.token={token}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lab = start([ROOT / "workbook.sh", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+                 f"--IdentityProvider.token={token}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True)
     try:
         body = _answer(lab, f"http://127.0.0.1:{port}/api/contents?token={token}")
         assert body is not None, "./workbook.sh lab did not start"
         listing = [item["name"] for item in json.loads(body)["content"]]
     finally:
-        os.killpg(lab.pid, signal.SIGTERM)
+        stop(lab)  # the shell, JupyterLab and anything under them
         said = lab.communicate(timeout=30)[0]
     assert "set-up is current" in said, said[-2000:]
     if os.getuid() == 0:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import functools
 import http.server
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urldefrag, urlparse
 
 import pytest
@@ -34,16 +37,31 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def server(site):
-    """The site served on 127.0.0.1 at a free port, in a thread; yields its base URL."""
-    handler = functools.partial(QuietHandler, directory=str(site))
+@contextmanager
+def serve(directory: Path) -> Iterator[str]:
+    """``directory`` served on 127.0.0.1 at a free port; yields its base URL.
+
+    The server is a thread of the test's own process, not a process of its own: nothing of it can
+    outlive the test run. On leaving the block, also when the block raised, the thread is stopped and
+    the port closed (tests/test_processes.py checks both).
+    """
+    handler = functools.partial(QuietHandler, directory=str(directory))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
-    httpd.shutdown()
-    httpd.server_close()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(site):
+    """The site served on 127.0.0.1 at a free port (:func:`serve`); yields its base URL."""
+    with serve(site) as url:
+        yield url
 
 
 def block_the_network(page, base: str) -> list[str]:

@@ -67,6 +67,7 @@ def torchrun(script, nproc, args, timeout):
     return launch(["torchrun", "--standalone", f"--nproc_per_node={nproc}", script, *args], timeout=timeout)
 
 
+@pytest.mark.subprocess
 def test_replicas_two_cpu_processes_each_see_their_rank(tmp_path):
     ckpt = _tiny_checkpoint(tmp_path / "tiny")
     out = tmp_path / "r.json"
@@ -80,6 +81,7 @@ def test_replicas_two_cpu_processes_each_see_their_rank(tmp_path):
     assert rep["processes"][0]["prompt_indices"] == [0, 1, 2]  # contiguous slices, rank 0 first
 
 
+@pytest.mark.subprocess
 def test_replicas_refuse_a_wrong_world_size(tmp_path):
     ckpt = _tiny_checkpoint(tmp_path / "tiny")
     with pytest.raises(LaunchError, match="expected 3 processes"):
@@ -129,6 +131,39 @@ def test_gpu_bench_records_a_rate_with_its_spread_and_refuses_what_is_not_a_rate
     assert [r["reason"] for r in refused] == ["40 tokens/s is above the limit 30", "MeasurementError: too noisy"]
 
 
+def test_gpu_bench_saves_a_measurement_before_it_formats_it(tmp_path, monkeypatch):
+    """A measurement that lacks a field (here a worker's row without its spread) is written to the results
+    file as it came and refused with the reason; an error later in the run leaves the file written, with
+    everything measured before it and the error."""
+    import helpers.hardware
+
+    bench = _gpu_bench()
+    out = tmp_path / "results.json"
+    planted = {"tokens_per_s": 10.0, "total_tokens_per_s": 40.0, "ttft_s": 0.1}  # no "spread_total"
+    good = {**planted, "spread_total": [36.0, 44.0]}
+
+    def run(args, n_gpus, results):  # stands in for the GPU measurements: two of them, then a missing key
+        assert results.keep("bf16", "one GPU", 4, 1, planted, 1000.0) is None
+        assert results.keep("bf16", "one GPU", 8, 1, good, 1000.0)["tokens_per_s"] == 40.0
+        return f"{planted['spread_total']}"
+
+    monkeypatch.setattr(bench, "bench", run)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(helpers.hardware, "report", lambda: {"python": "3.11"})
+    with pytest.raises(KeyError, match="spread_total"):
+        bench.main(["--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [r["measured"] for r in saved["raw"]] == [planted, good]
+    assert saved["raw"][0] == {"section": "one GPU", "format": "bf16", "batch": 4, "gpus": 1,
+                               "limit_tokens_per_s": 1000.0, "measured": planted}
+    assert saved["refused"] == [{"format": "bf16", "path": "one GPU", "batch": 4,
+                                 "reason": "the measurement has no spread_total (it is kept in raw)"}]
+    assert [r["batch"] for r in saved["records"]] == [8]
+    assert saved["error"] == "KeyError: 'spread_total'"
+
+
+@pytest.mark.subprocess
 def test_workers_bench_records_spreads_on_two_cpu_processes(tmp_path):
     ckpt = _tiny_checkpoint(tmp_path / "tiny")
     torchrun("workers/replicas.py", 2, ["--expect-world-size", 2, "--model", ckpt, "--random-weights", "--bench",

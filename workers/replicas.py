@@ -16,8 +16,15 @@ Each process loads the whole model on its own device, takes its share of the
 prompts with ``PartialState().split_between_processes`` (contiguous slices,
 rank 0 first), generates greedily with left padding, and the results are
 gathered with ``accelerate.utils.gather_object`` in rank order, so prompt i's
-answer is at position i. Rank 0 writes a JSON file (see ``--out``). The process
-group is torn down at the end, also after an error.
+answer is at position i. Rank 0 writes a JSON file (see ``--out``).
+
+A failure stops the whole group in seconds: the process group is initialised
+once, with a timeout on every collective (``--collective-timeout``), and torn
+down only after a success, with no barrier after an error (a barrier there waits
+for ranks that are inside another collective, and the group deadlocks). A
+failing process prints ``rank N: <error>`` and exits; ``torchrun`` then stops the
+others. ``--fail-rank`` and ``--hang-rank`` plant a failure or a hang on one rank
+for the tests (tests/test_processes.py).
 
 With ``--bench``, each process also times generation on its share of a batch
 (``--batches``) with ``helpers.measure.time_generate`` (warm-up, medians of 3
@@ -33,10 +40,13 @@ import json
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from helpers.launch import add_test_options, planted  # noqa: E402  (after the repository is on the path)
 
 PROMPTS = [
     "The capital of France is",
@@ -63,6 +73,7 @@ def parse_args(argv=None):
                     help="total batch sizes (prompts in flight over all processes) for --bench")
     ap.add_argument("--bench-tokens", type=int, default=64, help="new tokens per timed run")
     ap.add_argument("--random-weights", action="store_true", help="label the checkpoint as random weights in the output")
+    add_test_options(ap)  # --collective-timeout, and the tests' --fail-rank and --hang-rank
     return ap.parse_args(argv)
 
 
@@ -74,13 +85,15 @@ def main(argv=None) -> int:
 
     use_cuda = torch.cuda.is_available()
     # cpu=True: without it, torchrun's processes on a CPU-only machine each saw "rank 0 of 1".
-    state = PartialState(cpu=not use_cuda)
+    # timeout: init_process_group's, the longest any collective waits for the other processes.
+    state = PartialState(cpu=not use_cuda, timeout=timedelta(seconds=args.collective_timeout))
     try:
-        return run(args, state, use_cuda, gather_object)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            state.wait_for_everyone()
-            state.destroy_process_group()
+        code = run(args, state, use_cuda, gather_object)
+    except Exception as e:  # no barrier, no teardown: exit, and torchrun stops the other processes
+        print(f"rank {state.process_index}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
+    state.destroy_process_group()  # every process got here: its last collective is complete
+    return code
 
 
 def run(args, state, use_cuda, gather_object) -> int:
@@ -97,7 +110,7 @@ def run(args, state, use_cuda, gather_object) -> int:
             f"torchrun --nproc_per_node {args.expect_world_size}; without a GPU, PartialState(cpu=True) is needed."
         )
     if not use_cuda:
-        # two processes share the cores: one thread each keeps them from fighting
+        # the processes share the cores: each takes its share, so that they do not fight over them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
     dtype = {"auto": torch.bfloat16 if use_cuda else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[args.dtype]
@@ -165,6 +178,7 @@ def run(args, state, use_cuda, gather_object) -> int:
             bench.append(row)
         me["bench"] = bench
 
+    planted(args, state.process_index)  # tests only: --fail-rank / --hang-rank
     gathered = gather_object(results)  # rank 0's list, then rank 1's, ...: prompt order is kept
     everyone = gather_object([me])
     ranks = sorted(p["rank"] for p in everyone)
@@ -191,4 +205,6 @@ def run(args, state, use_cuda, gather_object) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    sys.exit(record(main)())  # record: torchrun's summary shows the failing process's traceback

@@ -27,7 +27,14 @@ What it does, in every process:
    each batch size of ``--batches`` (``helpers.measure.time_generate``: warm-up,
    medians of 3 repeats with their spread; a timing too noisy to mean anything
    is recorded as ``error``), records the memory per GPU.
-Rank 0 writes the JSON report; the process group is torn down at the end.
+Rank 0 writes the JSON report; the process group is torn down after a success.
+
+A failure stops the whole group in seconds: the process group is initialised
+once, with a timeout on every collective (``--collective-timeout``), and no
+barrier runs after an error (it would wait for ranks that are inside another
+collective). A failing process prints ``rank N: <error>`` and exits; ``torchrun``
+then stops the others. ``--fail-rank`` and ``--hang-rank`` plant a failure or a
+hang on one rank for the tests (tests/test_processes.py).
 """
 
 from __future__ import annotations
@@ -37,10 +44,13 @@ import gc
 import json
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from helpers.launch import add_test_options, planted  # noqa: E402  (after the repository is on the path)
 
 
 def parse_args(argv=None):
@@ -55,6 +65,7 @@ def parse_args(argv=None):
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--cpu", action="store_true",
                     help="machines without GPUs: the same steps with gloo on CPU processes (tiny checkpoints only)")
+    add_test_options(ap)  # --collective-timeout, and the tests' --fail-rank and --hang-rank
     return ap.parse_args(argv)
 
 
@@ -73,26 +84,26 @@ def main(argv=None) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world != args.expect_world_size:
         raise SystemExit(f"rank {rank}: expected {args.expect_world_size} processes, torchrun started {world}.")
+    timeout = timedelta(seconds=args.collective_timeout)  # the longest a collective waits for the others
     if args.cpu:
-        dist.init_process_group("gloo")
-        try:
-            return run(args, world, rank, torch.device("cpu"))
-        finally:
-            dist.barrier()
-            dist.destroy_process_group()
-    if not torch.cuda.is_available() or torch.cuda.device_count() < world:
-        raise SystemExit(
-            f"rank {rank}: tensor parallelism here needs one CUDA GPU per process; "
-            f"found {torch.cuda.device_count() if torch.cuda.is_available() else 0} for {world} processes."
-        )
-    torch.cuda.set_device(local_rank)
-    dev = torch.device("cuda", local_rank)
-    dist.init_process_group("nccl", device_id=dev)
+        dev = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=timeout)
+    else:
+        if not torch.cuda.is_available() or torch.cuda.device_count() < world:
+            raise SystemExit(
+                f"rank {rank}: tensor parallelism here needs one CUDA GPU per process; "
+                f"found {torch.cuda.device_count() if torch.cuda.is_available() else 0} for {world} processes."
+            )
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=dev, timeout=timeout)
     try:
-        return run(args, world, rank, dev)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+        code = run(args, world, rank, dev)
+    except Exception as e:  # no barrier, no teardown: exit, and torchrun stops the other processes
+        print(f"rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
+    dist.destroy_process_group()  # every process got here: its last collective is complete
+    return code
 
 
 def run(args, world, rank, dev) -> int:
@@ -168,6 +179,7 @@ def run(args, world, rank, dev) -> int:
         del model
     mine = {"rank": rank, "device": str(dev), "q_proj_shard_shape": shard_shape, **mem}
     everyone = [None] * world
+    planted(args, rank)  # tests only: --fail-rank / --hang-rank
     dist.all_gather_object(everyone, mine)
     if rank == 0:
         report = {
@@ -192,4 +204,6 @@ def run(args, world, rank, dev) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    sys.exit(record(main)())  # record: torchrun's summary shows the failing process's traceback

@@ -29,6 +29,13 @@ sequence) plus the KV cache, so ``limit = batch * bandwidth / bytes read per ste
 parallel read them on several GPUs at once; CPU offload adds the offloaded bytes
 at the pinned host-to-device copy rate, ``h2d``).
 
+The file is written again after every measurement, and each measurement is
+first kept as it came (``raw``: what ``time_generate`` or a worker returned,
+with its labels) before anything is formatted from it: a field missing from a
+measurement refuses that measurement (the reason in ``refused``) and an error
+later in the run stops it with the file written (``error``), never losing what
+was measured before.
+
 Other sections: ``hardware`` and ``versions`` (helpers.hardware.report()),
 ``h2d`` (host-to-device copy rate, pinned and pageable), ``saturation`` (the
 smallest batch at which doubling it raises one GPU's tokens/s by less than
@@ -150,17 +157,24 @@ def timed(model, vocab: int, batch: int, tokens: int, limit: float) -> dict:
     return {**r, "spread_total": [batch * r["spread"][0], batch * r["spread"][1]]}
 
 
+NEEDED = ("total_tokens_per_s", "spread_total", "tokens_per_s")
+"""The fields of a measurement that :func:`record` makes a record of."""
+
+
 def record(fmt: str, path: str, batch: int, gpus: int, r: dict, limit: float, refused: list) -> dict | None:
     """A record of ``r`` (total and per-sequence tokens/s, ``spread_total``), or None when it cannot be one.
 
-    A measurement that failed (``r["error"]``: time_generate's MeasurementError) or whose median is above
-    ``limit`` is not a rate: it goes to ``refused`` with the reason, and the caller records nothing.
+    A measurement that failed (``r["error"]``: time_generate's MeasurementError), lacks a field of
+    :data:`NEEDED` or whose median is above ``limit`` is not a rate: it goes to ``refused`` with the
+    reason, and the caller records nothing (:class:`Results` kept the measurement itself in ``raw``).
     """
     import torch
 
     what = {"format": fmt, "path": path, "batch": batch}
-    if "error" in r or r["total_tokens_per_s"] > limit:
-        reason = r.get("error") or f"{r['total_tokens_per_s']:.4g} tokens/s is above the limit {limit:.4g}"
+    missing = [k for k in NEEDED if k not in r]
+    if "error" in r or missing or r["total_tokens_per_s"] > limit:
+        reason = (r.get("error") or (f"the measurement has no {', '.join(missing)} (it is kept in raw)" if missing
+                                     else f"{r['total_tokens_per_s']:.4g} tokens/s is above the limit {limit:.4g}"))
         refused.append({**what, "reason": reason})
         print(f"   {path:<16} {fmt:<5} batch {batch:>3}: refused: {reason}", flush=True)
         return None
@@ -171,6 +185,43 @@ def record(fmt: str, path: str, batch: int, gpus: int, r: dict, limit: float, re
           f"{row['spread'][0]:.1f} to {row['spread'][1]:.1f}) = {row['tokens_per_s'] / limit:.1%} of {limit:,.0f}",
           flush=True)
     return row
+
+
+class Results:
+    """The results file of a run, written whole after every measurement.
+
+    ``res`` gets ``raw`` (every measurement as it came, with its labels),
+    ``records`` and ``refused``; :meth:`keep` saves a measurement in ``raw``
+    before :func:`record` formats anything from it.
+    """
+
+    def __init__(self, out: Path, res: dict):
+        self.out, self.res, self.t_start = Path(out), res, time.perf_counter()
+        for key in ("raw", "records", "refused"):
+            res.setdefault(key, [])
+
+    def save(self) -> None:
+        self.res["wall_s"] = round(time.perf_counter() - self.t_start, 1)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.res, indent=1, default=str))
+
+    def measured(self, section: str, r: dict, **labels) -> dict:
+        """Keep ``r`` in ``raw`` as it came and write the file; returns ``r``."""
+        self.res["raw"].append({"section": section, **labels, "measured": r})
+        self.save()
+        return r
+
+    def keep(self, fmt: str, path: str, batch: int, gpus: int, r: dict, limit: float, raw: bool = True,
+             **labels) -> dict | None:
+        """:func:`record` of ``r``, kept in ``records``; ``r`` itself is saved in ``raw`` first, with ``labels``
+        (``raw=False``: it already is, inside a worker's report)."""
+        if raw:
+            self.measured(path, r, format=fmt, batch=batch, gpus=gpus, limit_tokens_per_s=limit, **labels)
+        rec = record(fmt, path, batch, gpus, r, limit, self.res["refused"])
+        if rec is not None:
+            self.res["records"].append(rec)
+        self.save()
+        return rec
 
 
 def measure(model, vocab: int, batch: int, tokens: int, limit: float) -> dict:
@@ -195,42 +246,47 @@ def saturation(rows: list[dict]) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from helpers.checkpoints import random_checkpoint
-    from helpers.devicemap import placement
-    from helpers.hardware import bnb_library, report
-    from helpers.launch import SAFE_ENV, launch
-    from helpers.shapes import n_params
+    from helpers.hardware import report
+    from helpers.launch import SAFE_ENV
 
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n_gpus < 1:
         print("gpu_bench needs a CUDA GPU; this machine has none.", file=sys.stderr)
         return 2
-    t_start = time.perf_counter()
     res: dict = {"tier": "one-gpu" if n_gpus == 1 else "two-gpu", "hardware": report(), "env": SAFE_ENV,
                  "new_tokens": args.tokens, "prompt_tokens": PROMPT}
-    res["versions"] = {k: res["hardware"][k] for k in ("python", "torch", "transformers", "accelerate", "bitsandbytes")}
-    res["versions"]["cuda"] = res["hardware"]["cuda"]
-    out = Path(args.out)
-    records: list[dict] = []
-    res["records"] = records
-    refused: list[dict] = []  # measurements that are not rates: too noisy, or above their limit
-    res["refused"] = refused
+    res["versions"] = {k: res["hardware"].get(k) for k in
+                       ("python", "torch", "transformers", "accelerate", "bitsandbytes", "cuda")}
+    results = Results(Path(args.out), res)
+    try:
+        return bench(args, n_gpus, results)
+    except BaseException as e:  # the file keeps what was measured, and says why the run stopped
+        res["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        results.save()
 
-    def keep(rec: dict | None) -> dict | None:
-        if rec is not None:
-            records.append(rec)
-        return rec
 
-    def save():
-        res["wall_s"] = round(time.perf_counter() - t_start, 1)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1, default=str))
+def bench(args, n_gpus: int, results: Results) -> int:
+    """The measurements of :func:`main`, each saved by ``results`` as soon as it is made."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from helpers.checkpoints import random_checkpoint
+    from helpers.devicemap import placement
+    from helpers.hardware import bnb_library
+    from helpers.launch import launch
+    from helpers.shapes import n_params
+
+    res, refused, save = results.res, results.res["refused"], results.save
+
+    keep = results.keep
 
     print("== bandwidth (device-to-device copy) and host-to-device copy", flush=True)
     res["bandwidth"] = device_bandwidth()
     res["h2d"] = h2d_rates()
+    save()
     bw = res["bandwidth"]["GBps"] * 1e9
     print(f"   {res['bandwidth']['GBps']:.0f} GB/s on GPU 0; h2d", {k: round(v, 1) for k, v in res["h2d"].items()})
 
@@ -264,7 +320,7 @@ def main(argv=None) -> int:
         """Total tokens/s when each of ``gpus`` GPUs reads 1/gpus of a step's bytes for all ``batch`` sequences."""
         return gpus * batch * bw / (base + (batch - 1) * extra)
     limit = {b: b * bw / step_bytes(model, b, context) for b in args.batches}
-    one = [keep(record("bf16", "one GPU", b, 1, measure(model, vocab, b, args.tokens, limit[b]), limit[b], refused))
+    one = [keep("bf16", "one GPU", b, 1, measure(model, vocab, b, args.tokens, limit[b]), limit[b])
            for b in args.batches]
     one = [r for r in one if r is not None]
     res["saturation"] = saturation(one)
@@ -286,7 +342,7 @@ def main(argv=None) -> int:
                       "bnb_library": bnb_library()}
         for b in (1, 16):
             lim = b * bw / step_bytes(model, b, context, nf4_bytes)
-            keep(record("nf4", "one GPU", b, 1, measure(model, vocab, b, args.tokens, lim), lim, refused))
+            keep("nf4", "one GPU", b, 1, measure(model, vocab, b, args.tokens, lim), lim)
         del model, lin
         free()
         save()
@@ -299,7 +355,7 @@ def main(argv=None) -> int:
                         "mem_after_load_bytes": per_gpu(torch.cuda.memory_allocated)}
         for b in sorted({1, 16, sat}):  # one GPU works at a time: the same bytes, the same limit
             lim = b * bw / step_bytes(model, b, context)
-            keep(record("bf16", "split", b, n_gpus, measure(model, vocab, b, args.tokens, lim), lim, refused))
+            keep("bf16", "split", b, n_gpus, measure(model, vocab, b, args.tokens, lim), lim)
         del model
         free()
         save()
@@ -312,13 +368,13 @@ def main(argv=None) -> int:
             launch(["torchrun", "--standalone", f"--nproc_per_node={n_gpus}", "workers/replicas.py",
                     "--expect-world-size", n_gpus, "--model", ckpt, "--random-weights", "--out", f"{d}/r.json",
                     "--bench", "--batches", *batches, "--bench-tokens", args.tokens], timeout=900)
-            rep = json.loads(Path(d, "r.json").read_text())
+            rep = results.measured("replicas", json.loads(Path(d, "r.json").read_text()))  # the worker's report
         res["replicas_launch_and_run_s"] = round(time.perf_counter() - t0, 1)
-        for r in rep["bench"]:  # each GPU reads the whole model for its own share of the batch
-            rec = keep(record("bf16", "replicas", r["batch_total"], n_gpus, r, replica_limit(r["batch_total"], n_gpus),
-                              refused))
+        for r in rep.get("bench", []):  # each GPU reads the whole model for its own share of the batch
+            rec = keep("bf16", "replicas", r["batch_total"], n_gpus, r, replica_limit(r["batch_total"], n_gpus),
+                       raw=False)
             if rec:
-                rec["peak_bytes_per_gpu"] = [p["peak_bytes"] for p in r["per_rank"]]
+                rec["peak_bytes_per_gpu"] = [p.get("peak_bytes", 0) for p in r.get("per_rank", [])]
         save()
 
     if n_gpus >= 2 and "tensor_parallel" not in args.skip:
@@ -328,14 +384,14 @@ def main(argv=None) -> int:
             launch(["torchrun", "--standalone", f"--nproc_per_node={n_gpus}", "workers/tensor_parallel.py",
                     "--expect-world-size", n_gpus, "--checkpoint", ckpt, "--out", f"{d}/tp.json",
                     "--bench", "--batches", *sorted({1, 16, sat}), "--bench-tokens", args.tokens], timeout=900)
-            tp = json.loads(Path(d, "tp.json").read_text())
-        res["tensor_parallel"] = {"api": tp["api"], "logits_check": tp["logits_check"],
+            tp = results.measured("tensor parallel", json.loads(Path(d, "tp.json").read_text()))  # the report
+        res["tensor_parallel"] = {"api": tp.get("api"), "logits_check": tp.get("logits_check"),
                                   "launch_and_run_s": round(time.perf_counter() - t0, 1)}
-        for r in tp["bench"]:  # every GPU reads its share of the weights at once
+        for r in tp.get("bench", []):  # every GPU reads its share of the weights at once
             lim = tp_limit(r["batch"], n_gpus)
-            rec = keep(record("bf16", "tensor parallel", r["batch"], n_gpus, r, lim, refused))
+            rec = keep("bf16", "tensor parallel", r["batch"], n_gpus, r, lim, raw=False)
             if rec:
-                rec["peak_bytes_per_gpu"] = [p.get("peak_bytes", 0) for p in tp["per_rank"]]
+                rec["peak_bytes_per_gpu"] = [p.get("peak_bytes", 0) for p in tp.get("per_rank", [])]
         save()
 
     if "offload" not in args.skip:
@@ -350,8 +406,8 @@ def main(argv=None) -> int:
                       if n.startswith("model.layers.") and int(n.split(".")[2]) < k)
             # the bytes left on GPU 0 at its copy rate, the offloaded ones at the pinned host-to-device rate
             lim = 1 / ((base - off) / bw + off / (res["h2d"]["pinned_GBps"] * 1e9))
-            rec = keep(record("bf16", "cpu offload", 1, 1, measure(model, vocab, 1, args.offload_tokens, lim), lim,
-                              refused))
+            rec = keep("bf16", "cpu offload", 1, 1, measure(model, vocab, 1, args.offload_tokens, lim), lim,
+                       layers_on_cpu=k, bytes_offloaded=off)
             if rec:
                 rec.update(layers_on_cpu=k, bytes_offloaded=off, s_per_token=1 / rec["tokens_per_s"])
                 rows.append(rec)
@@ -366,9 +422,11 @@ def main(argv=None) -> int:
         slope, intercept = np.polyfit(x, y, 1)
         res["offload"] = {"tokens": args.offload_tokens, "batch": 1, "fit_s_per_byte": slope,
                           "fit_intercept_s": intercept, "effective_h2d_GBps": (1 / slope) / 1e9 if slope > 0 else None}
-        print(f"   effective host-to-device rate: {res['offload']['effective_h2d_GBps']:.1f} GB/s", flush=True)
+        rate = res["offload"]["effective_h2d_GBps"]
+        said = "none (the fit has no positive slope)" if rate is None else f"{rate:.1f} GB/s"
+        print(f"   effective host-to-device rate: {said}", flush=True)
     save()
-    print(f"written {out} in {res['wall_s']} s", flush=True)
+    print(f"written {results.out} in {res['wall_s']} s", flush=True)
     return 0
 
 
