@@ -197,6 +197,22 @@ case "$cmd" in
             echo "== $n GPUs here, but the two-GPU tier predates today's notebooks (gpu-reference/two-gpu/README.md):"
             echo "   checking against the one-GPU tier with one GPU visible"
         fi
+        # A tier executed from older notebooks runs their old code: say so instead of failing cell by cell
+        stale=$("$VENV/bin/python" - "gpu-reference/$tier" <<'PY'
+import json, pathlib, sys
+tier = pathlib.Path(sys.argv[1])
+def sources(p):
+    return ["".join(c["source"]) for c in json.loads(p.read_text())["cells"]]
+print(" ".join(nb.name[:2] for nb in sorted(pathlib.Path("notebooks").glob("[0-9][0-9]_*.ipynb"))
+               if not (tier / nb.name).exists() or sources(tier / nb.name) != sources(nb)))
+PY
+)
+        if [ -n "$stale" ] && [ -z "${WORKBOOK_STALE_TIER:-}" ]; then
+            echo "test-gpu: gpu-reference/$tier was executed from older notebooks (today's $stale differ; its README" >&2
+            echo "lists what changed): it is remade on a GPU machine with gpu-reference/tools/gpu_reference.sh." >&2
+            echo "WORKBOOK_STALE_TIER=1 ./workbook.sh test-gpu compares against it anyway (the old code runs)." >&2
+            exit 2
+        fi
         export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$visible}
         echo "== checking this machine against gpu-reference/$tier (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES)"
         exec "$VENV/bin/python" -m pytest -q "gpu-reference/$tier" --nbval --nbval-current-env \

@@ -17,11 +17,18 @@ from __future__ import annotations
 
 import re
 import textwrap
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate.utils import compute_module_sizes, convert_file_size_to_int
 
 from .units import GiB, MiB, format_size
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from transformers.quantizers import HfQuantizer
 
 _ORDER = {"cpu": 1, "disk": 2}
 
@@ -33,7 +40,7 @@ ACCELERATORS = ("xpu", "npu", "mlu", "musa", "sdaa", "hpu")
 """Accelerator types besides CUDA that accelerate 1.15 moves weights to by name ("xpu:0", ...)."""
 
 
-def canonical_device(value):
+def canonical_device(value: object) -> int | str | None:
     """Canonical form of a map value, as accelerate 1.15 takes it; None if not a place to load weights.
 
     GPU ids stay ints; ``"cuda:1"`` and ``torch.device("cuda", 1)`` become
@@ -66,19 +73,19 @@ def canonical_device(value):
     return f"{kind}:{index}" if kind in ACCELERATORS else None
 
 
-def device_label(dev) -> str:
+def device_label(dev: int | str | None) -> str:
     """``"GPU 0"`` for a GPU id, else the device's name (``"cpu"``, ``"disk"``). Notebook 02 introduces device maps."""
     return f"GPU {dev}" if isinstance(dev, int) else str(dev)
 
 
-def device_order(dev):
+def device_order(dev: int | str | None) -> tuple[int, int, str]:
     """Sort key of devices: GPUs by id, then cpu, then disk, then anything else (None last). Notebook 02 introduces device maps."""
     if dev is None:
         return (9, 0, "")
     return (0, dev, "") if isinstance(dev, int) else (_ORDER.get(dev, 3), 0, str(dev))
 
 
-def owner_key(name: str, device_map: dict):
+def owner_key(name: str, device_map: dict) -> str | None:
     """The map key that covers a tensor or module name (longest prefix; ``""`` covers all), or None. Notebook 02 explains the longest-prefix rule."""
     parts = name.split(".")
     for i in range(len(parts), 0, -1):
@@ -88,13 +95,14 @@ def owner_key(name: str, device_map: dict):
     return "" if "" in device_map else None
 
 
-def device_of(name: str, device_map: dict):
+def device_of(name: str, device_map: dict) -> int | str | None:
     """The canonical device of the map entry that covers ``name``, or None when no entry does. Notebook 02 explains the longest-prefix rule."""
     key = owner_key(name, device_map)
     return None if key is None else canonical_device(device_map[key])
 
 
-def tensor_sizes(model, dtype=None, hf_quantizer=None) -> dict[str, int]:
+def tensor_sizes(model: torch.nn.Module, dtype: torch.dtype | None = None,
+                 hf_quantizer: HfQuantizer | None = None) -> dict[str, int]:
     """Bytes of each parameter and buffer, by full name (tied parameters once).
 
     With ``dtype``, floating-point tensors count in that dtype; with a
@@ -113,7 +121,7 @@ def tensor_sizes(model, dtype=None, hf_quantizer=None) -> dict[str, int]:
     return {n: int(sizes[n]) for n in names if n in sizes}
 
 
-def bytes_per_device(model, device_map: dict, sizes: dict[str, float]) -> dict:
+def bytes_per_device(model: torch.nn.Module, device_map: dict, sizes: dict[str, float]) -> dict:
     """Sum ``sizes`` ({tensor name: bytes}, e.g. :func:`tensor_sizes`) by the device each tensor is mapped to.
 
     Tensors the map does not place are left out. Returns {device: bytes}
@@ -188,7 +196,7 @@ def _rows(model, device_map: dict, sizes: dict) -> list[dict]:
     return out
 
 
-def placement(model, device_map: dict) -> dict:
+def placement(model: torch.nn.Module, device_map: dict) -> dict:
     """Which parts of the model each device holds: {device: "embed_tokens, layers 0-14, norm"}.
 
     Devices are canonical (GPU ids as ints, "cpu", "disk"; None for tensors the
@@ -198,7 +206,8 @@ def placement(model, device_map: dict) -> dict:
     return {r["device"]: r["modules"] for r in _rows(model, device_map, {})}
 
 
-def map_table(model, device_map: dict, dtype=None, hf_quantizer=None):
+def map_table(model: torch.nn.Module, device_map: dict, dtype: torch.dtype | None = None,
+              hf_quantizer: HfQuantizer | None = None) -> pd.DataFrame:
     """A pandas DataFrame with one row per device of a map (notebook 02).
 
     Columns: ``device`` (GPU id, "cpu", "disk", or "(none)" for tensors the map
@@ -277,8 +286,10 @@ def _label_strip(ax, units) -> int:
     return len(texts)
 
 
-def plot_device_map(model, device_map: dict, max_memory: dict | None = None, title: str | None = None, ax=None,
-                    dtype=None, hf_quantizer=None, pyplot: bool = True, stacked: dict | None = None):
+def plot_device_map(model: torch.nn.Module, device_map: dict, max_memory: dict | None = None, title: str | None = None,
+                    ax: Axes | tuple[Axes, Axes] | list[Axes] | None = None, dtype: torch.dtype | None = None,
+                    hf_quantizer: HfQuantizer | None = None, pyplot: bool = True,
+                    stacked: dict | None = None) -> Figure:
     """Draw which parts of the model sit on which device, and bytes per device against its budget.
 
     Top panel: a horizontal strip, one cell per unit in model order
@@ -398,7 +409,7 @@ def plot_device_map(model, device_map: dict, max_memory: dict | None = None, tit
     return fig
 
 
-def device_map_of(model) -> dict:
+def device_map_of(model: torch.nn.Module) -> dict:
     """The map a loaded model was dispatched with: ``model.hf_device_map`` when set.
 
     transformers sets ``hf_device_map`` only when the map spans several

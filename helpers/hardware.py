@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
-import re
 import shutil
 from pathlib import Path
 
@@ -14,55 +13,64 @@ PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "safetensors"
 
 
 def _version(name: str) -> str:
-    """Installed _version of a distribution, or ``"not installed"`` (notebook 00)."""
+    """Installed version of a distribution, or ``"not installed"`` (notebook 00)."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
 
 
-def gpu_count() -> int:
-    """Number of CUDA devices torch can use (0 on a CPU-only build or machine). :func:`report` lists them."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def bnb_library() -> dict:
-    """Which native library bitsandbytes loaded, read from bitsandbytes itself.
+    """Which native library bitsandbytes loaded, read from bitsandbytes' own public names.
 
-    bitsandbytes 0.50 picks its library at import: ``libbitsandbytes_cpu.so``
-    without CUDA, else the CUDA build matching torch's CUDA _version (e.g.
-    ``libbitsandbytes_cuda130.so`` for CUDA 13.0). It runs LLM.int8 and 4-bit
-    on the CPU too (dequantize, then multiply in the compute dtype).
+    bitsandbytes 0.50 picks its library at import (``bitsandbytes.cextension.get_native_library``):
+    ``libbitsandbytes_cpu.so`` without CUDA, else the CUDA build that
+    ``get_cuda_bnb_library_path`` selects for torch's CUDA version (e.g.
+    ``libbitsandbytes_cuda130.so`` for CUDA 13.0). This asks the same public
+    functions (the ones ``python -m bitsandbytes`` reports with; a fallback
+    to another CUDA build is logged again, as at import), and
+    whether the import loaded it (``cextension.lib`` is not the
+    ``ErrorHandlerMockBNBNativeLibrary`` stand-in). No file name is parsed and
+    no private attribute is read. bitsandbytes runs LLM.int8 and 4-bit on the
+    CPU too (dequantize, then multiply in the compute dtype).
+
+    Importing bitsandbytes may log a notice on a CPU without its optional
+    kernels: call :func:`helpers.quiet.silence_known_warnings` first to quiet it.
 
     Returns:
         ``{"backend": "cuda" | "cpu" | "xpu" | "none", "library": file name or
         None, "cuda": "13.0" or None}``; ``backend`` is ``"not installed"``
         without bitsandbytes, and ``"none"`` when it loaded no native library
-        (it then runs its pure-torch fallbacks on the CPU).
+        (it then runs its pure-torch fallbacks on the CPU). ``cuda`` is the
+        CUDA (or ROCm) version bitsandbytes matched its library against
+        (torch's, from ``bitsandbytes.cuda_specs.get_cuda_specs``); the file
+        name says which build it chose for it.
 
     Notebook 00 prints it.
     """
-    from .quiet import silence_known_warnings
-
-    silence_known_warnings()
     try:
-        from bitsandbytes import cextension
+        from bitsandbytes import cextension, consts, cuda_specs
     except ImportError:
         return {"backend": "not installed", "library": None, "cuda": None}
-    dll = getattr(cextension.lib, "_lib", None)
-    name = Path(getattr(dll, "_name", "") or "").name or None
-    if name is None:
+    if isinstance(cextension.lib, cextension.ErrorHandlerMockBNBNativeLibrary):
         return {"backend": "none", "library": None, "cuda": None}
-    m = re.search(r"cuda(\d+)(\d)\b", name)
-    cuda = f"{m.group(1)}.{m.group(2)}" if m else None
-    backend = "cuda" if getattr(cextension.lib, "compiled_with_cuda", False) else ("xpu" if "xpu" in name else "cpu")
-    return {"backend": backend, "library": name, "cuda": cuda}
+    specs = cuda_specs.get_cuda_specs()
+    if cextension.BNB_BACKEND == "XPU":
+        path, backend = cextension.get_xpu_bnb_library_path(), "xpu"
+    elif specs is not None and cextension.BNB_BACKEND in ("CUDA", "ROCm"):
+        path = cextension.get_cuda_bnb_library_path(specs)
+        backend = "cuda" if cextension.lib.compiled_with_cuda else "cpu"
+    else:
+        path, backend = consts.PACKAGE_DIR / f"libbitsandbytes_cpu{consts.DYNAMIC_LIBRARY_SUFFIX}", "cpu"
+    cuda = ".".join(map(str, specs.cuda_version_tuple)) if specs is not None and backend == "cuda" else None
+    return {"backend": backend, "library": Path(path).name, "cuda": cuda}
 
 
 def bnb_backend() -> str:
-    """One line for :func:`report`: e.g. ``"cuda (libbitsandbytes_cuda130.so, CUDA 13.0)"`` or ``"cpu (libbitsandbytes_cpu.so)"``. Notebook 00."""
+    """One line for :func:`report`: e.g. ``"cuda (libbitsandbytes_cuda130.so, CUDA 13.0)"`` or ``"cpu (libbitsandbytes_cpu.so)"``.
+
+    Notebook 00.
+    """
     lib = bnb_library()
     if lib["library"] is None:
         return lib["backend"]
@@ -78,7 +86,7 @@ def report(cache: str | Path | None = None) -> dict:
 
     Returns:
         A dict: ``python``, one key per package in ``PACKAGES``, ``cuda``
-        (torch's CUDA _version or ``None``), ``bnb_backend`` (see
+        (torch's CUDA version or ``None``), ``bnb_backend`` (see
         :func:`bnb_backend`), ``gpus`` (list of
         ``(name, total GiB)``), ``cpu_cores``, ``ram_total_gib``,
         ``ram_available_gib``, ``disk_free_gib`` (all GiB = 2**30 bytes,
@@ -92,7 +100,7 @@ def report(cache: str | Path | None = None) -> dict:
     from .checkpoints import cache_dir
 
     gpus = []
-    for i in range(gpu_count()):
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         p = torch.cuda.get_device_properties(i)
         gpus.append((p.name, round(p.total_memory / GiB, 1)))
     vm = psutil.virtual_memory()

@@ -1,4 +1,4 @@
-"""Measuring: time to first token and tokens/s with warm-up and medians, and the memory of this process.
+"""Measuring: time to first token and tokens/s with warm-up and medians, memory bandwidth and rate limits.
 
 Figures measured with these functions depend on the machine: print them next
 to :func:`helpers.hardware.print_report` and prefer ratios measured in one run.
@@ -6,7 +6,6 @@ to :func:`helpers.hardware.print_report` and prefer ratios measured in one run.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -19,13 +18,6 @@ def sync() -> None:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             torch.cuda.synchronize(i)
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process in bytes (psutil). Explained in notebook 00."""
-    import psutil
-
-    return psutil.Process(os.getpid()).memory_info().rss
 
 
 class MeasurementError(RuntimeError):
@@ -116,9 +108,9 @@ def _rate(v: float) -> str:
 
 
 @torch.inference_mode()
-def time_generate(model, inputs: dict | None, new_tokens: int = 32, repeats: int = 3, warmup: int = 1,
+def time_generate(model: torch.nn.Module, inputs: dict | None, new_tokens: int = 32, repeats: int = 3, warmup: int = 1,
                   barrier: Callable[[], None] | None = None, limit_tokens_per_s: float | None = None,
-                  **generate_kwargs) -> dict:
+                  **generate_kwargs: object) -> dict:
     """Time greedy ``model.generate`` on ``inputs``.
 
     Each repeat runs ``generate`` twice: once for one new token (time to first
@@ -215,8 +207,14 @@ def compare_rates(a: dict, b: dict, a_name: str = "a", b_name: str = "b") -> str
     where repeats were recorded, ``spread`` (lowest, highest), both in the same unit (per sequence or
     total) for the two. The ratio's range over the repeats runs from ``a``'s lowest over ``b``'s highest
     to ``a``'s highest over ``b``'s lowest. A range that holds 1.00 is "no measurable difference", never
-    a gain or a loss. Without a spread on both, the figures come from one benchmark run with no spread
-    recorded, and no difference is claimed.
+    a gain or a loss.
+
+    Without a spread on both, the figures come from benchmark runs that recorded no repeats; then the
+    **noise bound** judges them: ``noise_bound`` in either record (``helpers.reference.read_reference``
+    adds it: the largest ratio between two runs of the same configuration in the reference files, e.g.
+    1.90). A median ratio outside ``[1 / bound, bound]`` is a difference ("split is slower", the bound
+    named); one inside it is "within the 1.90x two runs of the same configuration differed by: no
+    difference can be claimed". Without a bound either, no difference is claimed.
     Returns one sentence, e.g. ``"split / single: repeats 0.41x to 0.52x, median 0.47x: split is slower"``.
     Notebooks 04 and 05.
     """
@@ -226,8 +224,15 @@ def compare_rates(a: dict, b: dict, a_name: str = "a", b_name: str = "b") -> str
     ratio = a["tokens_per_s"] / b["tokens_per_s"]
     head = f"{a_name} / {b_name}:"
     if not (a.get("spread") and b.get("spread")):
-        return (f"{head} {x(ratio)}, figures of one benchmark run with no spread of repeats recorded: "
-                "no difference can be claimed from it")
+        bound = max((r["noise_bound"] for r in (a, b) if r.get("noise_bound")), default=None)
+        if bound is None:
+            return (f"{head} {x(ratio)}, figures of one benchmark run with no spread of repeats recorded: "
+                    "no difference can be claimed from it")
+        if 1 / bound <= ratio <= bound:
+            return (f"{head} {x(ratio)}, within the {bound:.2f}x two runs of the same configuration differed by: "
+                    "no difference can be claimed")
+        return (f"{head} {x(ratio)}, beyond the {bound:.2f}x two runs of the same configuration differed by "
+                f"(no spread of repeats recorded): {a_name} is {'slower' if ratio < 1 else 'faster'}")
     lo, hi = a["spread"][0] / b["spread"][1], a["spread"][1] / b["spread"][0]
     if lo <= 1 <= hi:
         verdict = "no measurable difference"

@@ -23,6 +23,11 @@ formulas; the modules left unquantized keep the load dtype (``dtype=`` of
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 BYTES_PER_PARAM = {
     "fp32": 4.0,
     "fp16": 2.0,
@@ -62,7 +67,7 @@ def linear_bytes_per_weight(fmt: str, in_features: int = 4096) -> float:
     return BYTES_PER_PARAM[fmt]
 
 
-def kv_cache_layers(config, tokens: int, batch: int = 1, bytes_per_value: float = 2) -> list[int]:
+def kv_cache_layers(config: PretrainedConfig, tokens: int, batch: int = 1, bytes_per_value: float = 2) -> list[int]:
     """KV-cache bytes of each decoder layer after ``tokens`` tokens of context, for ``batch`` sequences.
 
     Each layer keeps a key and a value vector per key/value head for every
@@ -110,7 +115,7 @@ def kv_cache_layers(config, tokens: int, batch: int = 1, bytes_per_value: float 
     return out
 
 
-def kv_cache_bytes(config, tokens: int, batch: int = 1, bytes_per_value: float = 2) -> int:
+def kv_cache_bytes(config: PretrainedConfig, tokens: int, batch: int = 1, bytes_per_value: float = 2) -> int:
     """KV-cache bytes of the whole model: the sum of :func:`kv_cache_layers` (same arguments and errors).
 
     Without a sliding window that is ``2 x layers x kv heads x head dim x

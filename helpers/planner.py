@@ -17,9 +17,9 @@ a machine without one.
 
 The steps are transformers' own (5.24, ``from_pretrained`` ->
 ``transformers.integrations.accelerate._get_device_map``), not a global
-multiplier; they live in :func:`prepare_meta_model` (step 1) and
-:func:`plan_device_map` (steps 2 to 4), which notebook 03 prints and checks
-against transformers:
+multiplier; they live in :func:`_prepare_meta_model` (step 1) and
+:func:`_plan_device_map` (steps 2 to 4), which notebook 03 writes out in its own
+cells (``prepare`` and ``place``) and checks against transformers:
 
 1. The model is built on the meta device in the load dtype (bf16 unless the
    format is fp32 or fp16); for a quantized format transformers' quantizer
@@ -57,6 +57,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -67,6 +68,11 @@ from .shapes import SHAPES, as_config
 from .text import wrap
 from .units import GiB
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers.quantizers import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
 
 
 def _quantization_config(fmt: str):
@@ -84,7 +90,8 @@ def _quantization_config(fmt: str):
     return None
 
 
-def prepare_meta_model(config, quantization_config=None, dtype: torch.dtype = torch.bfloat16):
+def _prepare_meta_model(config: PretrainedConfig, quantization_config: QuantizationConfigMixin | None = None,
+                        dtype: torch.dtype = torch.bfloat16) -> tuple[PreTrainedModel, HfQuantizer | None]:
     """Build ``config``'s causal LM on the meta device and prepare it as ``from_pretrained`` would.
 
     With a quantization config, transformers' quantizer replaces the Linear
@@ -115,7 +122,8 @@ def prepare_meta_model(config, quantization_config=None, dtype: torch.dtype = to
     return model.eval(), quantizer
 
 
-def plan_device_map(model, quantizer, max_memory: dict, strategy: str = "auto") -> tuple[dict, dict]:
+def _plan_device_map(model: PreTrainedModel, quantizer: HfQuantizer | None, max_memory: dict,
+                     strategy: str = "auto") -> tuple[dict, dict]:
     """The map ``from_pretrained(device_map=strategy, max_memory=...)`` computes, without its final check.
 
     The steps of ``transformers.integrations.accelerate._get_device_map``
@@ -197,7 +205,7 @@ def _default_dtype(fmt: str) -> torch.dtype:
 
 
 def _prepared_model(model, fmt: str, dtype: torch.dtype | None = None):
-    """:func:`prepare_meta_model` for a planner question's model and format, cached (do not modify the result).
+    """:func:`_prepare_meta_model` for a planner question's model and format, cached (do not modify the result).
 
     ``model`` is anything :func:`_load_config` takes; ``dtype`` the load dtype
     (None: :func:`_default_dtype`). Returns ``(model, hf_quantizer)`` with every
@@ -219,7 +227,7 @@ def _prepared_model(model, fmt: str, dtype: torch.dtype | None = None):
     if key not in _PREPARED:
         if len(_PREPARED) >= 16:
             _PREPARED.pop(next(iter(_PREPARED)))
-        _PREPARED[key] = prepare_meta_model(config, qconfig, dtype)
+        _PREPARED[key] = _prepare_meta_model(config, qconfig, dtype)
     return _PREPARED[key]
 
 
@@ -238,11 +246,12 @@ def _quantized_bytes(model, quantizer, fmt: str) -> dict[str, float]:
             if quantizer.param_needs_quantization(model, name)}
 
 
-def predict_footprint(model, fmt: str, dtype: torch.dtype | None = None) -> int:
+def predict_footprint(model: torch.nn.Module | PretrainedConfig | str | os.PathLike, fmt: str,
+                      dtype: torch.dtype | None = None) -> int:
     """Predict the weight bytes of ``model`` loaded by ``from_pretrained`` in ``fmt`` (scales included).
 
     The weights transformers' own quantizer quantizes (asked on a meta copy
-    prepared as ``from_pretrained`` prepares it: :func:`prepare_meta_model`,
+    prepared as ``from_pretrained`` prepares it: :func:`_prepare_meta_model`,
     the same question :func:`plan` asks) cost
     :func:`helpers.memory.linear_bytes_per_weight` each, scales included;
     every other parameter (embeddings, norms, the head, biases, ...) keeps
@@ -435,7 +444,7 @@ def _max_context(config, layers_on: dict, free: dict, batch: int) -> tuple[int, 
     return lo, False
 
 
-def plan(model, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24, strategy: str = "balanced",
+def plan(model: PretrainedConfig | str | os.PathLike, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24, strategy: str = "balanced",
          cpu_gib: float | None = None, context: int = 4096, batch: int = 1, reserve_gib: float | None = None) -> Plan:
     """Plan a device map for ``n_gpus`` GPUs of ``gib_per_gpu`` GiB each, as ``from_pretrained`` would, with room
     for the KV cache of ``batch`` sequences of ``context`` tokens and a per-GPU reserve.
@@ -492,7 +501,7 @@ def plan(model, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24, str
     budget = {i: int(gib_per_gpu * GiB) for i in range(n_gpus)}
     if cpu_gib is not None:
         budget["cpu"] = int(cpu_gib * GiB)
-    device_map, caps = plan_device_map(meta, quantizer, budget, strategy)
+    device_map, caps = _plan_device_map(meta, quantizer, budget, strategy)
     sizes = tensor_sizes(meta, hf_quantizer=quantizer)
     planned = bytes_per_device(meta, device_map, sizes)
     true = bytes_per_device(meta, device_map, _true_sizes(meta, quantizer, fmt, sizes))
@@ -514,9 +523,10 @@ def plan(model, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24, str
                 max_context_capped=capped, model=meta, hf_quantizer=quantizer)
 
 
-def show_plan(model, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24, strategy: str = "balanced",
-              cpu_gib: float | None = None, context: int = 4096, batch: int = 1, reserve_gib: float | None = None,
-              ax=None, draw: bool = True) -> Plan:
+def show_plan(model: PretrainedConfig | str | os.PathLike, fmt: str = "bf16", n_gpus: int = 1,
+              gib_per_gpu: float = 24, strategy: str = "balanced", cpu_gib: float | None = None, context: int = 4096,
+              batch: int = 1, reserve_gib: float | None = None, ax: Axes | tuple[Axes, Axes] | None = None,
+              draw: bool = True) -> Plan:
     """Plan (see :func:`plan`, same arguments), print :meth:`Plan.summary` and draw the map.
 
     The drawing is :func:`helpers.devicemap.plot_device_map`: which layers

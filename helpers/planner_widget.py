@@ -29,14 +29,14 @@ import ipywidgets as w
 
 from .memory import FORMATS
 from .devicemap import STRATEGIES, plot_device_map
-from .planner import plan, plan_stacked, plan_title
+from .planner import Plan, plan, plan_stacked, plan_title
 from .shapes import SHAPES
 
 DPI = 100  # pixels per inch of the PNG: plot_device_map's FIG_WIDTH of 8.4 inches becomes 840 pixels, shown unscaled
 RUN_ME = "Interactive planner: run this cell (Shift+Enter) to show it; a saved copy holds no live widget."
 
 
-def plan_image(p, dpi: int = DPI) -> bytes:
+def plan_image(p: Plan, dpi: int = DPI) -> bytes:
     """The PNG bytes of a plan's drawing (:func:`helpers.devicemap.plot_device_map` with :func:`plan_title`).
 
     Drawn on a ``matplotlib.figure.Figure`` made without pyplot, so it is safe on
@@ -61,7 +61,8 @@ class PlannerWidget(w.VBox):
     def __repr__(self) -> str:  # the text a notebook stores in place of the live widget
         return RUN_ME
 
-    def __init__(self, model, fmt, n_gpus, gib_per_gpu, strategy, context, batch):
+    def __init__(self, model: str, fmt: str, n_gpus: int, gib_per_gpu: float, strategy: str, context: int,
+                 batch: int) -> None:
         self.controls = dict(
             shape=w.Dropdown(options=list(SHAPES), value=model if model in SHAPES else "llama-2-70b",
                              description="model"),
@@ -97,7 +98,7 @@ class PlannerWidget(w.VBox):
         typed, shape = values.pop("typed").strip(), values.pop("shape")
         return dict(model=typed or shape, **values)
 
-    def redraw(self):
+    def redraw(self) -> None:
         """Plan what the controls say; show the verdict and the drawing (or the reason a model can't be read)."""
         with self._lock:
             t0 = time.perf_counter()

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate.utils import find_tied_parameters
@@ -32,6 +35,10 @@ from .budgets import BudgetWarning, budget_key, parse_budget  # noqa: F401
 from .devicemap import bytes_per_device, canonical_device, device_label, device_order, owner_key, tensor_sizes
 from .text import wrap
 from .units import format_size
+
+if TYPE_CHECKING:
+    from transformers.quantizers import HfQuantizer
+
 
 @dataclass
 class Finding:
@@ -159,9 +166,11 @@ def _quant_config(model, hf_quantizer):
 # the check
 
 
-def preflight(model, device_map: dict, max_memory: dict | None = None, *, mode: str = "plan",
-              checkpoint=None, no_split_module_classes=None, dtype=None, hf_quantizer=None,
-              strategy: str | None = None, loader: str | None = None, offload_folder=None) -> Report:
+def preflight(model: torch.nn.Module, device_map: dict, max_memory: dict | None = None, *, mode: str = "plan",
+              checkpoint: str | os.PathLike | None = None, no_split_module_classes: Iterable[str] | None = None,
+              dtype: torch.dtype | None = None, hf_quantizer: HfQuantizer | None = None,
+              strategy: str | None = None, loader: str | None = None,
+              offload_folder: str | os.PathLike | None = None) -> Report:
     """Check a device map against a model (meta or real) before anything loads.
 
     Args:
@@ -273,9 +282,9 @@ def _tensor_order(model) -> list[str]:
     """
     out = []
     for mname, module in model.named_modules(remove_duplicate=False):
-        for tname, t in list(module._parameters.items()) + list(module._buffers.items()):
-            if t is not None:
-                out.append(f"{mname}.{tname}" if mname else tname)
+        own = list(module.named_parameters(prefix=mname, recurse=False, remove_duplicate=False))
+        own += list(module.named_buffers(prefix=mname, recurse=False, remove_duplicate=False))
+        out += [name for name, _ in own]
     return list(dict.fromkeys(out))
 
 
@@ -428,7 +437,9 @@ def _check_offload_folder(where, loader, offload_folder) -> list[Finding]:
         return []
     kw = "offload_folder" if loader == "load_checkpoint_and_dispatch" else "offload_dir"
     said = ("'At least one of the model submodule will be offloaded to disk, please pass along an `offload_folder`.'"
-            if loader == "load_checkpoint_and_dispatch" else "'We need an `offload_dir` to dispatch this model...'")
+            if loader == "load_checkpoint_and_dispatch" else
+            "'We need an `offload_dir` to dispatch this model according to this `device_map`, the following "
+            f"submodules need to be offloaded: {', '.join(disk)}.'")
     return [Finding(
         "no-offload-folder", f"the map puts {len(disk)} module(s) on disk (e.g. {disk[0]!r}) but no offload folder is "
         f"given: {loader} refuses ({said}).",
@@ -574,8 +585,9 @@ def _check_quantized(model, where, hf_quantizer) -> list[Finding]:
         if values != {"cpu"} and offloaded:
             return [Finding(
                 "quantized-offload", f"the model is quantized with bitsandbytes and the map sends modules to "
-                f"{' and '.join(sorted(offloaded))}: from_pretrained refuses ('Some modules are dispatched on the CPU or "
-                f"the disk...').",
+                f"{' and '.join(sorted(offloaded))}: from_pretrained refuses, with the ValueError of the bitsandbytes "
+                f"quantizer's validate_environment whose first sentence is 'Some modules are dispatched on the CPU or "
+                f"the disk.'",
                 "give it room: a budget that holds the whole quantized model on the GPU(s), or on a machine without a "
                 "GPU everything on the CPU (device_map={'': 'cpu'} with enough max_memory['cpu']); or, with a GPU, "
                 f"the refusal's own remedy: {recipe}.")]

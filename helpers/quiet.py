@@ -1,9 +1,15 @@
 """Quiet known, harmless library messages, so notebook outputs stay readable.
 
 Each entry says why its message is harmless. Nothing else is filtered. The
-notebooks call :func:`silence_known_warnings` once at the top;
-:func:`quiet_planning` wraps planning for GPUs this machine does not have
-(notebooks 03, 04 and 06).
+notebooks call :func:`silence_known_warnings` once, in their first cell (the
+learner runs that cell, and its docstring says what it changes); tests use
+:func:`known_warnings_silenced`, which undoes the same changes on leaving its block. :func:`quiet_planning` wraps planning
+for GPUs this machine does not have (notebooks 03, 04 and 06).
+
+The logger names, the message start in :data:`KNOWN_MESSAGES` and accelerate's
+loading bar are library internals: :mod:`helpers.private_apis` lists them with
+the versions they were checked against, and ``tests/test_private_apis.py``
+fails when a library moves them.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import contextlib
 import functools
 import logging
 import os
+from collections.abc import Iterable, Iterator
 
 KNOWN = {
     # bitsandbytes 0.50 on a CPU with AVX-512 BF16 tries to fetch a faster 4-bit kernel from a
@@ -21,6 +28,7 @@ KNOWN = {
     # the int8 kernels take fp16 inputs; the cast is part of the method.
     "bitsandbytes.autograd._functions": logging.ERROR,
 }
+"""Loggers whose level :func:`silence_known_warnings` raises, and to what."""
 
 KNOWN_MESSAGES = {
     # dispatch_model (so load_checkpoint_and_dispatch and from_pretrained with a map) logs "Some parameters are
@@ -34,11 +42,11 @@ KNOWN_MESSAGES = {
 class _DropKnownMessages(logging.Filter):
     """A logging filter that drops the records whose message starts with one of ``starts``."""
 
-    def __init__(self, starts):
+    def __init__(self, starts: Iterable[str]) -> None:
         super().__init__()
         self.starts = tuple(starts)
 
-    def filter(self, record) -> bool:
+    def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(self.starts)
 
 
@@ -49,38 +57,95 @@ PLANNING = (
 """Loggers that warn while a map is planned for devices that are not here: expected, the plan says what matters."""
 
 
-def silence_known_warnings() -> None:
-    """Raise the level of the loggers in :data:`KNOWN`, drop the :data:`KNOWN_MESSAGES`, and quiet accelerate's
-    loading bar in quiet runs. Calling it again adds nothing.
+class _Undo:
+    """What one :func:`_silence` changed (logger levels, filters added, accelerate's bar), to put back."""
 
-    Called at the top of every notebook (00 to 06).
-    """
+    def __init__(self) -> None:
+        self.levels: dict[str, int] = {}
+        self.filters: list[tuple[str, logging.Filter]] = []
+        self.tqdm: object | None = None
+
+    def __call__(self) -> None:
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)
+        for name, flt in self.filters:
+            logging.getLogger(name).removeFilter(flt)
+        if self.tqdm is not None:
+            import accelerate.utils.modeling as modeling
+
+            modeling.tqdm = self.tqdm
+
+
+def _silence() -> _Undo:
+    """Make the changes :func:`silence_known_warnings` describes; return what puts back what it found."""
+    undo = _Undo()
     for name, level in KNOWN.items():
-        logging.getLogger(name).setLevel(level)
+        logger = logging.getLogger(name)
+        undo.levels[name] = logger.level
+        logger.setLevel(level)
     for name, starts in KNOWN_MESSAGES.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropKnownMessages) for f in logger.filters):
-            logger.addFilter(_DropKnownMessages(starts))
-    _quiet_accelerate_progress()
+            flt = _DropKnownMessages(starts)
+            logger.addFilter(flt)
+            undo.filters.append((name, flt))
+    undo.tqdm = _quiet_accelerate_progress()
+    return undo
 
 
-def _quiet_accelerate_progress() -> None:
-    """In a quiet run (``TQDM_DISABLE`` set), switch off accelerate's weight-loading bar too.
+def silence_known_warnings() -> None:
+    """Quiet the known, harmless library messages for the rest of this Python session.
 
-    accelerate creates that bar with ``disable=False``, so ``TQDM_DISABLE`` never reaches it, and in a
-    kernel with ipywidgets it stores one widget per loading step in the notebook. Interactively
-    (no ``TQDM_DISABLE``) nothing changes: you see the bar. Part of :func:`silence_known_warnings`.
+    What it changes, all process-wide and not undone (use :func:`known_warnings_silenced` for a
+    change that is undone): the loggers in :data:`KNOWN` get the level given there (their
+    messages below it are no longer shown); the loggers in :data:`KNOWN_MESSAGES` get a filter
+    that drops the messages starting with the text given there (their other messages still
+    show); and in a quiet run only (``TQDM_DISABLE`` set, as ``tools/env.sh`` sets it),
+    accelerate's weight-loading bar is switched off (:func:`_quiet_accelerate_progress`).
+    Calling it again adds nothing.
+
+    Called in the first cell of every notebook (00 to 06): running that cell is the learner's choice.
     """
-    if not os.environ.get("TQDM_DISABLE"):
-        return
-    import accelerate.utils.modeling as modeling
-
-    if not isinstance(modeling.tqdm, functools.partial):
-        modeling.tqdm = functools.partial(modeling.tqdm, disable=True)
+    _silence()
 
 
 @contextlib.contextmanager
-def quiet_planning():
+def known_warnings_silenced() -> Iterator[None]:
+    """:func:`silence_known_warnings` for the ``with`` block only: on leaving it, every logger level,
+    filter and the loading bar are as the block found them. The form tests use (``tests/``)."""
+    undo = _silence()
+    try:
+        yield
+    finally:
+        undo()
+
+
+def _quiet_accelerate_progress() -> object | None:
+    """In a quiet run (``TQDM_DISABLE`` set), switch off accelerate's weight-loading bar too.
+
+    accelerate's ``load_state_dict`` (``accelerate/utils/modeling.py``) creates that bar through its
+    own ``tqdm`` wrapper with ``disable`` left False, and an explicit argument wins over
+    ``TQDM_DISABLE``, so the variable never reaches it; in a kernel with ipywidgets it stores one
+    widget per loading step in the notebook. accelerate offers no switch, so the wrapper that
+    module calls is replaced by one with ``disable=True`` (a monkey-patch, listed in
+    :mod:`helpers.private_apis`). Interactively (no ``TQDM_DISABLE``) nothing changes: you see the bar.
+
+    Returns:
+        The wrapper it replaced (to put back), or None when it changed nothing.
+    """
+    if not os.environ.get("TQDM_DISABLE"):
+        return None
+    import accelerate.utils.modeling as modeling
+
+    if isinstance(modeling.tqdm, functools.partial):
+        return None
+    original = modeling.tqdm
+    modeling.tqdm = functools.partial(original, disable=True)
+    return original
+
+
+@contextlib.contextmanager
+def quiet_planning() -> Iterator[None]:
     """Within the block, silence the loggers in :data:`PLANNING`; their levels are restored afterwards.
 
     Planning for GPU 0 on a machine without one makes accelerate log "Device 0 is not available" once

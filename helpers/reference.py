@@ -129,9 +129,74 @@ def records(res: dict) -> list[dict]:
     return out
 
 
-def matching_tier(n_gpus: int) -> str:
+def _matching_tier(n_gpus: int) -> str:
     """The tier whose figures a machine with ``n_gpus`` GPUs quotes: two-gpu from two GPUs up, else one-gpu."""
     return "two-gpu" if n_gpus >= 2 else "one-gpu"
+
+
+def _configuration(res: dict, r: dict) -> tuple:
+    """What a record ran, as far as its speed goes: GPU model, shape, format, batch and the work on each GPU.
+
+    The model whole on one GPU, ``generate`` on the whole batch, is one configuration whether the record is
+    "one GPU", a single replica (``gpus`` 1: the same call in a process of its own) or "cpu offload" with no
+    layer on the CPU (its map puts every module on GPU 0, so transformers adds no hooks).
+    """
+    whole = r["path"] == "one GPU" or (r["path"] == "replicas" and r["gpus"] == 1) or (
+        r["path"] == "cpu offload" and r.get("layers_on_cpu") == 0)
+    work = ("one GPU", 1, 0) if whole else (r["path"], r["gpus"], r.get("layers_on_cpu"))
+    return (res["hardware"]["gpus"][0][0], r["shape"], r["format"], r["batch"], work)
+
+
+def same_configuration(files: dict[str, dict]) -> dict:
+    """The noise of the GPU reference: how far apart two runs of the same configuration came out.
+
+    ``files`` is ``{tier: results}``, each with its ``records`` (:func:`records`). Two figures are of the same
+    configuration when they ran the same shape, format and batch on the same GPU model, doing the same work on
+    each GPU (the model whole on one GPU is one configuration, whether timed as "one GPU", as a single replica
+    or as "cpu offload" with no layer on the CPU); they may differ in the number of new tokens timed and in
+    their place in the run. Where the files recorded no spread of repeats, this is the only measure of
+    their noise.
+
+    Returns ``{"bound": the largest ratio, highest over lowest tokens/s, of any configuration measured more than
+    once (None where none was), "configurations": [{"configuration": "one GPU, bf16, batch 16", "figures":
+    [(tier, record), ...], "ratio": ...}, ...], each measured more than once, largest ratio first}``. :func:`read_reference` gives every record
+    without a spread this bound as ``noise_bound``, which :func:`helpers.measure.compare_rates` reads: a ratio
+    of two such figures inside ``[1 / bound, bound]`` claims no difference, one outside does. With the
+    committed files the bound is 1.90 (one GPU, batch 16, in the one-GPU and the two-GPU files).
+    Notebooks 04 and 05, ``tests/test_stored_rates.py``.
+    """
+    groups: dict[tuple, list] = {}
+    for name, res in files.items():
+        for r in res["records"]:
+            groups.setdefault(_configuration(res, r), []).append((name, r))
+    twice = []
+    for (_, _, fmt, batch, (path, gpus, on_cpu)), figures in groups.items():
+        if len(figures) > 1:
+            rates = [r["tokens_per_s"] for _, r in figures]
+            what = (path if path == "one GPU" else f"cpu offload, {on_cpu} layers on the CPU" if on_cpu is not None
+                    else f"{path} on {gpus} GPUs")
+            twice.append({"configuration": f"{what}, {fmt}, batch {batch}", "figures": figures,
+                          "ratio": max(rates) / min(rates)})
+    twice.sort(key=lambda c: -c["ratio"])
+    return {"bound": twice[0]["ratio"] if twice else None, "configurations": twice}
+
+
+def _read_tier(name: str) -> dict:
+    """One tier's results, checked against its folder, with ``records`` (each with its ``rate``), ``rows`` and
+    ``other_files`` (as :func:`read_reference` documents)."""
+    res = reference_results(name)
+    hw = res["hardware"]
+    if res.get("tier", name) != name or len(hw["gpus"]) != TIER_GPUS[name]:
+        raise ValueError(f"gpu-reference/{name}/results.json says tier {res.get('tier')!r}, {len(hw['gpus'])} GPU(s)")
+    res["records"] = records(res)
+    res["rows"] = {}
+    for r in res["records"]:
+        r["rate"] = rate_text(r["tokens_per_s"], r["limit_tokens_per_s"], r.get("spread"))
+        key = r["layers_on_cpu"] if r["path"] == "cpu offload" else r["batch"]  # offload: all at batch 1
+        res["rows"].setdefault((r["path"], r["format"]), {})[key] = r
+    res["other_files"] = {p.name: json.loads(p.read_text()) for p in sorted((REFERENCE / name).glob("*.json"))
+                          if p.name != "results.json"}
+    return res
 
 
 def read_reference(n_gpus: int) -> dict:
@@ -143,36 +208,37 @@ def read_reference(n_gpus: int) -> dict:
 
     - ``records``: today's form, each with its limit (:func:`records`) and ``rate``, its tokens/s as
       :func:`helpers.measure.rate_text` prints it (with its share of the limit, and the spread where recorded);
+      a record without a spread also gets ``noise_bound`` (below);
     - ``rows``: ``{(path, format): {batch: record}}``, e.g. ``res["rows"]["split", "bf16"][16]`` (for
       "cpu offload", all at batch 1, ``{decoder layers on the CPU: record}``);
-    - ``other_files``: the tier folder's other JSON files by name (e.g. ``tp-system-transformers.json``).
+    - ``other_files``: the tier folder's other JSON files by name (e.g. ``tp-system-transformers.json``);
+    - ``noise``: :func:`same_configuration` over every tier's file (all of them, not only those returned):
+      the largest ratio between two runs of the same configuration, the bound that
+      :func:`helpers.measure.compare_rates` judges figures without a spread by.
 
-    Prints each file's hardware, versions, model and where its limits come from.
+    Prints each file's hardware, versions, model and where its limits come from, then the noise bound.
 
     Raises:
         ValueError: a file whose ``tier`` entry or GPU count is not its folder's.
         helpers.measure.MeasurementError: a figure above its limit (it cannot be true).
         FileNotFoundError: as :func:`reference_results`. Notebooks 04 and 05.
     """
-    tier = matching_tier(n_gpus)
-    files = {name: reference_results(name) for name in dict.fromkeys([tier, "two-gpu"])}
+    tier = _matching_tier(n_gpus)
+    every = {name: _read_tier(name) for name in dict.fromkeys([tier, "two-gpu", *TIERS])
+             if name in (tier, "two-gpu") or (REFERENCE / name / "results.json").is_file()}
+    files = {name: every[name] for name in dict.fromkeys([tier, "two-gpu"])}
+    noise = same_configuration(every)
+    for res in every.values():
+        res["noise"] = noise
+        for r in res["records"]:
+            if not r.get("spread") and noise["bound"]:
+                r["noise_bound"] = noise["bound"]
     here = f"{n_gpus} GPU{'s' * (n_gpus > 1)}" if n_gpus else "no GPU"
     print(f"This machine has {here}: GPU figures come from the {tier} tier"
           + (", the GPU box a learner most often has." if n_gpus == 0 else
              ", which matches it." if n_gpus == TIER_GPUS[tier] else ", the largest tier measured."))
     for name, res in files.items():
         hw = res["hardware"]
-        if res.get("tier", name) != name or len(hw["gpus"]) != TIER_GPUS[name]:
-            raise ValueError(f"gpu-reference/{name}/results.json says tier {res.get('tier')!r}, "
-                             f"{len(hw['gpus'])} GPU(s)")
-        res["records"] = records(res)
-        res["rows"] = {}
-        for r in res["records"]:
-            r["rate"] = rate_text(r["tokens_per_s"], r["limit_tokens_per_s"], r.get("spread"))
-            key = r["layers_on_cpu"] if r["path"] == "cpu offload" else r["batch"]  # offload: all at batch 1
-            res["rows"].setdefault((r["path"], r["format"]), {})[key] = r
-        res["other_files"] = {p.name: json.loads(p.read_text()) for p in sorted((REFERENCE / name).glob("*.json"))
-                              if p.name != "results.json"}
         print(f"[{name}] gpu-reference/{name}/results.json: {len(hw['gpus'])} x {hw['gpus'][0][0]} "
               f"({hw['gpus'][0][1]} GiB)")
         say("  " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
@@ -187,4 +253,10 @@ def read_reference(n_gpus: int) -> dict:
             say("  an older file: no bandwidth measured, no spread of repeats recorded; limits use the "
                 f"{hw['gpus'][0][0]}'s specified {SPEC_BANDWIDTH[hw['gpus'][0][0]] / 1e12:.1f} TB/s "
                 "(docs/published-figures.md), an upper bound")
+    if noise["bound"]:
+        top, b = noise["configurations"][0], noise["bound"]
+        runs = ", ".join(f"[{t}] {'one replica' if r['path'] == 'replicas' else r['path']}" for t, r in top["figures"])
+        say(f"Noise: two runs of the same configuration differed by up to {b:.2f}x in gpu-reference/*/results.json "
+            f"({top['configuration']}, timed as {runs}). A ratio of figures without a recorded spread is a "
+            f"difference only outside {1 / b:.2f}x to {b:.2f}x.")
     return files

@@ -16,7 +16,12 @@ the named shapes (through :func:`helpers.planner.predict_footprint`); notebook 0
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 SHAPES = {
     "smollm2-135m": dict(
@@ -48,7 +53,7 @@ SHAPES = {
 """Shape name -> ``model_type`` (the key transformers' ``AutoConfig.for_model`` takes) and config fields."""
 
 
-def shape_config(name: str):
+def shape_config(name: str) -> PretrainedConfig:
     """The transformers config of a named shape in :data:`SHAPES` (notebook 03; notebook 00 through the planner).
 
     Raises:
@@ -64,7 +69,7 @@ def shape_config(name: str):
     return AutoConfig.for_model(model_type, **fields)
 
 
-def as_config(name_or_config):
+def as_config(name_or_config: str | PretrainedConfig) -> PretrainedConfig:
     """A config from a shape name or a config object; anything else is refused.
 
     Raises:
@@ -85,7 +90,7 @@ def as_config(name_or_config):
     )
 
 
-def _build(name_or_config, dtype: torch.dtype, device: str):
+def _build(name_or_config: str | PretrainedConfig, dtype: torch.dtype, device: str) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_config`` under ``torch.device(device)``; a clear error when it cannot."""
     from transformers import AutoModelForCausalLM
 
@@ -101,7 +106,7 @@ def _build(name_or_config, dtype: torch.dtype, device: str):
         ) from None
 
 
-def meta_model(name_or_config, dtype: torch.dtype = torch.bfloat16):
+def meta_model(name_or_config: str | PretrainedConfig, dtype: torch.dtype = torch.bfloat16) -> PreTrainedModel:
     """Build a causal LM from a shape name or config on the meta device (no bytes allocated).
 
     Ties are declared by the config and applied (``tie_weights`` runs in
@@ -115,14 +120,24 @@ def meta_model(name_or_config, dtype: torch.dtype = torch.bfloat16):
     return _build(name_or_config, dtype, "meta")
 
 
-def random_model(name_or_config, dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: str = "cpu"):
-    """Build a causal LM with RANDOM weights (``torch.manual_seed(seed)``) on ``device``.
+def random_model(name_or_config: str | PretrainedConfig, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                 device: str = "cpu") -> PreTrainedModel:
+    """Build a causal LM with RANDOM weights, drawn from ``seed``, on ``device``.
 
+    The same seed gives the same weights (on the CPU, those of ``torch.manual_seed(seed)``). The
+    caller's random-number generators are left as they were: the weights are drawn inside
+    ``torch.random.fork_rng``, from the generator of ``device`` alone (the CPU's, or that GPU's),
+    so a notebook's own seeded stream goes on unchanged and no other GPU's generator is reseeded.
     Its outputs are meaningless text; use it only for memory and speed (notebook 05's tensor-parallel toy).
     Raises as :func:`meta_model`.
     """
-    torch.manual_seed(seed)
-    return _build(name_or_config, dtype, device).eval()
+    dev = torch.device(device)
+    gpus = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.default_generator.manual_seed(seed)
+        for g in gpus:
+            torch.cuda.default_generators[g].manual_seed(seed)
+        return _build(name_or_config, dtype, device).eval()
 
 
 def n_params(model: torch.nn.Module) -> int:

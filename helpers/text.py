@@ -43,6 +43,6 @@ def wrap(text: str, width: int = LINE_WIDTH) -> str:
     return "\n".join(out)
 
 
-def say(*parts, sep: str = " ", width: int = LINE_WIDTH) -> None:
+def say(*parts: object, sep: str = " ", width: int = LINE_WIDTH) -> None:
     """``print(*parts, sep=sep)``, with the text wrapped by :func:`wrap` at ``width`` characters. Notebooks 00 to 06."""
     print(wrap(sep.join(str(p) for p in parts), width))

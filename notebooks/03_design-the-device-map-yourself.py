@@ -90,19 +90,19 @@ def say(*parts):
 #
 # ### 1.1 An empty model from the config
 #
-# The config is a few kilobytes of JSON; the model class comes from its `architectures` field. Built
-# inside `init_empty_weights()`, every parameter lands on the meta device: shapes and dtypes, no data.
-# `_from_config` takes the dtype (transformers 5 calls it `dtype`; `torch_dtype` is deprecated).
+# The config is a few kilobytes of JSON; `AutoModelForCausalLM.from_config` builds the causal-LM class
+# registered for its `model_type` and takes the dtype (transformers 5 calls it `dtype`; `torch_dtype` is
+# deprecated).
+# Built inside `init_empty_weights()`, every parameter lands on the meta device: shapes and dtypes, no data.
 
 # %%
 config = AutoConfig.from_pretrained(path)
-model_class = getattr(transformers, config.architectures[0])
 with init_empty_weights():
-    model = model_class._from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 model.tie_weights()  # init_empty_weights loses the tie between embedding and head (notebook 02): restore it
 model.eval()  # from_config builds in training mode (dropout on); from_pretrained calls eval() (notebook 02)
 
-print(model_class.__name__, "| parameters on:", {p.device.type for p in model.parameters()},
+print(type(model).__name__, "| parameters on:", {p.device.type for p in model.parameters()},
       "| dtype:", {p.dtype for p in model.parameters()})
 print("head tied to the embedding:", model.get_output_embeddings().weight is model.get_input_embeddings().weight,
       "| ties the model declares:", dict(model.all_tied_weights_keys))

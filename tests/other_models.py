@@ -49,8 +49,9 @@ def build(out: Path, name: str) -> Path:
     fields = dict(SMALL[name])
     config = AutoConfig.for_model(fields.pop("model_type"), vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **fields)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's random stream left as it was
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(target)
     tok.save_pretrained(target)
     (target / "RANDOM_WEIGHTS.txt").write_text(f"RANDOM weights (seed 0) of a small {name} shape: text is meaningless.\n")

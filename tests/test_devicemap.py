@@ -414,8 +414,11 @@ def test_device_map_of_plain_and_dispatched():
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(tiny_config(layers=1))
     assert device_map_of(model) == {"": "cpu"}
-    model.hf_device_map = OrderedDict([("model", "cpu"), ("lm_head", "disk")])
-    assert device_map_of(model) == {"model": "cpu", "lm_head": "disk"}
+    from accelerate import dispatch_model  # a real dispatched model, with the map dispatch_model records
+
+    wanted = OrderedDict([("model", "cpu"), ("lm_head", "cpu")])
+    dispatch_model(model, device_map=wanted)
+    assert device_map_of(model) == {"model": "cpu", "lm_head": "cpu"}
 
 
 def test_placement_names_what_each_device_holds():

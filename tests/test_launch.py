@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from helpers.launch import ROOT, LaunchError, launch, _launch_env as launch_env
+from helpers.launch import ROOT, LaunchError, launch
 from helpers.reference import reference_results
 
 
@@ -20,13 +20,16 @@ def _tiny_checkpoint(path):
     return path
 
 
-def test_launch_env_turns_nvlink_multicast_off_and_finds_the_repo():
-    env = launch_env({"EXTRA": "1"})
-    assert env["NCCL_NVLS_ENABLE"] == "0"
-    assert env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
-    assert env["NVSHMEM_DISABLE_NVLS"] == "1"
-    assert env["PYTHONPATH"].split(":")[0] == str(ROOT)
-    assert env["EXTRA"] == "1"
+@pytest.mark.subprocess
+def test_a_launched_process_has_nvlink_multicast_off_and_finds_the_repo():
+    """What a launched process really sees: the three multicast switches off, helpers importable, extra_env."""
+    import sys
+
+    code = ("import os, json, helpers; print(json.dumps({k: os.environ.get(k) for k in "
+            "('NCCL_NVLS_ENABLE', 'TORCH_SYMM_MEM_DISABLE_MULTICAST', 'NVSHMEM_DISABLE_NVLS', 'EXTRA')}))")
+    seen = json.loads(launch([sys.executable, "-c", code], timeout=60, extra_env={"EXTRA": "1"}).stdout)
+    assert seen == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+                    "EXTRA": "1"}
 
 
 def test_launch_rejects_an_empty_command():
@@ -57,9 +60,6 @@ def test_committed_reference_is_labelled_random_and_complete():
 
 def test_tensor_parallel_worker_asks_for_distributed_config():
     """The call notebook 05 teaches is the call the worker makes."""
-    from transformers.distributed import DistributedConfig
-
-    assert DistributedConfig(tp_size=2).tp_size == 2
     assert "distributed_config=DistributedConfig(tp_size=world)" in (ROOT / "workers/tensor_parallel.py").read_text()
 
 

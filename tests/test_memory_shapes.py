@@ -106,8 +106,10 @@ def test_prediction_matches_what_bitsandbytes_allocates(arch, fmt, tmp_path):
 
     silence_known_warnings()
     config = _small(arch)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's random stream left as it was
+        torch.manual_seed(0)
+        small = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    small.save_pretrained(tmp_path)
     q = (BitsAndBytesConfig(load_in_8bit=True) if fmt == "int8" else
          BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
     model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, dtype=torch.float32,
@@ -151,4 +153,8 @@ def test_shapes_refuse_what_they_cannot_build():
 
 def test_every_named_shape_builds_its_declared_model_type():
     for name, fields in shapes.SHAPES.items():
-        assert shapes.shape_config(name).model_type == fields["model_type"]
+        config = shapes.shape_config(name)
+        assert config.model_type == fields["model_type"]
+        for key, value in fields.items():  # every published value reaches the config (none lost to a renamed field)
+            if key != "model_type":
+                assert getattr(config, key) == value, (name, key)

@@ -145,8 +145,9 @@ def test_bad_input(kwargs, words, monkeypatch):
         plan(**kwargs)
 
 
-def test_formats_listed():
-    assert set(FORMATS) >= {"bf16", "int8", "nf4"}
+def test_every_format_plans_and_fewer_bits_plan_fewer_bytes():
+    weights = {fmt: sum(plan_with_room("llama-2-7b", fmt, 1, 80).true_bytes_per_device.values()) for fmt in FORMATS}
+    assert weights["bf16"] > weights["int8"] > weights["nf4"] > 0, weights
 
 
 def test_show_plan_prints_and_draws(capsys):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from helpers.measure import compare_rates, rate_text
-from helpers.reference import records
+from helpers.reference import TIERS, read_reference, records, same_configuration
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,6 +137,55 @@ def test_a_comparison_states_its_spread_and_calls_an_overlap_no_difference():
     slower = compare_rates({"tokens_per_s": 1.0, "spread": (0.9, 1.1)}, {"tokens_per_s": 26.0, "spread": (25.0, 27.0)},
                            "split", "single")
     assert slower.endswith("split is slower") and "median 0.038x" in slower
+
+
+def test_without_spreads_a_ratio_is_judged_by_the_noise_bound_and_names_it():
+    """Figures without recorded repeats: a ratio outside [1/bound, bound] is a difference, one inside is not."""
+    one, bound = {"tokens_per_s": 43.8, "noise_bound": 1.9}, 1.9
+    offload = compare_rates({"tokens_per_s": 3.35, "noise_bound": bound}, one, "16 layers on the CPU", "none")
+    assert offload == ("16 layers on the CPU / none: 0.076x, beyond the 1.90x two runs of the same configuration "
+                       "differed by (no spread of repeats recorded): 16 layers on the CPU is slower")
+    inside = compare_rates({"tokens_per_s": 43.2, "noise_bound": bound}, {"tokens_per_s": 69.7, "noise_bound": bound},
+                           "split", "one GPU")
+    assert inside == ("split / one GPU: 0.62x, within the 1.90x two runs of the same configuration differed by: "
+                      "no difference can be claimed")
+    faster = compare_rates({"tokens_per_s": 3576.0, "noise_bound": bound}, {"tokens_per_s": 68.9}, "batch 64", "batch 1")
+    assert faster.endswith("batch 64 is faster") and "1.90x" in faster  # one record with the bound is enough
+    at_the_edge = compare_rates({"tokens_per_s": 19.0, "noise_bound": bound}, {"tokens_per_s": 10.0}, "a", "b")
+    assert at_the_edge.endswith("no difference can be claimed")  # the bound itself is still noise
+
+
+def test_the_noise_bound_is_the_largest_gap_between_runs_of_the_same_configuration():
+    def rec(path, tps, batch=1, gpus=1, **extra):
+        return {"shape": "llama-1b", "format": "bf16", "path": path, "batch": batch, "gpus": gpus,
+                "tokens_per_s": tps, **extra}
+
+    h200 = {"gpus": [["NVIDIA H200", 139.8]]}
+    files = {"one-gpu": {"hardware": h200, "records": [
+                 rec("one GPU", 60.0), rec("replicas", 50.0), rec("cpu offload", 45.0, layers_on_cpu=0),
+                 rec("cpu offload", 9.0, layers_on_cpu=4), rec("one GPU", 500.0, batch=16)]},
+             "two-gpu": {"hardware": {"gpus": h200["gpus"] * 2}, "records": [
+                 rec("one GPU", 90.0), rec("split", 40.0, gpus=2), rec("replicas", 61.0, gpus=2),
+                 rec("cpu offload", 13.5, layers_on_cpu=4)]}}
+    noise = same_configuration(files)
+    # the model whole on one GPU at batch 1: 45 (no layer offloaded) to 90; a split or two replicas are not it
+    assert noise["bound"] == 2.0 and noise["configurations"][0]["configuration"] == "one GPU, bf16, batch 1"
+    assert [len(c["figures"]) for c in noise["configurations"]] == [4, 2]
+    assert noise["configurations"][1]["configuration"] == "cpu offload, 4 layers on the CPU, bf16, batch 1"
+    other_gpu = {"hardware": {"gpus": [["NVIDIA H100 80GB HBM3", 79.2]]}, "records": [rec("one GPU", 200.0)]}
+    assert same_configuration({"a": files["one-gpu"], "h100": other_gpu})["bound"] == 60.0 / 45.0
+    assert same_configuration({"h100": other_gpu})["bound"] is None
+
+
+def test_read_reference_gives_figures_without_a_spread_the_bound_of_the_committed_files(capsys):
+    files = read_reference(0)
+    noise = files["one-gpu"]["noise"]
+    assert noise is files["two-gpu"]["noise"] and round(noise["bound"], 2) == 1.90
+    top = noise["configurations"][0]
+    assert top["configuration"] == "one GPU, bf16, batch 16" and {t for t, _ in top["figures"]} == set(TIERS)
+    assert all(r["noise_bound"] == noise["bound"] for res in files.values() for r in res["records"] if not r.get("spread"))
+    assert "differed by up to 1.90x" in capsys.readouterr().out
+    assert read_reference(2)["two-gpu"]["noise"]["bound"] == noise["bound"]  # from every file, not only those read
 
 
 # --- the rule, on what is stored ---------------------------------------------------------------------------------
