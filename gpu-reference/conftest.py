@@ -38,8 +38,8 @@ def pytest_collection_modifyitems(session, config, items):
         if cell is None or not hasattr(item, "options"):
             continue
         source = cell.source if isinstance(cell.source, str) else "".join(cell.source)
-        lines = [l.strip() for l in source.splitlines()]
-        first = next((l for l in lines if l and not l.startswith("# NBVAL")), "")
+        lines = [line.strip() for line in source.splitlines()]
+        first = next((line for line in lines if line and not line.startswith("# NBVAL")), "")
         where = Path(str(item.fspath))
         prefixes = _not_compared(where.parent).get(where.name, [])
         if "# GPU_VARIES" in lines or any(first.startswith(p) for p in prefixes):

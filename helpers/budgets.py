@@ -78,8 +78,8 @@ def _refused_key(key, error: Exception) -> str | None:
         if m:
             n = int(m.group(2) or 0)
             return (f"max_memory key {key!r}: name the GPU by its integer id, max_memory={{{n}: ...}} instead of "
-                    f"{{{text!r}: ...}}. {said[0].upper()}{said[1:]}, and so do infer_auto_device_map, "
-                    f"load_checkpoint_and_dispatch and from_pretrained.")
+                    f"{{{text!r}: ...}}; {said}, and so do infer_auto_device_map, load_checkpoint_and_dispatch "
+                    f"and from_pretrained.")
         plain = text.strip().lower()
         if plain in ("cpu", "disk", "mps") or plain.isdigit():
             fixed = int(plain) if plain.isdigit() else plain
@@ -163,11 +163,16 @@ def _parse(max_memory, strategy: str | None, stacklevel: int) -> dict:
     if max_memory is None:
         return {}
     if not isinstance(max_memory, Mapping):
-        try:
-            get_max_memory(copy.copy(max_memory))
-            said = ""
-        except Exception as e:  # noqa: BLE001 - whatever accelerate raises is quoted, then refused
-            said = f" (accelerate's get_max_memory fails with {type(e).__name__}: {e})"
+        said = ""
+        try:  # on a copy: accelerate writes into what it is given
+            arg = copy.copy(max_memory)
+        except Exception:  # noqa: BLE001 - not even copyable: accelerate is not asked
+            arg = None
+        if arg is not None:
+            try:
+                get_max_memory(arg)
+            except Exception as e:  # noqa: BLE001 - whatever accelerate raises is quoted, then refused
+                said = f" (accelerate's get_max_memory fails with {type(e).__name__}: {e})"
         example = repr(max_memory) if isinstance(max_memory, (str, bytes, numbers.Number)) else "'35GiB'"
         raise ValueError(
             f"max_memory must be a dict {{device: size}}, not {max_memory!r}{said}: write max_memory={{0: {example}}} "

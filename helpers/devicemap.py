@@ -79,14 +79,20 @@ def device_label(dev: int | str | None) -> str:
 
 
 def device_order(dev: int | str | None) -> tuple[int, int, str]:
-    """Sort key of devices: GPUs by id, then cpu, then disk, then anything else (None last). Notebook 02 introduces device maps."""
+    """Sort key of devices: GPUs by id, then cpu, then disk, then anything else (None last).
+
+    Notebook 02 introduces device maps.
+    """
     if dev is None:
         return (9, 0, "")
     return (0, dev, "") if isinstance(dev, int) else (_ORDER.get(dev, 3), 0, str(dev))
 
 
 def owner_key(name: str, device_map: dict) -> str | None:
-    """The map key that covers a tensor or module name (longest prefix; ``""`` covers all), or None. Notebook 02 explains the longest-prefix rule."""
+    """The map key that covers a tensor or module name (longest prefix; ``""`` covers all), or None.
+
+    Notebook 02 explains the longest-prefix rule.
+    """
     parts = name.split(".")
     for i in range(len(parts), 0, -1):
         key = ".".join(parts[:i])
@@ -96,7 +102,10 @@ def owner_key(name: str, device_map: dict) -> str | None:
 
 
 def device_of(name: str, device_map: dict) -> int | str | None:
-    """The canonical device of the map entry that covers ``name``, or None when no entry does. Notebook 02 explains the longest-prefix rule."""
+    """The canonical device of the map entry that covers ``name``, or None when no entry does.
+
+    Notebook 02 explains the longest-prefix rule.
+    """
     key = owner_key(name, device_map)
     return None if key is None else canonical_device(device_map[key])
 
@@ -271,9 +280,9 @@ def _label_strip(ax, units) -> int:
         x, w, left = (i + 0.5) * cell, _text_inches(_short(units[i][0][0])), i < n / 2
         a, b = (x, x + w) if left else (x - w, x)
         row = 0
-        while (any(a < r + 0.06 and l - 0.06 < b for l, r in texts.get(row, []))
+        while (any(a < right + 0.06 and left_ - 0.06 < b for left_, right in texts.get(row, []))
                or any(a <= v <= b for v in lines.get(row, []))
-               or any(l <= x <= r for k in range(row) for l, r in texts.get(k, []))):
+               or any(left_ <= x <= right for k in range(row) for left_, right in texts.get(k, []))):
             row += 1
         texts.setdefault(row, []).append((a, b))
         for k in range(row):
@@ -352,7 +361,8 @@ def plot_device_map(model: torch.nn.Module, device_map: dict, max_memory: dict |
     ax_strip.set_yticks([])
     ax_strip.set_xlim(-0.5, len(units) - 0.5)
     cut = any(len({d for _, d in members}) > 1 for _, members in units)
-    ax_strip.set_xlabel("modules in model order (numbers: decoder layers" + ("; hatched: cut across devices)" if cut else ")"),
+    ax_strip.set_xlabel("modules in model order (numbers: decoder layers"
+                        + ("; hatched: cut across devices)" if cut else ")"),
                         fontsize=9)
     title = textwrap.fill(title or "Device map: where each part of the model sits", 64)  # a long title: two lines
     ax_strip.set_title(title)
@@ -395,7 +405,8 @@ def plot_device_map(model: torch.nn.Module, device_map: dict, max_memory: dict |
         what = " + ".join(["weights"] + list(stacked))
         ax_bar.set_ylabel(f"{'bytes' if stacked else 'weights'} ({uname})")
         ax_bar.set_xlabel("device")
-        ax_bar.set_title(f"{what[0].upper()}{what[1:]} per device" + (" against its budget (red: over)" if budget else ""))
+        ax_bar.set_title(f"{what[0].upper()}{what[1:]} per device"
+                         + (" against its budget (red: over)" if budget else ""))
         outline = [Patch(fill=False, edgecolor="black", linewidth=1.2, label="budget (max_memory)")] if budget else []
         parts = [Patch(facecolor="white", edgecolor="0.35", hatch=hatch, label=label)
                  for label, hatch in zip(stacked, ("..", "xx", "++", "--"))]

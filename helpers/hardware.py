@@ -1,4 +1,4 @@
-"""A report of this machine: versions, devices, memory, disk, and the bitsandbytes library actually loaded (notebook 00)."""
+"""A report of this machine: versions, devices, memory, disk, and the bitsandbytes library loaded (notebook 00)."""
 
 from __future__ import annotations
 
@@ -67,9 +67,9 @@ def bnb_library() -> dict:
 
 
 def bnb_backend() -> str:
-    """One line for :func:`report`: e.g. ``"cuda (libbitsandbytes_cuda130.so, CUDA 13.0)"`` or ``"cpu (libbitsandbytes_cpu.so)"``.
+    """One line for :func:`report`, from :func:`bnb_library`. Notebook 00.
 
-    Notebook 00.
+    E.g. ``"cuda (libbitsandbytes_cuda130.so, CUDA 13.0)"`` or ``"cpu (libbitsandbytes_cpu.so)"``.
     """
     lib = bnb_library()
     if lib["library"] is None:

@@ -14,7 +14,10 @@ import torch
 
 
 def sync() -> None:
-    """Wait for every visible GPU (a split model runs on several); a no-op without CUDA. Notebooks 02 and 04 time with it."""
+    """Wait for every visible GPU (a split model runs on several); a no-op without CUDA.
+
+    Notebooks 02 and 04 time with it.
+    """
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             torch.cuda.synchronize(i)

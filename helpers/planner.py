@@ -426,7 +426,8 @@ def _number(name: str, value, low: float = 0.0, allow_none: bool = False):
 
 
 def _max_context(config, layers_on: dict, free: dict, batch: int) -> tuple[int, bool]:
-    """Longest context whose KV cache fits each GPU's free bytes (binary search); and whether the model's limit capped it."""
+    """Longest context whose KV cache fits each GPU's free bytes (binary search), and whether the model's limit
+    capped it."""
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2**20
 
     def fits(tokens: int) -> bool:
@@ -444,8 +445,9 @@ def _max_context(config, layers_on: dict, free: dict, batch: int) -> tuple[int, 
     return lo, False
 
 
-def plan(model: PretrainedConfig | str | os.PathLike, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24, strategy: str = "balanced",
-         cpu_gib: float | None = None, context: int = 4096, batch: int = 1, reserve_gib: float | None = None) -> Plan:
+def plan(model: PretrainedConfig | str | os.PathLike, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24,
+         strategy: str = "balanced", cpu_gib: float | None = None, context: int = 4096, batch: int = 1,
+         reserve_gib: float | None = None) -> Plan:
     """Plan a device map for ``n_gpus`` GPUs of ``gib_per_gpu`` GiB each, as ``from_pretrained`` would, with room
     for the KV cache of ``batch`` sequences of ``context`` tokens and a per-GPU reserve.
 

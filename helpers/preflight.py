@@ -256,7 +256,8 @@ def preflight(model: torch.nn.Module, device_map: dict, max_memory: dict | None 
             f"accelerate.infer_auto_device_map(model, max_memory=..., no_split_module_classes=model._no_split_modules)."
         )
     report = Report(budget=parse_budget(max_memory, strategy, stacklevel=2))
-    where = {key: canonical_device(value) for key, value in device_map.items()}  # map key -> canonical device (None: bad)
+    # map key -> canonical device (None: not a device)
+    where = {key: canonical_device(value) for key, value in device_map.items()}
     names = _tensor_order(model)
     owner = {n: owner_key(n, device_map) for n in names}
     device_of = {n: (where[k] if k is not None else None) for n, k in owner.items()}
@@ -347,7 +348,8 @@ def _check_devices(model, device_map, where, owner, device_of, no_split_module_c
     out = []
     for key, value in device_map.items():
         if where[key] is None:
-            why = "the meta device holds no data" if str(value).startswith("meta") else "not a device accelerate loads to"
+            why = ("the meta device holds no data" if str(value).startswith("meta")
+                   else "not a device accelerate loads to")
             out.append(Finding("unknown-device", f"device_map[{key!r}] = {value!r}: {why}.",
                                f"map {key!r} to a GPU id (0, 1, ...), 'cpu' or 'disk' (or an accelerator accelerate "
                                f"knows: 'mps', 'xpu:0', 'npu:0', ...)."))
@@ -375,7 +377,8 @@ def _check_devices(model, device_map, where, owner, device_of, no_split_module_c
     unknown = [k for k in device_map if k != "" and k not in modules]
     if unknown:
         out.append(Finding(
-            "unknown-module", f"{len(unknown)} map key(s) match no module of the model: {', '.join(map(repr, unknown[:5]))}.",
+            "unknown-module",
+            f"{len(unknown)} map key(s) match no module of the model: {', '.join(map(repr, unknown[:5]))}.",
             "use names from model.named_modules() (print(model) shows them); check for a missing 'model.' prefix."))
     n_unplaced = sum(1 for k in owner.values() if k is None)
     if n_unplaced:
@@ -462,8 +465,8 @@ def _check_ties(model, device_map, device_of, ckpt, loaded_empty=False) -> list[
                          f"('Cannot copy out of meta tensor; no data!').")
             if loaded_empty:  # from_pretrained inside init_empty_weights: tying two empty tensors loads nothing
                 fix = ("this model came out of from_pretrained inside init_empty_weights, so tie_weights() alone "
-                       "leaves it empty (every weight on meta). To plan with it, call model.tie_weights() and plan the map "
-                       "again; to run it, " + _LOAD_FOR_REAL + ".")
+                       "leaves it empty (every weight on meta). To plan with it, call model.tie_weights() and plan "
+                       "the map again; to run it, " + _LOAD_FOR_REAL + ".")
             else:
                 fix = ("call model.tie_weights() after building the empty model (or build it under "
                        "torch.device('meta')), then plan the map again.")
@@ -472,7 +475,9 @@ def _check_ties(model, device_map, device_of, ckpt, loaded_empty=False) -> list[
                 f"e.g. by init_empty_weights): sizes count the pair twice and a map may split it.{extra}", fix))
         if td is not None and sd is not None and td != sd:
             out.append(Finding(
-                "tied-split", f"tied parameters {target} ({device_label(td)}) and {source} ({device_label(sd)}) are on different devices.",
+                "tied-split",
+                f"tied parameters {target} ({device_label(td)}) and {source} ({device_label(sd)}) are on different "
+                f"devices.",
                 f"map the modules of both to one device that holds weights in memory, e.g. "
                 f"{owner_key(target, device_map)!r} and {owner_key(source, device_map)!r} both to "
                 f"{sd if sd != 'disk' else 'cpu'!r}; offload decoder layers instead."))
@@ -481,11 +486,11 @@ def _check_ties(model, device_map, device_of, ckpt, loaded_empty=False) -> list[
         for name, dev, other in ((target, td, source), (source, sd, target)):
             if name not in ckpt and other in ckpt and dev == "disk":
                 out.append(Finding(
-                    "tied-missing", f"{name} is not in the checkpoint (it is filled from {other} by the tie) and the map "
-                    f"puts it on disk: the offload index gets no entry for it and the forward pass fails with "
+                    "tied-missing", f"{name} is not in the checkpoint (it is filled from {other} by the tie) and the "
+                    f"map puts it on disk: the offload index gets no entry for it and the forward pass fails with "
                     f"KeyError: {name!r}.",
-                    f"keep {owner_key(name, device_map)!r} and {owner_key(other, device_map)!r} in memory (a GPU or 'cpu'); "
-                    f"offload decoder layers instead."))
+                    f"keep {owner_key(name, device_map)!r} and {owner_key(other, device_map)!r} in memory (a GPU or "
+                    f"'cpu'); offload decoder layers instead."))
         if target not in ckpt and source not in ckpt:
             out.append(Finding("tied-missing", f"neither {target} nor {source} is in the checkpoint.",
                                "check that the checkpoint matches the model (its config and class)."))
@@ -501,7 +506,8 @@ def _check_ties(model, device_map, device_of, ckpt, loaded_empty=False) -> list[
 
 
 def _check_no_split(model, device_of, no_split_module_classes) -> list[Finding]:
-    """No-split class names that match nothing; no-split modules (the model's own always included) cut across devices."""
+    """No-split class names that match nothing; no-split modules (the model's own always included) cut across
+    devices."""
     out = []
     modules = dict(model.named_modules())
     declared = sorted(getattr(model, "_no_split_modules", None) or [])
@@ -548,7 +554,8 @@ def _check_budget(used: dict, budget: dict) -> list[Finding]:
         n = sum(used[d] for d in devs)
         label = " + ".join(device_label(d) for d in devs)
         if key not in budget and key != "disk":
-            out.append(Finding("no-budget", f"the map uses {label} ({format_size(n)}) but max_memory gives it no budget.",
+            out.append(Finding("no-budget",
+                               f"the map uses {label} ({format_size(n)}) but max_memory gives it no budget.",
                                f"add {key!r} to max_memory or move its modules to a budgeted device."))
         elif key in budget and n > budget[key]:
             over = format_size(n - budget[key])

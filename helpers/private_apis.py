@@ -74,6 +74,13 @@ PRIVATE_NAMES = (
         "a bitsandbytes model with offload: from_pretrained returns no map when it raises. _get_device_map "
         "looks the function up in its module at each call."),
     PrivateName(
+        "transformers.distributed.mixin.DistributedMixin._resolve_parallel_plans", "transformers", "function",
+        ("notebooks/05",),
+        "the step from_pretrained(distributed_config=...) takes to turn the model's tensor-parallel plan, with "
+        "the DistributedConfig's tp_plan override, into {module or parameter: style}, and to refuse an empty "
+        "one; notebook 05 shows what each override resolves to without starting processes. No public call "
+        "returns the resolved plan."),
+    PrivateName(
         "transformers.PreTrainedModel._weight_conversions", "transformers", "attribute",
         ("helpers/preflight.py",),
         "set on a model by from_pretrained's loading (core_model_loading.py); with _is_hf_initialized, the "

@@ -159,10 +159,11 @@ def same_configuration(files: dict[str, dict]) -> dict:
 
     Returns ``{"bound": the largest ratio, highest over lowest tokens/s, of any configuration measured more than
     once (None where none was), "configurations": [{"configuration": "one GPU, bf16, batch 16", "figures":
-    [(tier, record), ...], "ratio": ...}, ...], each measured more than once, largest ratio first}``. :func:`read_reference` gives every record
-    without a spread this bound as ``noise_bound``, which :func:`helpers.measure.compare_rates` reads: a ratio
-    of two such figures inside ``[1 / bound, bound]`` claims no difference, one outside does. With the
-    committed files the bound is 1.90 (one GPU, batch 16, in the one-GPU and the two-GPU files).
+    [(tier, record), ...], "ratio": ...}, ...], each measured more than once, largest ratio first}``.
+    :func:`read_reference` gives every record without a spread this bound as ``noise_bound``, which
+    :func:`helpers.measure.compare_rates` reads: a ratio of two such figures inside ``[1 / bound, bound]``
+    claims no difference, one outside does. With the committed files the bound is 1.90 (one GPU, batch 16,
+    in the one-GPU and the two-GPU files).
     Notebooks 04 and 05, ``tests/test_stored_rates.py``.
     """
     groups: dict[tuple, list] = {}

@@ -80,15 +80,29 @@ if not n_gpus:
 # %%
 GiB, MiB = 2**30, 2**20
 
-H200_GB = 141  # NVIDIA's figure for the H200, in GB
-H200_GiB = round(H200_GB * 10**9 / GiB, 1)
-print(f"{H200_GB} GB = {H200_GB} x 10**9 bytes = {H200_GiB} GiB (1 GiB = {GiB:,d} bytes)")
+size = 16 * 10**9  # "16 GB", as a vendor or a shop writes it
+print(f"16 GB  = {size:>14,d} bytes = {size / GiB:.2f} GiB")
+print(f"16 GiB = {16 * GiB:>14,d} bytes = {16 * GiB / 10**9:.2f} GB   (1 GiB = {GiB:,d} bytes)")
 
 # %% [markdown]
-# A vendor's figure is not what a program gets. What a GPU really offers is the total that torch
-# reports for it (`torch.cuda.get_device_properties(i).total_memory`), shown in the report above and
-# below in both units; it need not match the vendor's figure in either unit, and the CUDA context
-# and PyTorch's caching allocator take some of it. Plan from the reported figure.
+# A vendor's figure is not what a program gets either. What a GPU really offers is the total that torch
+# reports for it (`torch.cuda.get_device_properties(i).total_memory`), shown in the report above; it need
+# not match the vendor's figure in either unit, and the CUDA context and PyTorch's caching allocator take
+# some of it. NVIDIA sells the H200 as a 141 GB card. The next cell reads what torch reported on the H200
+# of this workbook's GPU reference (`gpu-reference/one-gpu/results.json`), the cell after it what torch
+# reports here. Plan from the reported figure, as section 6 does for the H200.
+
+# %%
+import json
+from importlib.resources import files
+
+H200_VENDOR_GB = 141  # NVIDIA's data sheet (docs/published-figures.md)
+reference = files("helpers").joinpath("..", "gpu-reference", "one-gpu")  # the workbook's one-GPU reference
+hardware = json.loads(reference.joinpath("results.json").read_text())["hardware"]
+H200_NAME, H200_GiB = hardware["gpus"][0]  # torch's total_memory there, in GiB (rounded to 0.1)
+print(f"{H200_NAME}: sold as {H200_VENDOR_GB} GB = {H200_VENDOR_GB * 10**9 / GiB:.1f} GiB")
+print(f"  torch {hardware['torch']} reported {H200_GiB} GiB = {H200_GiB * GiB / 10**9:.1f} GB "
+      "(gpu-reference/one-gpu/results.json)")
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -221,9 +235,12 @@ print(f"the input embedding ({emb.shape[0]:,d} tokens x {emb.shape[1]:,d}) is {1
 #
 # `predict_footprint` (from `helpers.planner`) does not guess which layers those are: it builds the model
 # on the meta device (section 6), lets transformers' own quantizer prepare it exactly as
-# `from_pretrained` does, and charges each weight the quantizer will quantize the bytes above; the rest
-# keeps its load dtype (bf16 for the quantized formats unless you pass `dtype=`). Notebook 03's planner
-# asks the same question of the same prepared model, so the two always agree.
+# `from_pretrained` does, and charges each weight the quantizer will quantize the bytes above; every
+# other weight keeps the load dtype you pass as `dtype=` (without it, bf16 for the quantized formats).
+# Here that is float32, the dtype section 2 loaded this model in and the one notebook 01 loads its 8-bit
+# and 4-bit models in, so notebook 01 measures exactly these predictions; beside them, what
+# `dtype=torch.bfloat16` would give. Notebook 03's planner asks the same question of the same prepared
+# model, so the two always agree.
 
 # %%
 from helpers.planner import predict_footprint
@@ -235,10 +252,12 @@ FORMATS = list(bytes_per_weight)
 for fmt, b in bytes_per_weight.items():
     print(f"{fmt:<7} {b:.4f} bytes per weight (in_features={hidden})")
 
-predicted = {fmt: predict_footprint(model, fmt) for fmt in FORMATS}
-print()
+QUANTIZED = ("int8", "nf4", "nf4-dq")
+predicted = {fmt: predict_footprint(model, fmt, dtype=model.dtype if fmt in QUANTIZED else None) for fmt in FORMATS}
+rest_bf16 = {fmt: predict_footprint(model, fmt, dtype=torch.bfloat16) for fmt in QUANTIZED}
+print(f"\npredicted footprint (quantized formats: the rest of the model in {model.dtype} | in torch.bfloat16)")
 for fmt, b in predicted.items():
-    print(f"predicted footprint, {fmt:<7}: {b / MiB:8.1f} MiB")
+    print(f"  {fmt:<7}: {b / MiB:8.1f} MiB" + (f" | {rest_bf16[fmt] / MiB:6.1f} MiB" if fmt in QUANTIZED else ""))
 
 # %% [markdown]
 # ## 5. Check the prediction against a measurement
@@ -260,11 +279,14 @@ for fmt in measured:
     print(f"{fmt}: predicted {predicted[fmt] / MiB:.1f} MiB, measured {measured[fmt] / MiB:.1f} MiB, "
           f"gap {gap:,d} bytes; the model's buffers: {buffers[fmt]:,d} bytes")
     assert gap == buffers[fmt], "parameters x bytes per parameter should be the footprint, less the buffers"
+print("the buffers:", ", ".join(f"{n} ({b.numel()} x {str(b.dtype).removeprefix('torch.')})"
+                                for n, b in model.named_buffers()) or "none")
 
 # %% [markdown]
-# The gap is exactly the model's buffers (for the bundled model, the rotary embedding's `inv_freq`: 32
-# floats), which are tensors but not parameters; the predictor counts parameters only. Parameters times
-# bytes per parameter *is* the weight footprint.
+# The gap is exactly the model's buffers, printed last (for the bundled model, the rotary embedding's
+# `inv_freq` and `original_inv_freq`, 32 float32 values each, float32 in every load), which are tensors
+# but not parameters; the predictor counts parameters only. Parameters times bytes per parameter *is*
+# the weight footprint.
 #
 # That is the weights only. Running the model also needs activations and the KV cache, and the
 # process itself (Python, PyTorch, the tokenizer). The resident memory of this process shows it:
@@ -287,7 +309,8 @@ ax.bar([x + 0.2 for x in xs], [measured.get(f, 0) / MiB for f in FORMATS], width
        label="measured (get_memory_footprint)")
 ax.set_xticks(list(xs), FORMATS)
 ax.set_ylabel("weight memory (MiB)")
-ax.set_title(f"{MODEL} model: predicted vs measured footprint\n(int8/NF4 measured in notebook 01)")
+ax.set_title(f"{MODEL} model: predicted vs measured footprint\n"
+             f"(int8/NF4: the rest in {model.dtype}, as notebook 01 loads and measures them)")
 ax.legend()
 plt.show()
 
@@ -321,11 +344,12 @@ print(f"built in {time.perf_counter() - start:.1f} s")
 # %% [markdown]
 # `predict_footprint` takes a configuration too: a shape name from `helpers.shapes` (the published
 # configs of bloom-1b7 and Llama-2 7B/13B/70B, written in code), a config object, or a checkpoint folder.
-# It builds each on the meta device as above, so it sizes all of them, in every format, in seconds:
+# It builds each on the meta device as above, so it sizes all of them, in every format, in seconds. No
+# `dtype=` this time: in the quantized formats the parts left unquantized are counted in bf16.
 
 # %%
 estimates = {}
-print(f"{'model':<12} {'params':>7}  GiB of weights in each format")
+print(f"{'model':<12} {'params':>7}  GiB of weights in each format (int8/NF4: the rest in bf16)")
 for name in ("bloom-1b7", "llama-2-7b", "llama-2-13b", "llama-2-70b"):
     estimates[name] = {fmt: predict_footprint(name, fmt) / GiB for fmt in FORMATS}
     params = estimates[name]["fp32"] * GiB / 4  # 4 bytes a parameter
@@ -336,9 +360,9 @@ assert abs(estimates["llama-2-70b"]["bf16"] * GiB - predict_footprint(big, "bf16
 # %%
 import numpy as np
 
-# nominal sizes, as usually quoted (what torch reports for a card can differ: section 1); the H200's is in GB
-gpu_sizes = {"16 GiB": 16, "24 GiB (RTX 4090)": 24, "40 GiB (A100 40GB)": 40, "80 GiB (A100/H100 80GB)": 80,
-             f"H200: {H200_GB} GB = {H200_GiB} GiB": H200_GiB}
+# round sizes in GiB, and one real card at the total torch reported for it (section 1)
+gpu_sizes = {"16 GiB": 16, "24 GiB": 24, "40 GiB": 40, "80 GiB": 80,
+             f"{H200_NAME}: {H200_GiB} GiB, as torch reported it": H200_GiB}
 fig, ax = plt.subplots(figsize=(9, 4.5))
 names = list(estimates)
 width = 0.8 / len(FORMATS)
@@ -351,7 +375,7 @@ for label, size in gpu_sizes.items():
 ax.set_yscale("log")
 ax.set_xticks(range(len(names)), names)
 ax.set_ylabel("weight memory (GiB, log scale)")
-ax.set_title("Weights alone, by format, against nominal GPU sizes")
+ax.set_title("Weights alone, by format, against GPU memory sizes")
 ax.set_ylim(1, 1000)
 ax.legend(ncol=6, fontsize=8, loc="upper center")
 plt.show()
@@ -359,10 +383,11 @@ plt.show()
 # %% [markdown]
 # Read it off the estimates printed above: Llama-2-7B needs about 12.5 GiB in bf16 (one 16 GiB GPU, barely,
 # before the KV cache), 13B in bf16 does not fit a 24 GiB card but does in int8 or NF4, and 70B needs about
-# 128 GiB in bf16: two 80 GiB GPUs, or one in NF4. The lines are nominal sizes; what a card really offers
-# is what torch reports for it (section 1 prints it where there is a GPU).
+# 128 GiB in bf16: two 80 GiB GPUs, or one in NF4. The grey lines are round sizes in GiB, and one H200 at
+# the total torch reported for it; what your card offers is what torch reports for it (section 1 prints
+# it where there is a GPU).
 #
-# One H200 (141 GB = 131.3 GiB nominal) holds the 70B model's bf16 weights. What is left, less the CUDA
+# One H200, at that reported total, holds the 70B model's bf16 weights. What is left, less the CUDA
 # context and activations, is room for the **KV cache**: each token of context keeps a key and a value
 # vector per layer. The planner of notebook 03 (`helpers.planner.plan`) counts both, with a reserve for
 # the CUDA context and activations measured on a GPU, and finds the longest context that fits:
@@ -374,7 +399,8 @@ p70 = plan("llama-2-70b", "bf16", n_gpus=1, gib_per_gpu=H200_GiB, context=4096)
 print(p70.summary())
 weights, per_token = p70.true_bytes_per_device[0], p70.kv_bytes_per_device[0] / 4096
 free = H200_GiB * GiB - weights - p70.reserve_bytes
-print(f"\nleft after the weights: {(H200_GiB * GiB - weights) / GiB:.2f} GiB; after the reserve too: {free / GiB:.2f} GiB")
+print(f"\nleft after the weights: {(H200_GiB * GiB - weights) / GiB:.2f} GiB; "
+      f"after the reserve too: {free / GiB:.2f} GiB")
 print(f"KV cache per token: {per_token / MiB:.4f} MiB (80 layers x 8 key/value heads x 128 x 2 for key and value "
       f"x 2 bytes)")
 tokens, windows = int(free // per_token), int(free // (4096 * per_token))
@@ -387,6 +413,22 @@ print(f"in NF4 the same GPU would keep {nf4_free / GiB:.1f} GiB for the cache: "
 # So "the weights fit" is not the whole answer: what is left is counted in tokens of context, printed
 # above. The reserve was measured on an H200 with the small bundled model; a 70B model's activations are
 # larger, so take these token counts as an upper bound. Those are the situations notebooks 01 to 05 handle.
+#
+# The reserve's file, `gpu-reference/one-gpu/reserve.json`, was written by hand from the figures that GPU
+# run printed (its `note` says so). Its activations are the peak less the weights and the KV cache, so
+# check its weights figure against the bundled model's bf16 weights measured in section 5:
+
+# %%
+reserve = json.loads(reference.joinpath("reserve.json").read_text())
+print(f"reserve.json: {reserve['reserve_bytes'] / MiB:.0f} MiB = {reserve['context_bytes'] / MiB:.0f} MiB CUDA context"
+      f" + {reserve['activation_bytes'] / MiB:.0f} MiB activations; weights {reserve['weights_bytes']:,d} bytes")
+if MODEL == "bundled":  # the reserve was measured with the bundled model, in bf16
+    gap = reserve["weights_bytes"] - (measured["bf16"] - buffers["bf16"])
+    print(f"the bundled model's bf16 weights: {measured['bf16'] - buffers['bf16']:,d} bytes, {gap / MiB:.0f} MiB "
+          f"{'fewer' if gap > 0 else 'more'}")
+    if gap:
+        print(f"-> counted with these weights, the activations and so the reserve would be {abs(gap) / MiB:.0f} MiB "
+              f"({abs(gap) / reserve['reserve_bytes']:.0%}) {'larger' if gap > 0 else 'smaller'}")
 
 # %% [markdown]
 # ## Summary

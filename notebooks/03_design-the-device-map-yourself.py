@@ -92,8 +92,8 @@ def say(*parts):
 #
 # The config is a few kilobytes of JSON; `AutoModelForCausalLM.from_config` builds the causal-LM class
 # registered for its `model_type` and takes the dtype (transformers 5 calls it `dtype`; `torch_dtype` is
-# deprecated).
-# Built inside `init_empty_weights()`, every parameter lands on the meta device: shapes and dtypes, no data.
+# deprecated). Built inside `init_empty_weights()`, every parameter lands on the meta device: shapes and
+# dtypes, no data.
 
 # %%
 config = AutoConfig.from_pretrained(path)
@@ -229,8 +229,9 @@ print(f"same {NEW_TOKENS} tokens as the model loaded whole")
 #
 # **What changed since the recipe was first written** (accelerate's 2022 guide): `torch_dtype=` is
 # now `dtype=`; `_no_split_modules` is a set read from the class (no need to type `"LlamaDecoderLayer"`);
-# `init_empty_weights` needs `tie_weights()` afterwards; a multi-device map must be loaded with the
-# same `offload_folder` it was planned with. And, as ever, a model built from its config is in
+# `init_empty_weights` needs `tie_weights()` afterwards; a map with `"disk"` entries needs the folder
+# `load_checkpoint_in_model` wrote passed to `dispatch_model` (`offload_dir=`: without it, it raises
+# "We need an `offload_dir`..."). And, as ever, a model built from its config is in
 # training mode until `eval()`: with dropout on (GPT-2, for one) it would not generate the tokens of
 # the model loaded whole.
 
@@ -315,17 +316,20 @@ assert good == {0: 24 * 2**30, "cpu": 30 * 2**30}, "GPU ids are ints, sizes byte
 # ## 3. `balanced`, `balanced_low_0` and `sequential` on the same budget
 #
 # Take the Llama-2-7B shape (built on the meta device from its published config: no weights, no
-# download) in bf16, and four 24 GiB GPUs. `from_pretrained(device_map=...)` accepts three strategies;
-# with accelerate's functions the same three are:
+# download) in bf16, and four 24 GiB GPUs. `from_pretrained(device_map=...)` accepts three strategies,
+# and computes them with transformers' own copies of accelerate's planning functions (in
+# `transformers/integrations/accelerate.py`, called by its `_get_device_map`), which this section uses:
 # - **sequential**: `infer_auto_device_map` with the full budgets: fill GPU 0, then GPU 1, ...
 # - **balanced** (what `"auto"` means): first `get_balanced_memory` lowers each GPU's cap to about
-#   model size / number of GPUs plus a margin (1.25 x the largest layer or leaf tensor); the last GPU
-#   keeps its full budget in case the margin was not enough.
+#   model size / number of GPUs plus a margin: 1.25 x the larger of the biggest decoder layer and the
+#   biggest leaf module (often the embedding); the last GPU keeps its full budget in case the margin
+#   was not enough.
 # - **balanced_low_0**: the same, but GPU 0 gets as little as possible, leaving it room for what
 #   `generate` puts there (inputs, logits, the sampling).
 
 # %%
-from accelerate.utils import get_balanced_memory
+from transformers.integrations.accelerate import get_balanced_memory as hf_balanced_memory
+from transformers.integrations.accelerate import infer_auto_device_map as hf_infer_auto_device_map
 
 from helpers.shapes import shape_config
 
@@ -337,10 +341,9 @@ no_split = llama7._no_split_modules
 strategies = {}
 with quiet_planning():
     for name in ("balanced", "balanced_low_0", "sequential"):
-        caps = dict(budget) if name == "sequential" else get_balanced_memory(
+        caps = get_max_memory(dict(budget)) if name == "sequential" else hf_balanced_memory(
             llama7, max_memory=dict(budget), no_split_module_classes=no_split, low_zero=(name == "balanced_low_0"))
-        strategies[name] = infer_auto_device_map(llama7, max_memory=caps, no_split_module_classes=no_split)
-        caps = {k: convert_file_size_to_int(v) if isinstance(v, str) else v for k, v in caps.items()}
+        strategies[name] = hf_infer_auto_device_map(llama7, max_memory=caps, no_split_module_classes=no_split)
         print(f"{name:>15}: caps (GiB) {[round(v / 2**30, 2) for v in caps.values()]}")
 
 for name, dm in strategies.items():
@@ -360,6 +363,30 @@ print(used)
 assert used["sequential"] == [0] and 0 not in used["balanced_low_0"] and used["balanced"] == [0, 1, 2, 3]
 
 # %% [markdown]
+# **accelerate's functions of the same names** (`accelerate.utils.get_balanced_memory` and
+# `accelerate.infer_auto_device_map`, which accelerate's `load_checkpoint_and_dispatch` uses) balance
+# with a margin that is never larger: 1.25 x the larger of the *first* decoder layer and the *mean*
+# size of the leaf modules. For Llama-2-7B both margins are the decoder layer, so the caps above are the same;
+# for a model whose embedding outweighs its layers they are not. Bloom-1b7 in bf16 on four 80 GiB GPUs:
+
+# %%
+from accelerate.utils import get_balanced_memory as acc_balanced_memory
+
+with torch.device("meta"):
+    bloom = AutoModelForCausalLM.from_config(shape_config("bloom-1b7"), dtype=torch.bfloat16)
+four_80 = {i: 80 * 2**30 for i in range(4)}
+with quiet_planning():
+    for who, balance, place_modules in (("transformers'", hf_balanced_memory, hf_infer_auto_device_map),
+                                        ("accelerate's", acc_balanced_memory, infer_auto_device_map)):
+        caps = balance(bloom, max_memory=dict(four_80), no_split_module_classes=bloom._no_split_modules)
+        dm = place_modules(bloom, max_memory=caps, no_split_module_classes=bloom._no_split_modules)
+        say(f"{who:<14} caps (GiB) {[round(v / 2**30, 2) for v in caps.values()]}: model on GPUs "
+            f"{sorted(set(dm.values()))}")
+    same_for_llama7 = acc_balanced_memory(llama7, max_memory=dict(budget), no_split_module_classes=no_split) == \
+        hf_balanced_memory(llama7, max_memory=dict(budget), no_split_module_classes=no_split)
+print("llama-2-7b on 4 x 24 GiB, the same caps from both:", same_for_llama7)
+
+# %% [markdown]
 # `sequential` keeps the whole model on one GPU when it fits: fewest transfers between GPUs, but one GPU
 # does all the work and holds all the memory. `balanced` spreads the weights (and so the KV cache, which
 # lives beside each layer); it does not make a single sequence faster (notebook 04: the layers still run
@@ -367,14 +394,15 @@ assert used["sequential"] == [0] and 0 not in used["balanced_low_0"] and used["b
 #
 # **Skipped GPU ids.** Say GPU 1 is busy and you write `max_memory={0: ..., 2: ...}`. `balanced` and
 # `sequential` take it, but `balanced_low_0` reads the budgets of GPUs 0, 1, ... by position and stops
-# with a bare `KeyError: 1` (`from_pretrained(device_map="balanced_low_0")` fails the same way:
-# notebook 06, case 10). The check says why, and what to write instead:
+# with a bare `KeyError: 1`: transformers' `get_balanced_memory` below, so
+# `from_pretrained(device_map="balanced_low_0")` (notebook 06, case 10), and accelerate's alike. The
+# check says why, and what to write instead:
 
 # %%
 SKIPPED = {0: "24GiB", 2: "24GiB"}  # GPU 1 left out
 with quiet_planning():
-    refused(lambda: get_balanced_memory(llama7, max_memory=dict(SKIPPED), no_split_module_classes=no_split,
-                                        low_zero=True), KeyError, label="accelerate:")
+    refused(lambda: hf_balanced_memory(llama7, max_memory=dict(SKIPPED), no_split_module_classes=no_split,
+                                       low_zero=True), KeyError, label="transformers:")
 gap = refused(lambda: preflight(llama7, strategies["balanced"], SKIPPED, strategy="balanced_low_0"), ValueError,
               label="the check:")
 print("the same budget with 'balanced', as the check reads it:",
@@ -389,7 +417,10 @@ assert gap is not None, "the check should refuse GPU ids with a gap for balanced
 # the map, the bytes per device and a verdict. *Fits* needs every module on a GPU and, on each GPU, the
 # weights plus the KV cache (by default 4,096 tokens of context, batch 1: section 6) plus a reserve for
 # the CUDA context and activations (measured on a GPU) within its budget. (For NF4 it prepares the
-# model with transformers' quantizer; section 5 shows those steps.) Nine setups per format:
+# model with transformers' quantizer; section 5 shows those steps.) Nine setups per format. The
+# weights are in two columns: *counted* as transformers counts them to place modules (0.5 byte per
+# 4-bit weight), and *real*, with the scales bitsandbytes stores beside NF4 weights (section 5; notebook
+# 00's footprints are these); the largest load on a GPU and the verdict use the real bytes:
 
 # %%
 from helpers.planner import plan
@@ -399,21 +430,24 @@ SETUPS = ((2, 24), (4, 80), (8, 80))
 FORMATS = ("bf16", "nf4")
 plans = {(s, f, n, g): plan(s, f, n, g) for s in SHAPES for f in FORMATS for n, g in SETUPS}
 
-print(f"{'model':<12} {'format':<6} {'GPUs':>10}  {'weights':>10}  {'max on a GPU':>12}  {'GPUs used':>9}  verdict")
+print(f"{'':<32}{'weights (GiB)':^17}".rstrip())
+print(f"{'model':<12} {'format':<6} {'GPUs':>10}  {'counted':>8} {'real':>8}  {'max on a GPU':>12}  {'GPUs used':>9}"
+      "  verdict")
 for (s, f, n, g), p in plans.items():
     gpus = [d for d in p.bytes_per_device if isinstance(d, int)]
-    on_gpu = max(p.bytes_per_device[d] for d in gpus)
-    spilled = ", ".join(d for d in p.bytes_per_device if d in ("cpu", "disk")) or "no room for KV cache + reserve"
+    on_gpu = max(p.true_bytes_per_device[d] for d in gpus)
+    spilled = ", ".join(d for d in p.bytes_per_device if d in ("cpu", "disk")) or "KV + reserve"
     verdict = "fits" if p.fits else f"does not fit: {spilled}"
-    print(f"{s:<12} {f:<6} {n:>2} x {g:>2} GiB  {p.total_bytes / 2**30:6.2f} GiB  {on_gpu / 2**30:9.2f} GiB  "
-          f"{len(gpus):>5} of {n}  {verdict}")
+    print(f"{s:<12} {f:<6} {n:>2} x {g:>2} GiB  {p.total_bytes / 2**30:8.2f} {p.total_true_bytes / 2**30:8.2f}  "
+          f"{on_gpu / 2**30:8.2f} GiB  {len(gpus):>5} of {n}  {verdict}")
 
 # %% [markdown]
 # Two things stand out. The 70B shape in bf16 does not fit 2 x 24 GiB (`plan` allows no CPU RAM
 # unless you give it `cpu_gib`, so its remaining layers go to disk). And `balanced` often uses fewer
 # GPUs than you have ("GPUs used"): its per-GPU cap is the model size / number of GPUs plus a margin
-# of 1.25 x the largest tensor, and for a small model with a big vocabulary that margin (1.25 x the
-# embedding) is larger than the share itself.
+# of 1.25 x the biggest decoder layer or leaf module (transformers' `get_balanced_memory`, section 3),
+# and for a small model with a big vocabulary that margin (1.25 x the embedding) is larger than the
+# share itself.
 #
 # Each plan drawn: one figure per model and format, one strip per setup, one cell per module in
 # model order, coloured by device (the legend gives each device's weights against its budget).
@@ -481,7 +515,8 @@ llama70, quantizer = prepare(shape_config("llama-2-70b"), qconfig)
 
 # %% [markdown]
 # Called on the 70B shape with an NF4 config, then sized by transformers' `compute_module_sizes`
-# with the quantizer (the sizes the planner uses), beside the same shape in bf16:
+# with the quantizer (the sizes the planner places modules with: section 4's *counted* column, 0.5 byte
+# per 4-bit weight and no scales), beside the same shape in bf16:
 
 # %%
 from transformers.integrations.accelerate import compute_module_sizes as hf_module_sizes
@@ -492,8 +527,8 @@ print("q_proj:", type(llama70.model.layers[0].self_attn.q_proj).__name__,
 q_sizes, _ = hf_module_sizes(llama70, quantizer)
 bf16_sizes, _ = hf_module_sizes(prepare(shape_config("llama-2-70b"))[0])
 for name in ("model.embed_tokens", "model.layers.0", "lm_head", ""):
-    print(f"{name or '(whole model)':<20} bf16 {bf16_sizes[name] / 2**30:7.3f} GiB -> NF4 {q_sizes[name] / 2**30:7.3f} GiB"
-          f"  ({q_sizes[name] / bf16_sizes[name]:.3f} x)")
+    print(f"{name or '(whole model)':<20} bf16 {bf16_sizes[name] / 2**30:7.3f} GiB -> NF4 "
+          f"{q_sizes[name] / 2**30:7.3f} GiB  ({q_sizes[name] / bf16_sizes[name]:.3f} x)")
 print(f"a global 0.25 x would predict {0.25 * bf16_sizes[''] / 2**30:.2f} GiB for the whole model")
 for s in SHAPES:  # the smaller the model, the more its (unshrunk) embedding weighs
     nf4, bf16 = plans[(s, "nf4", 2, 24)].total_bytes, plans[(s, "bf16", 2, 24)].total_bytes
@@ -507,10 +542,6 @@ assert q_sizes["model.embed_tokens"] == bf16_sizes["model.embed_tokens"], "the e
 # it, place the modules:
 
 # %%
-from transformers.integrations.accelerate import get_balanced_memory as hf_balanced_memory
-from transformers.integrations.accelerate import infer_auto_device_map as hf_infer_auto_device_map
-
-
 def place(model, quantizer, max_memory):
     """The map from_pretrained(device_map="auto", max_memory=...) computes, and the caps it used."""
     no_split = model._no_split_modules
@@ -552,7 +583,8 @@ import transformers.integrations.accelerate as hf_accelerate
 small_model, qsmall = prepare(config, qconfig)
 small_sizes, _ = hf_module_sizes(small_model, qsmall)
 small_layers = [n for n, m in small_model.named_modules() if type(m).__name__ in small_model._no_split_modules]
-room = small_sizes[""] - sum(small_sizes[n] for n in small_layers) + len(small_layers) // 2 * small_sizes[small_layers[0]]
+room = (small_sizes[""] - sum(small_sizes[n] for n in small_layers)
+        + len(small_layers) // 2 * small_sizes[small_layers[0]])
 SMALL = {0: room, "cpu": room} if N_GPUS else {"cpu": room}
 seen = {}
 original = hf_accelerate.infer_auto_device_map
@@ -573,12 +605,42 @@ finally:
     hf_accelerate.infer_auto_device_map = original
 
 # %% [markdown]
-# The remedy it names is real, but its "32-bit" is not what transformers 5.24 does: with
-# `llm_int8_enable_fp32_cpu_offload=True` and a `device_map` **dict**, `_process_model_before_weight_loading`
-# (`quantizers/quantizer_bnb_4bit.py`) only adds the modules the dict maps to `"cpu"` or `"disk"` to the
-# modules it does not convert. They stay unquantized in the load dtype (`dtype=`, bf16 here), not
-# float32; with `"auto"` the flag does nothing, because the map is planned after that step. Notebook 06,
-# case 9, runs the remedy and measures it.
+# The remedy it names is real, but it does not do what the message says. In transformers 5.24
+# (`quantizers/quantizer_bnb_4bit.py`) `llm_int8_enable_fp32_cpu_offload=True` acts in two places:
+# - `_process_model_before_weight_loading`: with a `device_map` **dict**, the modules the dict maps to
+#   `"cpu"` or `"disk"` are added to the modules it does not convert. They stay unquantized in the load
+#   dtype (`dtype=`, bf16 here), not float32.
+# - `validate_environment`: the flag switches the refusal above off.
+#
+# With `device_map="auto"` the first step sees the string `"auto"` (the map is computed later, in
+# `_get_device_map`), so it keeps nothing unquantized; the refusal, checked on the computed map, is
+# off all the same. Both, on the meta model prepared as `from_pretrained` prepares it, with the flag:
+
+# %%
+flagged = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                             llm_int8_enable_fp32_cpu_offload=True)
+flag_model, flag_quantizer = prepare(config, flagged)  # preprocess_model with device_map="auto", as from_pretrained
+
+
+def n_4bit(m):
+    return sum(type(x).__name__ == "Linear4bit" for x in m.modules())
+
+
+say(f"4-bit layers with the flag and 'auto': {n_4bit(flag_model)} (without the flag: {n_4bit(small_model)}); "
+    f"modules not converted: {sorted(flag_quantizer.modules_to_not_convert)} (without the flag: "
+    f"{sorted(qsmall.modules_to_not_convert)})")
+offloaded = sorted({str(d) for d in seen["map"].values()} & {"cpu", "disk"})
+flag_quantizer.validate_environment(device_map=seen["map"])  # the map from_pretrained computed above: no error
+say(f"validate_environment on from_pretrained's map, which has {' and '.join(offloaded)} entries: no refusal")
+assert n_4bit(flag_model) == n_4bit(small_model) and offloaded, "with 'auto' the flag converts the same layers"
+
+# %% [markdown]
+# So with `"auto"` the flag lets 4-bit layers go to the CPU or the disk, which is not what the message
+# promises. Tried while this notebook was written (not run here: a 4-bit load of the checkpoint takes
+# 10 s or more on 2 cores), on a CPU-only machine with transformers 5.24, accelerate 1.15 and
+# bitsandbytes 0.50: the bundled model loads with this budget and the flag, runs its first forward
+# pass, and fails at the second with `NotImplementedError: Cannot copy out of meta tensor; no data!`.
+# The remedy works with a `device_map` dict: notebook 06, case 9, runs it and measures it.
 #
 # `prepare` and `place` on the same config give the map `from_pretrained` computed:
 
@@ -624,7 +686,8 @@ for double in (False, True):
 # %%
 p70 = plans[("llama-2-70b", "nf4", 2, 24)]
 for dev, n in p70.bytes_per_device.items():
-    print(f"GPU {dev}: transformers counts {n / 2**30:.2f} GiB, with the scales {p70.true_bytes_per_device[dev] / 2**30:.2f} GiB")
+    print(f"GPU {dev}: transformers counts {n / 2**30:.2f} GiB, "
+          f"with the scales {p70.true_bytes_per_device[dev] / 2**30:.2f} GiB")
 
 # %% [markdown]
 # 2. **It cuts each budget to 90%** (`adjust_max_memory`: room for buffers made while quantizing). This
@@ -654,7 +717,8 @@ say(f"llama-2-7b NF4: {total7 / 2**30:.2f} GiB of weights (transformers' count) 
 # of every token it has seen, so that the next token can attend to them without recomputing them:
 # the **KV cache**. Per token of context it takes
 #
-# $$2 \text{ (a key and a value)} \times \text{layers} \times \text{KV heads} \times \text{head dim} \times \text{bytes per value}$$
+# $$2 \text{ (a key and a value)} \times \text{layers} \times \text{KV heads}
+#   \times \text{head dim} \times \text{bytes per value}$$
 #
 # where *KV heads* is `num_key_value_heads` (grouped-query attention shares each key/value head among
 # several query heads, so it can be far below `num_attention_heads`) and *head dim* is `hidden_size /
@@ -673,7 +737,8 @@ say(f"llama-2-7b NF4: {total7 / 2**30:.2f} GiB of weights (transformers' count) 
 from helpers.memory import kv_cache_bytes
 
 kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-n_layers, head_dim = config.num_hidden_layers, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+n_layers = config.num_hidden_layers
+head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 per_token = 2 * n_layers * kv_heads * head_dim * dtype.itemsize
 say(f"2 x {n_layers} layers x {kv_heads} KV heads (for {config.num_attention_heads} query heads) x head dim "
     f"{head_dim} x {dtype.itemsize} bytes = {per_token:,} bytes per token")
@@ -708,15 +773,17 @@ print(f"{'shape':<12} {'layers':>6} {'KV heads':>8} {'per token':>11}" + "".join
 for name in ("llama-2-7b", "llama-2-70b"):
     c = shape_config(name)
     row = "".join(f"{kv_cache_bytes(c, t) / 2**30:>8.2f} GiB" for t in CONTEXTS)
-    print(f"{name:<12} {c.num_hidden_layers:>6} {c.num_key_value_heads:>8} {kv_cache_bytes(c, 1) / 2**20:>7.3f} MiB{row}")
+    per_token_mib = kv_cache_bytes(c, 1) / 2**20
+    print(f"{name:<12} {c.num_hidden_layers:>6} {c.num_key_value_heads:>8} {per_token_mib:>7.3f} MiB{row}")
 l7, l70 = shape_config("llama-2-7b"), shape_config("llama-2-70b")
-print("max_position_embeddings of these shapes (LlamaConfig's default):", l70.max_position_embeddings)
+say(f"max_position_embeddings of these shapes: {l70.max_position_embeddings:,} (Llama-2's published configs, as "
+    f"helpers.shapes writes them; LlamaConfig's default is {transformers.LlamaConfig().max_position_embeddings:,})")
 assert kv_cache_bytes(l70, 131072) == 32 * kv_cache_bytes(l70, 4096), "the cache grows linearly with the context"
 assert kv_cache_bytes(l7, 4096, batch=8) == 8 * kv_cache_bytes(l7, 4096), "... and with the batch"
 assert kv_cache_bytes(l7, 4096) > kv_cache_bytes(l70, 4096), "more KV heads outweigh more layers"
 
 # %% [markdown]
-# Compare the 128k column with the weights column of section 4's table: at long contexts the cache of
+# Compare the 128k column with the weights columns of section 4's table: at long contexts the cache of
 # one sequence rivals the weights. The 7B shape's cache is the larger at every length: without
 # grouped-query attention it keeps a key/value head per query head. The formula does not ask whether a
 # model was trained for that length; the planner below caps its longest context at the config's
@@ -889,8 +956,8 @@ print("offload folder removed:", not OFFLOAD.exists())
 #    what is left of the NF4 one (1 byte against 0.5 per weight, as transformers counts them).
 # 4. Write a map by hand for the model of section 1 that puts the `mlp` of one decoder layer (the cell
 #    below prints which) on another device than the rest of that layer, every other module somewhere too,
-#    and put it in `cut_map` below. The check runs `preflight` on it: its report should have a
-#    `no-split-cut` finding.
+#    and put it in `cut_map` below. The check runs `preflight` on it: its report should have one
+#    `no-split-cut` finding, for that layer, and the part should sit apart from the rest of the layer.
 # 5. Without calling `kv_cache_bytes`, work out the KV cache (GiB, bf16) of the `llama-2-70b` shape
 #    for 8 sequences of 32,768 tokens (its fields: `shape_config("llama-2-70b")`). Put it in `kv_gib`.
 
@@ -900,7 +967,9 @@ cut_map = None       # exercise 4: a dict {module name: device} for the model of
 kv_gib = None        # exercise 5: GiB of KV cache
 
 CUT_LAYER = layers[len(layers) // 2]  # exercise 4's decoder layer
-say("exercise 4's layer:", CUT_LAYER, "| its parts:", [n for n, _ in small_model.get_submodule(CUT_LAYER).named_children()])
+parts = [n for n, _ in small_model.get_submodule(CUT_LAYER).named_children()]
+PART = "mlp" if "mlp" in parts else parts[-1]  # the part exercise 4 moves (every model here names one mlp)
+say(f"exercise 4's layer: {CUT_LAYER} | its parts: {parts} | the part to move: {PART}")
 
 # %%
 def fits(g):
@@ -908,23 +977,49 @@ def fits(g):
     return "fits" if plan("llama-2-13b", "bf16", 2, g).fits else "does not fit"
 
 
-def cut_kinds(m):
-    """The kinds of finding the check reports on map `m` for the model of section 1."""
-    return preflight(prepare(config)[0], m).kinds()
-
-
 weights_13b = plan("llama-2-13b", "bf16", 2, 80).total_bytes
 bytes_only = -(-weights_13b // (2 * 2**30))  # the mistake: room for the weights alone, no KV cache nor reserve
 smallest = next(g for g in range(bytes_only, 200) if fits(g) == "fits")
-check_answer(smallest_gib, lambda g: fits(g) == "fits" and fits(g - 1) != "fits",
-             lambda g: f"it fits on 2 x {g} GiB and not on one GiB less.",
-             lambda g: f"on 2 x {g} GiB it {fits(g)}, on 2 x {g - 1} GiB it {fits(g - 1)}.",
-             "try plan('llama-2-13b', 'bf16', 2, g).fits for a few g.",
-             wrong_example=bytes_only if bytes_only != smallest else smallest + 1, label="Exercise 1")
-_ = check_answer(cut_map, lambda m: "no-split-cut" in cut_kinds(m), "the check reports no-split-cut",
-                 lambda m: f"the check found {cut_kinds(m) or 'no problem'}; {CUT_LAYER}'s mlp and the rest of it "
-                           "must sit on two devices.",
-                 f"start from {{'': 0}}, then add '{CUT_LAYER}.mlp': 1.", wrong_example={"": 0}, label="Exercise 4")
+_ = check_answer(smallest_gib, lambda g: fits(g) == "fits" and fits(g - 1) != "fits",
+                 lambda g: f"it fits on 2 x {g} GiB and not on one GiB less.",
+                 lambda g: f"on 2 x {g} GiB it {fits(g)}, on 2 x {g - 1} GiB it {fits(g - 1)}.",
+                 "try plan('llama-2-13b', 'bf16', 2, g).fits for a few g.",
+                 wrong_example=bytes_only if bytes_only != smallest else smallest + 1, label="Exercise 1")
+
+# %%
+section1 = prepare(config)[0]  # the model of section 1, on the meta device
+
+
+def device_in(m, name):
+    """The device map `m` gives a parameter: that of the longest key that prefixes its name (None: unplaced)."""
+    keys = [k for k in m if k in ("", name) or name.startswith(k + ".")]
+    return m[max(keys, key=len)] if keys else None
+
+
+def devices_of(m, in_part):
+    """The devices `m` gives CUT_LAYER's parameters in PART (in_part=True) or in the rest of the layer."""
+    return {device_in(m, n) for n, _ in section1.get_submodule(CUT_LAYER).named_parameters(prefix=CUT_LAYER)
+            if n.startswith(f"{CUT_LAYER}.{PART}.") == in_part}
+
+# %%
+def what_is_off(m):
+    """'' when map `m` cuts CUT_LAYER's PART from the rest of it and places everything; else what is off."""
+    kinds = preflight(section1, m).kinds()
+    part, rest = devices_of(m, True), devices_of(m, False)
+    if "unplaced" in kinds or None in part | rest:
+        return "some modules have no device: start from {'': 0} so that everything is placed."
+    if part & rest:
+        return f"{CUT_LAYER}.{PART} shares a device with the rest of {CUT_LAYER}: give it a device of its own."
+    if kinds.count("no-split-cut") != 1:
+        return f"the check found {kinds}: cut only {CUT_LAYER}."
+    return ""
+
+
+other = layers[0] if layers[0] != CUT_LAYER else layers[-1]  # the slip: the part of another layer
+_ = check_answer(cut_map, lambda m: not what_is_off(m),
+                 f"the check reports one no-split-cut, {CUT_LAYER}: its {PART} on one device, the rest on another.",
+                 what_is_off, f"start from {{'': 0}}, then add '{CUT_LAYER}.{PART}': 1.",
+                 wrong_example={"": 0, f"{other}.{PART}": 1} if other != CUT_LAYER else {"": 0}, label="Exercise 4")
 
 # %%
 l70 = shape_config("llama-2-70b")

@@ -67,9 +67,10 @@ from importlib.metadata import version
 import matplotlib.pyplot as plt
 import torch
 from accelerate import infer_auto_device_map
-from accelerate.utils import CustomDtype, compute_module_sizes, get_balanced_memory
+from accelerate.utils import CustomDtype, compute_module_sizes
 from accelerate.utils.modeling import get_max_layer_size
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.integrations import accelerate as hf_accelerate  # the planner from_pretrained itself uses
 from transformers.quantizers import AutoHfQuantizer
 
 from helpers.checkpoints import resolve_model
@@ -165,12 +166,17 @@ say(f"{len(blocks)} decoder layers under {container!r}; beside them {[n for n in
     f"the head {head!r} is {'tied to' if tied else 'separate from'} the embedding {emb!r}")
 
 # %% [markdown]
-# Four ways to ask for a split. `"auto"` and `"balanced"` are the same in transformers 5: budgets that
-# spread the bytes evenly over the GPUs (`get_balanced_memory`; the embedding and head weigh as much as
-# several layers, so the layer counts differ). `"balanced_low_0"` leaves GPU 0 light
-# (room for `generate`'s work there). A budget per GPU names GPU ids and bytes: for a 65 GB model one would
-# write `max_memory={0: "35GiB", 1: "35GiB"}`; we scale it to our model (60% of its weights per GPU, so it
-# cannot fit one). And the map by hand. Planning for GPU ids this machine lacks makes accelerate log
+# Four ways to ask for a split. `from_pretrained(device_map="auto")` plans in `_get_device_map`
+# (`transformers/integrations/accelerate.py`) with transformers' **own** `get_balanced_memory` and
+# `infer_auto_device_map`, not accelerate's (whose margin is smaller, so it can plan another split); we call
+# the same two functions on the meta model. `"auto"` and `"balanced"` are the same: every GPU but the last
+# gets a cap of the model's bytes over the number of GPUs **plus a margin** of 1.25 x the larger of the
+# biggest decoder layer and the biggest single weight (usually the embedding); the last GPU keeps its whole
+# budget. `"balanced_low_0"` gives GPU 0 only what the other GPUs cannot hold (room for `generate`'s work
+# there). A budget per GPU names GPU ids and bytes: for a 65 GB model one would write
+# `from_pretrained(..., device_map="auto", max_memory={0: "35GiB", 1: "35GiB"})`, and each cap is the
+# smaller of the budget and the balanced share; we scale it to our model (60% of its weights per GPU, so
+# it cannot fit one). And the map by hand. Planning for GPU ids this machine lacks makes accelerate log
 # "Device N is not available" once per call: the first line of the cell silences exactly that logger.
 
 # %%
@@ -178,14 +184,16 @@ logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)  # "Devic
 plan_for = {g: "139GiB" for g in gpus}  # an H200's usable memory, for planning
 budget_bytes = round(0.6 * weights / MiB) * MiB
 budget = {g: f"{budget_bytes // MiB}MiB" for g in gpus}  # {0: "35GiB", 1: "35GiB"}, scaled to this model
-balanced = get_balanced_memory(meta, max_memory=plan_for, no_split_module_classes=no_split, dtype=dtype)
-low_0 = get_balanced_memory(meta, max_memory=plan_for, no_split_module_classes=no_split, dtype=dtype, low_zero=True)
-caps = {'"auto" / "balanced"': balanced, '"balanced_low_0"': low_0, f"max_memory={budget}": dict(budget)}
-plans = {name: infer_auto_device_map(meta, max_memory=cap, no_split_module_classes=no_split, dtype=dtype)
-         for name, cap in caps.items()}
+asks = {'"auto" / "balanced"': (plan_for, False), '"balanced_low_0"': (plan_for, True),
+        f"max_memory={budget}": (budget, False)}  # (max_memory, low_zero) as _get_device_map passes them
+caps, plans = {}, {}
+for name, (max_memory, low_zero) in asks.items():
+    caps[name] = hf_accelerate.get_balanced_memory(meta, max_memory=dict(max_memory),
+                                                   no_split_module_classes=no_split, low_zero=low_zero)
+    plans[name] = hf_accelerate.infer_auto_device_map(meta, max_memory=caps[name], no_split_module_classes=no_split)
 plans["by hand"] = by_hand
 for name, plan in plans.items():
-    print(name)
+    print(name + (f" (GPU {gpus[0]} capped at {caps[name][gpus[0]] / MiB:.0f} MiB)" if name in caps else ""))
     for dev, parts in placement(meta, plan).items():
         print(f"  {label(dev):>6}: {parts}")
 
@@ -199,9 +207,11 @@ for name, plan in plans.items():
 #
 # **Self-check.** No plan cuts a decoder layer, the map by hand uses every GPU, and `"balanced_low_0"`
 # leaves GPU 0 empty for a model far smaller than a GPU. Whether `"auto"` and the budget use both GPUs
-# depends on the model: on the first GPU accelerate keeps room for the largest layer (where an offloaded
-# layer is brought in), so a model whose embedding outweighs its decoder layers can leave GPU 0 empty.
-# The cell says which happened.
+# depends on the model, through two rules. GPU 0's cap is its share plus the margin: where the embedding
+# is a large part of the model, that holds the whole model, and the last GPU stays empty. And on GPU 0
+# `infer_auto_device_map` keeps room for the largest layer (where an offloaded layer would be brought
+# in): a cap too small for the embedding beside that room leaves GPU 0 empty. The planner fills the
+# devices in order and never returns to an earlier one. The cell says, from the caps, which happened.
 
 # %%
 largest, largest_names = get_max_layer_size(list(meta.named_children()), sizes, no_split)
@@ -209,13 +219,16 @@ for name, plan in plans.items():
     assert not any(k.startswith(b + ".") for k in plan for b in blocks), f"{name} cut a decoder layer"
     used = sorted(set(plan.values()), key=str)
     print(f"{name}: {', '.join(label(d) for d in used)}")
-    cap = {'"auto" / "balanced"': balanced[gpus[0]], f"max_memory={budget}": budget_bytes}.get(name)
-    if gpus[0] not in used and cap is not None:
-        why = (f": its {cap / MiB:.0f} MiB, less the room kept for the largest layer ({largest_names[0]}, "
-               f"{largest / MiB:.0f} MiB), cannot hold the first module, {emb} ({sizes[emb] / MiB:.0f} MiB); "
-               "this model's decoder layers are too light beside its embedding to split"
-               if cap - largest < sizes[emb] else "")
-        say(f"  GPU {gpus[0]} stays empty{why}")
+    cap = caps[name][gpus[0]] if name in caps and name != '"balanced_low_0"' else None
+    if cap is not None and gpus[0] not in used and cap - largest < sizes[emb]:
+        say(f"  GPU {gpus[0]} stays empty: its cap, {cap / MiB:.0f} MiB, less the room kept for the largest layer "
+            f"({largest_names[0]}, {largest / MiB:.0f} MiB), cannot hold the first module, {emb} "
+            f"({sizes[emb] / MiB:.0f} MiB)")
+    elif cap is not None and used == [gpus[0]]:
+        say(f"  GPU {gpus[-1]} stays empty: GPU {gpus[0]}'s cap, {cap / MiB:.0f} MiB (its share of the model's "
+            f"{weights / MiB:.0f} MiB plus the margin), holds the whole model")
+    if "disk" in used:
+        say(f"  the disk gets {placement(meta, plan)['disk']}: no GPU's cap had room left for it")
 assert set(by_hand.values()) == set(gpus), "the map by hand should use every GPU"
 if weights < 0.5 * 139 * 2**30:
     assert gpus[0] not in plans['"balanced_low_0"'].values(), "balanced_low_0 should leave GPU 0 empty"
@@ -408,16 +421,19 @@ print("same as left padding, per prompt:", same_as_left)
 # [big model inference guide](https://huggingface.co/docs/accelerate/usage_guides/big_modeling) explains
 # that a model split with a device map runs one device at a time, so on two GPUs expect about the speed
 # of one (plus one hop per token), less where per-layer overhead dominates, as it does for a small model in
-# eager mode: each layer's hook adds Python work. A stand-in pays more: its second half's weights are
-# brought in at every pass.
+# eager mode: each layer's hook adds Python work. A stand-in has more to pay: its second half's weights
+# are brought in at every pass. Whether this machine's repeats can show that cost, the comparison below says.
 #
 # A rate means little without the most it could be. A decode step reads every weight once (a tied head the
 # embedding's matrix; an untied input embedding one row a sequence), so tokens/s can be at most
 # `batch x memory bandwidth / bytes read`: `helpers.measure.decode_limit(model, memory_bandwidth(), batch)`,
 # with the bandwidth measured here by a 1 GiB copy (for a stand-in, the bandwidth of the device that holds
 # the first half, the faster one: an upper bound). `time_generate` times a warm-up and then 3 repeats and
-# gives their median and spread; it refuses (`MeasurementError`) a timing too noisy to be a rate. Two rates
-# differ measurably only when the ratio's range over the repeats leaves out 1.00.
+# gives their median and spread. It refuses (`MeasurementError`) two things only: a run whose decoding took
+# no more than 5% of it (it measures again, and gives up once more tries have failed than there are
+# repeats), and a median above `limit_tokens_per_s` where one is given (`rate_text` refuses a rate above
+# its limit too). It does not judge the spread: a wide spread is printed, and the comparison reads it.
+# Two rates differ measurably only when the ratio's range over the repeats leaves out 1.00.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -427,7 +443,7 @@ bandwidth = memory_bandwidth(first if first.type == "cuda" else "cpu")  # bytes/
 timed = {}
 for name, model in (("split", split), ("single", single)):
     b = len(prompts)
-    try:  # MeasurementError (a RuntimeError): a timing too noisy, or a rate above the limit; it says what to do
+    try:  # MeasurementError (a RuntimeError): no decoding time to measure, or a rate above the limit; it says why
         r = time_generate(model, batch.to(model.get_input_embeddings().weight.device), repeats=3,
                           new_tokens=timing_tokens, pad_token_id=tok.pad_token_id)
         limit = decode_limit(model, bandwidth, b)  # total tokens/s for the batch
@@ -436,7 +452,12 @@ for name, model in (("split", split), ("single", single)):
     except RuntimeError as e:
         say(f"{name}: {type(e).__name__}: {e}")
 if len(timed) == 2:
-    say(compare_rates(timed["split"], timed["single"], "split", "single"))
+    verdict = compare_rates(timed["split"], timed["single"], "split", "single")
+    say(verdict)
+    say("so the split's extra work at every pass (its hooks, and a stand-in's weights brought in) "
+        + ("cost measurable time here" if verdict.endswith("split is slower") else
+           "did not show in these repeats: the split measured faster" if verdict.endswith("faster") else
+           "is hidden here by the spread of the repeats"))
 
 # %% [markdown]
 # The GPU reference runs are `gpu-reference/<tier>/results.json`, made by `gpu-reference/tools/gpu_bench.py`
@@ -451,7 +472,10 @@ if len(timed) == 2:
 # matching tier lacks them. `helpers.reference.read_reference` reads both and prints which file each figure
 # comes from, with that file's hardware and versions; it files each record under `rows[path, format][batch]`
 # and adds its `rate`, the tokens/s as `rate_text` prints it (beside its limit; a figure above its limit
-# would stop the cell).
+# would stop the cell). These files recorded no spread of repeats, so `read_reference` also measures their
+# noise, the **noise bound**: the largest ratio between two runs of the same configuration in any reference
+# file (the same GPU model, shape, format, batch and work on each GPU). `compare_rates` calls a ratio of two
+# such figures a difference only outside that bound.
 
 # %%
 files = read_reference(n_gpu)  # {tier: results}: this machine's tier first, then two-gpu
@@ -480,12 +504,13 @@ for b in sorted(set(one2) & set(split2)):
     say("  " + compare_rates(split2[b], one2[b], "split", "one GPU"))
 
 # %% [markdown]
-# Where a file recorded no spread of its repeats, its ratios cannot show whether, or by how much, the split
-# was slower than one GPU: the line says so. What holds on every machine is the mechanism of section 3,
-# the layers running one after the other, and the small share of the limit every figure reached: eager
+# Where a file recorded no spread of its repeats, a ratio is judged against the noise bound printed above:
+# inside it, the figures cannot show whether, or by how much, the split was slower than one GPU; outside
+# it, they can. Each line says which. What holds on every machine is the mechanism of section 3, the
+# layers running one after the other, and the small share of the limit every figure reached: eager
 # decoding of a small model is bound by per-step work outside the memory reads (Python, kernel launches),
-# and a split's hooks add more of it at every layer. Figures of two different runs are not compared at all:
-# notebook 05 shows how far two runs of the same measurement can differ.
+# and a split's hooks add more of it at every layer. Figures of two different runs are not set against
+# each other: how far apart they came out is what the noise bound measures.
 
 # %%
 del split, single, layers
@@ -585,16 +610,18 @@ else:
 
 # %% [markdown]
 # **The escape hatch, and what it really does.** The refusal's advice is `llm_int8_enable_fp32_cpu_offload=True`
-# with a custom `device_map`, "keeping these modules in 32-bit". In transformers 5.24 the flag does one thing
-# (`Bnb4BitHfQuantizer._process_model_before_weight_loading`, `transformers/quantizers/quantizer_bnb_4bit.py`):
-# every module the map sends to `"cpu"` or `"disk"` joins the modules not to convert. Those layers stay
-# ordinary layers in the **load dtype** (`dtype=`, else the checkpoint's): not 4-bit, and not float32 unless
-# that is the load dtype. On a machine without a GPU, where the map holds only `"cpu"` and `"disk"`, nothing
-# is quantized at all. We load with the flag and the stand-in map (on two GPUs: GPU 1's share moved to the
-# CPU, as if GPU 1 were missing), in float16 on purpose, a dtype neither the flag's name nor the compute
-# dtype suggests, and look at the layers the quantizer would have converted. Where the map leaves nothing to
-# quantize, transformers warns "You are loading your model using eetq but no linear modules were found in
-# your model" (its bitsandbytes code borrows another method's words; quiet runs hide it): the flag at work.
+# with a custom `device_map`, "keeping these modules in 32-bit". In transformers 5.24 the flag does two
+# things (`Bnb4BitHfQuantizer` in `transformers/quantizers/quantizer_bnb_4bit.py`): `validate_environment`
+# no longer raises the refusal above for a map with `"cpu"` or `"disk"` in it, and
+# `_process_model_before_weight_loading` adds every module the map sends to `"cpu"` or `"disk"` to the
+# modules not to convert. Those layers stay ordinary layers in the **load dtype** (`dtype=`, else the
+# checkpoint's): not 4-bit, and not float32 unless that is the load dtype. On a machine without a GPU,
+# where the map holds only `"cpu"` and `"disk"`, nothing is quantized at all. We load with the flag and the
+# stand-in map (on two GPUs: GPU 1's share moved to the CPU, as if GPU 1 were missing), in float16 on
+# purpose, a dtype neither the flag's name nor the compute dtype suggests, and look at the layers the
+# quantizer would have converted. Where the map leaves nothing to quantize, transformers warns "You are
+# loading your model using eetq but no linear modules were found in your model" (its bitsandbytes code
+# borrows another method's words; quiet runs hide it): the flag at work.
 
 # %%
 hatch = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
@@ -630,8 +657,12 @@ if nf4_one:
     lib = nf4_one["bnb_library"]
     say(f"[{tier}] NF4 on one GPU: {nf4_one['module_type']} with {nf4_one['weight_type']} on "
         f"{nf4_one['weight_device']}, bitsandbytes library {lib['library']} ({lib['backend']})")
-    say(f"  memory footprint {nf4_one['footprint_bytes'] / 2**30:.2f} GiB in NF4, "
-        f"{ref['model']['weight_bytes'] / 2**30:.2f} GiB in bf16")
+    fp, whole = nf4_one["footprint_bytes"], ref["model"]["weight_bytes"]
+    n4 = (whole - fp) / 1.5  # 4-bit weights: 2 bytes each in bf16, 0.5 in NF4; every other byte is the same
+    say(f"  memory footprint {fp / 2**30:.2f} GiB in NF4, {whole / 2**30:.2f} GiB in bf16 (get_memory_footprint: "
+        f"parameters and buffers). The NF4 absmax scales are neither: {n4 * scales / 2**30:.2f} GiB more "
+        f"({n4 / 1e6:.0f} M 4-bit weights x {scales} byte), {(fp + n4 * scales) / 2**30:.2f} GiB in all. The NF4 "
+        "limits below leave the scales out too, so they are a little high: still upper bounds.")
     q, bf = ref["rows"]["one GPU", "nf4"], ref["rows"]["one GPU", "bf16"]
     for b in sorted(set(q) & set(bf)):
         print(f"  batch {b:>2}, NF4 : {q[b]['rate']}\n  batch {b:>2}, bf16: {bf[b]['rate']}")
@@ -687,7 +718,12 @@ plt.show()
 # %% [markdown]
 # Offload makes a model fit; it does not make it fast: every offloaded byte crosses the host-to-device
 # link again for every token. How the measured rate compares with the two plain copies, from the file, and
-# what the file can say about the most offloaded run against none:
+# what the file can say about the most offloaded run against none.
+#
+# The run with no layer on the CPU is the model whole on GPU 0 at batch 1 (its map puts every module on
+# GPU 0, so `from_pretrained` adds no hooks: it dispatches only a map with two devices or a disk), the same
+# configuration as the file's one-GPU bf16 figure at batch 1. The two were timed over different numbers of
+# new tokens, at different points of the run; the cell sets them side by side, judged by the noise bound.
 
 # %%
 h2d, pageable, pinned = off["effective_h2d_GBps"], ref["h2d"]["pageable_GBps"], ref["h2d"]["pinned_GBps"]
@@ -696,6 +732,11 @@ say(f"[{tier}] offload moved weights at {h2d / pageable:.0%} of a pageable copy'
     "of a pinned copy's")
 say(f"[{tier}] " + compare_rates(offloaded[-1], offloaded[0], f"{offloaded[-1]['layers_on_cpu']} layers on the CPU",
                                  "none"))
+whole = ref["rows"].get(("one GPU", "bf16"), {}).get(1)
+if whole and offloaded[0]["layers_on_cpu"] == 0:
+    say(f"[{tier}] the same configuration twice: one GPU at batch 1, {ref['new_tokens']} new tokens: {whole['rate']}; "
+        f"0 layers on the CPU, {off['tokens']} new tokens: {offloaded[0]['rate']}. "
+        + compare_rates(offloaded[0], whole, "0 layers on the CPU", "one GPU"))
 shutil.rmtree(offload, ignore_errors=True)  # the offload folder this notebook made
 
 # %% [markdown]
@@ -703,16 +744,20 @@ shutil.rmtree(offload, ignore_errors=True)  # the offload folder this notebook m
 #
 # - A `device_map` split (`"auto"`/`"balanced"`, `"balanced_low_0"`, per-GPU budgets, or a map by hand) puts
 #   whole decoder layers on each GPU; the inputs go to the embedding's device; hooks move the hidden states.
-#   A model whose embedding outweighs its layers may not split at all under `"auto"`.
+#   `from_pretrained` plans `"auto"` with transformers' own `get_balanced_memory` (a margin of 1.25 x the
+#   biggest layer or weight on every GPU but the last); a model whose embedding outweighs its layers may
+#   not split at all under it.
 # - The layers run one after the other: a split buys memory, at about the speed of one GPU or less.
 # - A rate is printed beside its limit (`decode_limit(model, memory_bandwidth(), batch)`), and two rates
-#   are compared only through the spread of their repeats; figures of different runs are not compared.
+#   are compared only through the spread of their repeats, or, for figures recorded without repeats, against
+#   the noise bound: the largest gap between two runs of the same configuration.
 # - Batches are padded on the left with an attention mask; greedy output of the split model is identical to
 #   the single-device run.
 # - A 4-bit model splits across GPUs like any other: plan the layers transformers' quantizer converts at half
 #   a byte, load it with the `dtype` the plan assumed, and check each GPU's bytes against the plan.
 #   transformers refuses 4-bit layers of a dispatched model on the CPU or disk; with
-#   `llm_int8_enable_fp32_cpu_offload=True` those layers are simply not quantized and keep the load dtype.
+#   `llm_int8_enable_fp32_cpu_offload=True` it no longer refuses, and those layers are simply not quantized:
+#   they keep the load dtype.
 # - CPU offload costs its bytes over the host-to-device link at every token.
 #
 # ## Exercises

@@ -32,7 +32,8 @@
 #    see which head counts allow it, and check its logits against a single device.
 # 4. Compare a split, replicas and tensor parallelism from measured figures, at equal batch per GPU and at
 #    a batch that saturates one GPU, each figure beside its limit and each ratio beside the spread of its
-#    repeats, and say what the figures do and don't show.
+#    repeats (or, for figures recorded without repeats, the gap between two runs of the same
+#    configuration), and say what the figures do and don't show.
 #
 # **What you'll need**
 # - Notebook 04 (split a model across GPUs) first.
@@ -186,7 +187,7 @@ if meta.tp_plan:
 else:
     say(f"{type(meta).__name__} has no tensor-parallel plan in transformers {version('transformers')} "
         f"(config.base_model_tp_plan is {config.base_model_tp_plan}): from_pretrained refuses tp_size={tp_n} "
-        "for it. The rest of this section uses a Llama.")
+        "for it unless DistributedConfig(tp_plan=...) gives it rules. The rest of this section uses a Llama.")
 toy = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=1024)  # the CPU stand-in below: a toy Llama
 for name, cfg in {"this model": config, "toy Llama": toy}.items():
@@ -207,15 +208,30 @@ for name, cfg in {"this model": config, "toy Llama": toy}.items():
 # ```
 #
 # `DistributedConfig(tp_size=2)` leaves `tp_plan` at `None`. That is not a missing plan: `None` means no
-# override, so `from_pretrained` cuts the model by its own `model.tp_plan`, printed above. A dict there would
-# replace single rules of that plan, and `{}` would apply none (the `DistributedConfig` docstring in
-# `transformers/distributed/configuration_utils.py`; `_resolve_parallel_plans` in `mixin.py` applies only a
-# dict). A model without a plan is refused: "`tp_size=2` was requested, but ... has no `tp_plan`".
+# override, so `from_pretrained` cuts the model by its own `model.tp_plan`, printed above. A dict is merged
+# into that plan (`plan | override` in `_resolve_parallel_plans`, `transformers/distributed/mixin.py`, which
+# `from_pretrained` calls in each process before it loads the weights): its rules replace single rules or
+# add new ones, so a dict also gives a plan to a model that has none of its own. The `DistributedConfig`
+# docstring (`transformers/distributed/configuration_utils.py`) says an empty dict "applies no tensor
+# parallel rule"; with `tp_size` above 1, `_resolve_parallel_plans` then refuses the empty plan, as it
+# refuses a model without a plan. The cell asks it on fresh meta models of this checkpoint (no process
+# group needed) and prints each refusal whole: its last sentence is the remedy.
 
 # %%
 distributed_config = DistributedConfig(tp_size=tp_n)
 say(f"DistributedConfig(tp_size={tp_n}): tp_size {distributed_config.tp_size}, tp_plan "
     f"{distributed_config.tp_plan!r} (no override: the model's own plan), pp_size {distributed_config.pp_size}")
+head = next(n for n, m in meta.named_modules() if m is meta.get_output_embeddings())  # "lm_head"
+for override in (None, {}, {head: "colwise"}):
+    with torch.device("meta"):  # a fresh model each time: a dict override is written into the model it resolves
+        asked = AutoModelForCausalLM.from_config(config)
+    try:
+        resolved = asked._resolve_parallel_plans(DistributedConfig(tp_size=tp_n, tp_plan=override))[0]
+        cut = [n for n in resolved if not n.endswith((".weight", ".bias"))]  # each module comes with its weight
+        ends = " to ".join(dict.fromkeys(f"{n!r} ({resolved[n]})" for n in (cut[0], cut[-1])))
+        say(f"tp_plan={override!r}: {len(cut)} module(s) cut, {'from ' * (len(cut) > 1)}{ends}")
+    except ValueError as e:
+        say(f"tp_plan={override!r}: {type(e).__name__}: {e}")
 
 # %% [markdown]
 # Each process loads its shards and computes the logits of fixed random token ids in float32; rank 0
@@ -258,16 +274,21 @@ if tp:
 # %%
 # NBVAL_IGNORE_OUTPUT
 # The last digits of the difference depend on the machine's float arithmetic.
-check = tp["logits_check"]
-print(f"max |logit difference| {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e}); "
-      f"top-1 agreement {check['top1_agreement']:.3f}")
+if tp is None:
+    print("no logits to compare: the launch above failed (its processes' error is printed there)")
+else:
+    check = tp["logits_check"]
+    print(f"max |logit difference| {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e}); "
+          f"top-1 agreement {check['top1_agreement']:.3f}")
 
 # %% [markdown]
 # **Self-check.** The tensor-parallel logits match the single-device run within the tolerance, and each
 # process held its share of every column-split weight.
 
 # %%
-assert tp is not None and tp["logits_check"]["ok"], "tensor-parallel logits differ from the single-device run"
+assert tp is not None, ("the tensor-parallel launch failed: read its processes' error two cells up (with tp_n "
+                        "above 2, the head counts must divide by tp_n)")
+assert tp["logits_check"]["ok"], "tensor-parallel logits differ from the single-device run"
 assert all(r["q_proj_shard_shape"][0] * tp["world_size"] == tp["q_proj_full_shape"][0] for r in tp["per_rank"])
 print("logits within tolerance:", tp["logits_check"]["ok"])
 
@@ -313,8 +334,8 @@ print("replicas, one process per GPU:", ", ".join(f"{k} {len(res['hardware']['gp
 # %% [markdown]
 # First the plain table, one per file: total tokens/s at each total batch the file holds, with its share
 # of the limit. The two files are two different runs, so they get two tables and two panels: a figure is
-# compared only with figures of its own run, and only as far as the spread of its repeats allows (the cells
-# after the table).
+# compared only with figures of its own run, and only as far as the spread of its repeats allows, or, where
+# the file recorded none, the noise bound (the cells after the table).
 
 # %%
 PATHS = ("one GPU", "split", "replicas", "tensor parallel")
@@ -360,7 +381,9 @@ for name, tps in tables.items():
 # once one GPU is **saturated**: the smallest batch at which doubling it raises one GPU's tokens/s by less
 # than 10%. With one GPU, *n* is 1: one replica against plain `generate` at equal batch. The next cells
 # compute both for each file, or say which measurement a file lacks. The saturation rule reads medians; a
-# file that recorded no spread of repeats cannot tell a 10% step from noise, and the cell says so.
+# file that recorded no spread of repeats cannot tell a 10% step from noise, and the cell says so. A
+# doubling of the batch that more than doubles tokens/s is flagged too: it would need a step for twice the
+# rows to take less time than a step for the rows before.
 
 # %%
 def saturation_walk(one):
@@ -373,15 +396,22 @@ def saturation_walk(one):
     return doubling, saturated, b
 
 
-walks, missing = {}, {}
+# %%
+walks, missing, locatable = {}, {}, {}
 for name, res in files.items():
-    one = {b: r["tokens_per_s"] for b, r in res["rows"]["one GPU", "bf16"].items()}
+    rows = res["rows"]["one GPU", "bf16"]
+    one = {b: r["tokens_per_s"] for b, r in rows.items()}
     walks[name] = doubling, saturated, last = saturation_walk(one)
-    if doubling and not all(r.get("spread") for r in res["rows"]["one GPU", "bf16"].values()):
-        say(f"[{name}] one run, no spread of repeats recorded: the ratios below are not measured differences")
+    locatable[name] = all(r.get("spread") for r in rows.values())  # a 10% step needs spreads to be seen
     for b, g in doubling.items():
-        say(f"[{name}] one GPU, batch {b} -> {2 * b}: tokens/s x{g:.2f}")
-    if saturated is not None:
+        say(f"[{name}] one GPU, batch {b} -> {2 * b}: tokens/s x{g:.2f}" + (
+            ": more than double, which needs a step for twice the rows to take less time: noise" if g > 2 else ""))
+    bound = rows[min(rows)].get("noise_bound")
+    if doubling and not locatable[name]:
+        say(f"[{name}] this file cannot locate saturation: the rule looks for a doubling that adds less than 10%, "
+            "and its figures carry no spread of repeats" + (f", while two runs of the same configuration "
+                                                            f"differed by {bound:.2f}x" if bound else ""))
+    elif saturated is not None:
         say(f"[{name}] by the medians, one GPU saturates at batch {saturated}")
     elif doubling and last == max(one):
         say(f"[{name}] by the medians, the largest batch measured did not saturate one GPU: tokens/s rose "
@@ -408,7 +438,7 @@ for name, res in files.items():
         missing[name] = True
         say(f"[{name}] MISSING for equal batch per GPU: one GPU at a batch b together with replicas at a total "
             f"of {n}*b. The file has one GPU at batches {sorted(one)} and replicas at totals {sorted(rep)}.")
-    saturated = walks[name][1]
+    saturated = walks[name][1] if locatable[name] else None  # a saturating batch the file cannot locate is none
     if saturated is not None and n * saturated in rep and n * saturated in one:
         B = n * saturated
         say(f"[{name}] at the saturating total {B}: " + compare_rates(rep[B], one[B], f"{n} replica(s)", "one GPU"))
@@ -419,8 +449,9 @@ for name, res in files.items():
 
 # %% [markdown]
 # What the figures say, in sentences computed from them (they change when the benchmark is remade). A ratio
-# is given with the spread of its repeats where the file has them; where it has none, the sentence says
-# that no difference can be claimed from it.
+# is given with the spread of its repeats where the file has them; where it has none, it is judged against
+# the noise bound `read_reference` printed (the largest gap between two runs of the same configuration):
+# inside it, no difference can be claimed; outside it, the sentence says which is slower.
 
 # %%
 for name, res in files.items():
@@ -451,6 +482,9 @@ for name, res in files.items():
     if missing.get(name):
         say(f"- [{name}] So the file cannot yet say how much replicas gain when every GPU is busy: that needs "
             "the measurements marked MISSING above.")
+    elif not locatable[name]:
+        say(f"- [{name}] The file cannot say when one GPU is busy (no spreads of repeats): how much replicas gain "
+            "when every GPU is busy needs a run that records them.")
     elif walks[name][1] is None:
         say(f"- [{name}] One GPU was not saturated by batch {hi}: how much replicas gain when every GPU is busy "
             "needs larger batches.")
@@ -464,19 +498,21 @@ for name, tps in tables.items():
                 + f" (what to expect of eager decoding: {why[p]}).")
 
 # %% [markdown]
-# Two runs are not one: the same measurement in both reference files, where both have it, shows how far two
-# runs of the same benchmark on the same kind of GPU can differ. That is why every ratio above sets figures
-# of one run against each other, and none sets one file's figure against the other's.
+# Two runs are not one. Where the reference files measured the same configuration more than once (the
+# same GPU model, shape, format, batch and work on each GPU: one GPU, a single replica and offload of no
+# layer all run the model whole on one GPU), the figures show how far two runs can differ. The largest gap
+# is the noise bound every ratio above was judged by (`helpers.reference.same_configuration`).
 
 # %%
-if len(files) > 1:
-    one1, one2 = ref["rows"]["one GPU", "bf16"], two_ref["rows"]["one GPU", "bf16"]
-    for b in sorted(set(one1) & set(one2)):
-        x = one2[b]["tokens_per_s"] / one1[b]["tokens_per_s"]
-        say(f"one GPU, batch {b}: [{tier}] {one1[b]['rate']}; [two-gpu] {one2[b]['rate']}: "
-            f"{max(x, 1 / x):.2f}x apart")
-else:
-    print("one file here: its figures are compared only with each other")
+noise = ref["noise"]  # over every reference file, whichever tiers this machine reads
+for c in noise["configurations"]:
+    print(f"{c['configuration']}: {c['ratio']:.2f}x apart")
+    for t, r in c["figures"]:
+        what = {"replicas": "one replica"}.get(r["path"], r["path"]) + (", no layer on the CPU" if
+                                                                          r.get("layers_on_cpu") == 0 else "")
+        say(f"  [{t}] {what}: {r['rate']}")
+print(f"noise bound: {noise['bound']:.2f}x, the largest of these" if noise["bound"] else
+      "no configuration was measured twice: no noise bound, and a ratio without spreads claims no difference")
 
 # %% [markdown]
 # Published material explains the split's side: it runs one GPU at a time (accelerate's
@@ -521,11 +557,13 @@ shutil.rmtree(work, ignore_errors=True)  # this notebook's temporary folder
 #   end. The answers equal a plain `generate`.
 # - Tensor parallelism cuts every layer: `from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))`
 #   (transformers 5.24; the two-GPU tier shows 5.17 took it too) cuts by the model's own `model.tp_plan`
-#   (`DistributedConfig.tp_plan=None` means no override); the attention and key/value head counts must
+#   (`DistributedConfig.tp_plan=None` means no override; a dict is merged into that plan, and gives one to a
+#   model without; an empty plan is refused); the attention and key/value head counts must
 #   divide by N, and the logits match a single device within float32 rounding.
 # - Compare replicas with one GPU at equal batch per GPU and at a batch that saturates one GPU; a ratio at
 #   equal total batch, where one GPU is far from busy, says little. A ratio means something only beside the
-#   spread of its repeats, and only within one run.
+#   spread of its repeats or, for figures recorded without repeats, outside the noise bound (the largest gap
+#   between two runs of the same configuration); and only within one run.
 #
 # ## Exercises
 #

@@ -54,7 +54,7 @@ def build(out: Path, name: str) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(target)
     tok.save_pretrained(target)
-    (target / "RANDOM_WEIGHTS.txt").write_text(f"RANDOM weights (seed 0) of a small {name} shape: text is meaningless.\n")
+    (target / "RANDOM_WEIGHTS.txt").write_text(f"RANDOM weights (seed 0) of a small {name} shape: meaningless text.\n")
     return target
 
 

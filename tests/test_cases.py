@@ -1,9 +1,11 @@
 """Real users' failures (docs/users-cases.md): what notebook 06's own asserts do not check under nbval.
 
-Notebook 06 reproduces the nine cases and asserts, for each, the failure, the
+Notebook 06 reproduces eleven cases and asserts, for each, the failure, the
 pre-flight finding and the fixed recipe. These tests keep the rest: where the
 offload index puts a tied head (case 3), that the quantized CPU recipe
-generates (cases 7 and 9), the 8-bit forms of case 9, including
+generates (cases 7 and 9), the NF4 scales that ``get_memory_footprint`` leaves
+out (case 7), that exercise 1's check needs the checkpoint to see case 3's
+mistake, the 8-bit forms of case 9, including
 ``llm_int8_enable_fp32_cpu_offload`` with nothing but disk, what that flag does
 in transformers 5.24 (it only leaves the modules a dict map sends to "cpu" or
 "disk" unconverted, in the load dtype; with a string map it does nothing), and
@@ -87,6 +89,29 @@ def test_case7_and_9_quantized_recipe_generates_on_cpu(path, inputs):
         device_map={"": "cpu"}, max_memory={"cpu": "1GiB"})
     assert model.is_quantized and preflight(model, device_map_of(model), {"cpu": "1GiB"}).ok
     assert greedy(model, inputs).shape[1] == inputs["input_ids"].shape[1] + NEW
+
+
+def test_case7_nf4_footprint_leaves_out_the_absmax_scales(path):
+    # notebook 06 adds the scales to get_memory_footprint (parameters and buffers): one float32 absmax per 64 weights
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+        device_map={"": "cpu"})
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    weights = sum(m.weight.quant_state.shape.numel() for m in layers)
+    scales = sum(m.weight.quant_state.absmax.nbytes for m in layers)
+    assert scales == weights // 64 * 4
+    stored = sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))
+    assert model.get_memory_footprint() == stored  # the scales are neither parameters nor buffers
+
+
+def test_exercise1_tied_pair_on_disk_is_caught_only_with_the_checkpoint(config, path):
+    # notebook 06's exercise 1 checks with checkpoint=: without it, case 3's mistake passes
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    on_disk = hand_map("disk", "disk") | {f"model.layers.{i}": 0 if i < 15 else 1 for i in range(30)}
+    budget = {0: "400MB", 1: "400MB", "cpu": "1GB"}
+    assert preflight(model, on_disk, budget).ok
+    assert preflight(model, on_disk, budget, checkpoint=path).kinds() == ["tied-missing"]
 
 
 def test_case9_int8_with_too_little_room_and_fp32_offload_to_disk(config):

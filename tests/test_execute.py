@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
 def notebook(path: Path, code: str) -> Path:
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"# Run {path.stem}"),
-                                         nbformat.v4.new_code_cell("print('started')"), nbformat.v4.new_code_cell(code)])
+                                         nbformat.v4.new_code_cell("print('started')"),
+                                         nbformat.v4.new_code_cell(code)])
     nb.metadata["kernelspec"] = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
     nbformat.write(nb, path)
     return path

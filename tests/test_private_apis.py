@@ -105,7 +105,8 @@ def test_every_private_name_used_is_registered():
     own = set()  # private names the workbook defines itself (its own functions, attributes, constants)
     for text in files.values():
         own |= set(re.findall(r"\bdef\s+(_\w+)", text)) | set(re.findall(r"\bclass\s+(_\w+)", text))
-        own |= set(re.findall(r"\bself\.(_[a-z]\w*)\s*[:=]", text)) | set(re.findall(r"^\s*(_[a-z]\w*)\s*[:=]", text, re.M))
+        own |= set(re.findall(r"\bself\.(_[a-z]\w*)\s*[:=]", text))
+        own |= set(re.findall(r"^\s*(_[a-z]\w*)\s*[:=]", text, re.M))
     registered = {e.short for e in PRIVATE_NAMES}
     unlisted = {}
     for path, text in files.items():
@@ -161,7 +162,8 @@ def test_no_split_modules(config):
     declared = getattr(model, "_no_split_modules", None)
     assert declared, changed(name, f"a {type(model).__name__} has no _no_split_modules ({declared!r})")
     classes = {type(m).__name__ for m in model.modules()}
-    assert set(declared) <= classes, changed(name, f"it names {sorted(set(declared) - classes)}, which are no module's class")
+    assert set(declared) <= classes, changed(
+        name, f"it names {sorted(set(declared) - classes)}, which are no module's class")
     from transformers.integrations.accelerate import _get_device_map
 
     assert "model._no_split_modules" in inspect.getsource(_get_device_map), changed(
@@ -187,7 +189,8 @@ def test_get_device_map():
     fn = getattr(hf_accelerate, "_get_device_map", None)
     assert fn is not None, changed(name, "the function is gone")
     params = list(inspect.signature(fn).parameters)
-    assert params == ["model", "device_map", "max_memory", "hf_quantizer"], changed(name, f"its parameters are {params}")
+    assert params == ["model", "device_map", "max_memory", "hf_quantizer"], changed(
+        name, f"its parameters are {params}")
     from helpers.quiet import quiet_planning
 
     with quiet_planning():  # "Device 1 is not available": expected, planning for GPUs this machine lacks
@@ -212,6 +215,25 @@ def test_from_pretrained_plans_through_the_module_attribute(checkpoint, monkeypa
     assert "map" in seen, changed(name, "from_pretrained(device_map='auto') no longer calls it through its module, "
                                         "so notebook 03 cannot read the map it computed")
     assert set(seen["map"].values()) == {"cpu"} and next(model.parameters()).device.type == "cpu"
+
+
+@checks("transformers.distributed.mixin.DistributedMixin._resolve_parallel_plans")
+def test_resolve_parallel_plans():
+    from transformers.distributed import DistributedConfig
+
+    name = "transformers.distributed.mixin.DistributedMixin._resolve_parallel_plans"
+    model = meta_llama()
+    fn = getattr(model, "_resolve_parallel_plans", None)
+    assert fn is not None, changed(name, "the method is gone")
+    assert list(inspect.signature(fn).parameters) == ["distributed_config"], changed(
+        name, f"its parameters are {list(inspect.signature(fn).parameters)}")
+    plans = fn(DistributedConfig(tp_size=2))
+    assert isinstance(plans, tuple) and len(plans) == 3, changed(name, f"it returned {type(plans).__name__}")
+    tp = plans[0]
+    assert tp.get("model.layers.0.self_attn.q_proj") == "colwise" and "model.layers.1.mlp.down_proj" in tp, changed(
+        name, f"the tensor-parallel plan it resolves names no concrete layer: {sorted(tp)[:4]}")
+    with pytest.raises(ValueError):  # an empty override with tp_size > 1: refused
+        meta_llama()._resolve_parallel_plans(DistributedConfig(tp_size=2, tp_plan={}))
 
 
 @checks("transformers.PreTrainedModel._weight_conversions", "torch.nn.Parameter._is_hf_initialized")
@@ -355,8 +377,10 @@ def test_accelerate_loading_bar(monkeypatch):
     name = "accelerate.utils.modeling.tqdm"
     if isinstance(modeling.tqdm, functools.partial):  # an earlier silence_known_warnings() of this session
         monkeypatch.setattr(modeling, "tqdm", modeling.tqdm.func)
-    assert modeling.tqdm is accelerate_tqdm, changed(name, "load_state_dict's module no longer uses accelerate's wrapper")
-    assert "tqdm(" in inspect.getsource(modeling.load_state_dict), changed(name, "load_state_dict makes no bar any more")
+    assert modeling.tqdm is accelerate_tqdm, changed(
+        name, "load_state_dict's module no longer uses accelerate's wrapper")
+    assert "tqdm(" in inspect.getsource(modeling.load_state_dict), changed(
+        name, "load_state_dict makes no bar any more")
     monkeypatch.setenv("TQDM_DISABLE", "1")
     bar = modeling.tqdm(total=1, main_process_only=False)
     shown = not bar.disable

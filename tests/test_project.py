@@ -51,8 +51,8 @@ def test_notebook_has_parameters_cell_and_outputs(ipynb):
 
 
 def test_sanitize_file_pairs():
-    lines = [l for l in (ROOT / "tests/nbval_sanitize.cfg").read_text().splitlines() if l.strip()]
-    body = [l for l in lines if not l.startswith("[")]
+    lines = [line for line in (ROOT / "tests/nbval_sanitize.cfg").read_text().splitlines() if line.strip()]
+    body = [line for line in lines if not line.startswith("[")]
     assert len(body) % 2 == 0
     for regex, replace in zip(body[::2], body[1::2]):
         assert regex.startswith("regex: ") and replace.startswith("replace: ") and replace[len("replace: "):]

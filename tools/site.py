@@ -239,7 +239,8 @@ def render_index(course: list[Lesson], measured: bool) -> str:
 <h1>{html.escape(title)}</h1>
 <p class="intro">{inline_markdown(intro)}</p>
 <table class="course-map">
-<thead><tr><th>#</th><th>notebook</th><th>you learn</th><th>hardware</th><th>{time_heading}</th><th>status</th></tr></thead>
+<thead><tr><th>#</th><th>notebook</th><th>you learn</th><th>hardware</th><th>{time_heading}</th>
+<th>status</th></tr></thead>
 <tbody>
 {chr(10).join(rows)}
 </tbody>

@@ -72,7 +72,8 @@ def parse_args(argv=None):
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 16],
                     help="total batch sizes (prompts in flight over all processes) for --bench")
     ap.add_argument("--bench-tokens", type=int, default=64, help="new tokens per timed run")
-    ap.add_argument("--random-weights", action="store_true", help="label the checkpoint as random weights in the output")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="label the checkpoint as random weights in the output")
     add_test_options(ap)  # --collective-timeout, and the tests' --fail-rank and --hang-rank
     return ap.parse_args(argv)
 
@@ -154,7 +155,8 @@ def run(args, state, use_cuda, gather_object) -> int:
                                 "completion": tok.decode(ids, skip_special_tokens=True) if tok else "",
                                 "new_ids": ids.tolist()})
     me = {"rank": state.process_index, "local_rank": state.local_process_index,
-          "world_size": state.num_processes, "device": "cpu" if device.type == "cpu" else str(device), "pid": os.getpid(),
+          "world_size": state.num_processes, "device": "cpu" if device.type == "cpu" else str(device),
+          "pid": os.getpid(),
           "backend": str(state.backend), "prompt_indices": [r["index"] for r in results],
           "load_s": round(load_s, 2), "mem_after_load_bytes": int(mem_after_load)}
 

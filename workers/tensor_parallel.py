@@ -58,7 +58,8 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint", required=True, help="checkpoint directory (random llama-1b weights)")
     ap.add_argument("--expect-world-size", type=int, default=2)
     ap.add_argument("--out", required=True, help="JSON report written by rank 0")
-    ap.add_argument("--atol", type=float, default=1e-3, help="tolerance of the float32 logits check (x max(1, |logit|))")
+    ap.add_argument("--atol", type=float, default=1e-3,
+                    help="tolerance of the float32 logits check (x max(1, |logit|))")
     ap.add_argument("--bench", action="store_true", help="also time bfloat16 generation")
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 16])
     ap.add_argument("--bench-tokens", type=int, default=64)
@@ -190,7 +191,8 @@ def run(args, world, rank, dev) -> int:
             "api": api,
             "world_size": world,
             "heads": [cfg.num_attention_heads, cfg.num_key_value_heads],
-            "q_proj_full_shape": [cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads), cfg.hidden_size],
+            "q_proj_full_shape": [cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads),
+                                  cfg.hidden_size],
             "logits_check": check,
             "bench_tokens": args.bench_tokens,
             "bench": bench,

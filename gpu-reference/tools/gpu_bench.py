@@ -1,4 +1,4 @@
-"""Measure generation on this machine's GPUs for the GPU reference: one GPU, a split, replicas, tensor parallel, offload.
+"""Measure generation on this machine's GPUs for the GPU reference: one GPU, split, replicas, tensor parallel, offload.
 
 Run on a machine with one or more CUDA GPUs (the workbook's references: one H200, two H200)::
 
@@ -72,7 +72,8 @@ def parse_args(argv=None):
     ap.add_argument("--offload-layers", type=int, nargs="*", default=[0, 4, 8, 16],
                     help="decoder layers kept on the CPU, one run each")
     ap.add_argument("--offload-tokens", type=int, default=16)
-    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: nf4 split replicas tensor_parallel offload")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    help="sections to skip: nf4 split replicas tensor_parallel offload")
     return ap.parse_args(argv)
 
 
