@@ -41,9 +41,13 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 from filelock import FileLock, Timeout
+
+if TYPE_CHECKING:  # torch is imported only where a function needs it
+    import torch
 
 BUNDLED = "bundled"
 """The name that selects the bundled SmolLM2-135M-Instruct everywhere."""
@@ -415,7 +419,7 @@ def resolve_model(model: str | os.PathLike = BUNDLED) -> str:
 RANDOM_MARK = "RANDOM_WEIGHTS.txt"
 
 
-def random_checkpoint(shape: str = "llama-1b", dtype=None, device: str | None = None) -> Path:
+def random_checkpoint(shape: str = "llama-1b", dtype: torch.dtype | None = None, device: str | None = None) -> Path:
     """Build (once) and return a checkpoint of RANDOM weights of a named shape (:mod:`helpers.shapes`).
 
     It is saved under ``<cache>/random-<shape>-<dtype>`` with a file

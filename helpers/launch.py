@@ -20,6 +20,7 @@ command exits; the tests start JupyterLab the same way.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import signal
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -54,7 +56,7 @@ class LaunchError(RuntimeError):
     (up to the moment they were stopped, on a timeout).
     """
 
-    def __init__(self, message: str, stdout: str = "", stderr: str = ""):
+    def __init__(self, message: str, stdout: str = "", stderr: str = "") -> None:
         super().__init__(message)
         self.stdout, self.stderr = stdout, stderr
 
@@ -69,7 +71,7 @@ def _launch_env(extra: dict | None = None) -> dict:
     return env
 
 
-def start(argv: list, **popen_kwargs) -> subprocess.Popen:
+def start(argv: list, **popen_kwargs: Any) -> subprocess.Popen:
     """``subprocess.Popen(argv, **popen_kwargs)`` in a session (and process group) of its own.
 
     A Ctrl-C in a terminal then reaches only the caller, which ends the group with
@@ -265,7 +267,7 @@ def launch(command: list, timeout: float = 900, extra_env: dict | None = None,
     raise AssertionError("unreachable")
 
 
-def add_test_options(parser) -> None:
+def add_test_options(parser: argparse.ArgumentParser) -> None:
     """The workers' ``--collective-timeout`` and, for tests/test_processes.py, ``--fail-rank`` and ``--hang-rank``."""
     parser.add_argument("--collective-timeout", type=float, default=300,
                         help="seconds a collective (gather, barrier) waits for the other processes before it fails")
@@ -277,7 +279,7 @@ def add_test_options(parser) -> None:
                              "others fail after --collective-timeout, or the launch's timeout stops them all")
 
 
-def planted(args, rank: int) -> None:
+def planted(args: argparse.Namespace, rank: int) -> None:
     """Raise or hang on this rank as ``args.fail_rank`` / ``args.hang_rank`` ask (:func:`add_test_options`).
 
     The message names the rank and the wall-clock time (``time.time()``) of the

@@ -514,8 +514,8 @@ print(f"NF4 / fp32: the repeats allow any ratio from {low:.2f} to {high:.2f}")
 noisy = [name for name, r in speed.items() if r["spread"][1] > 1.5 * r["spread"][0]]
 for name in noisy:
     r = speed[name]
-    show(f"{name}: its fastest repeat was {r['spread'][1] / r['spread'][0]:.1f}x its slowest, so the machine was "
-         "busy while it ran and its median says little: run this section again on an idle machine")
+    show(f"{name}: its fastest repeat was {r['spread'][1] / r['spread'][0]:.2f}x its slowest, too wide a spread for "
+         "its median to mean much: run this section again on an idle machine")
 where = f"on this {'GPU' if ON_GPU else 'CPU'} at batch 1"
 ratio = nf4_rate["tokens_per_s"] / fp32_rate["tokens_per_s"]
 if low <= 1 <= high:

@@ -585,9 +585,9 @@ if LINE_HOLDS:
         f"{fit.slope:.3f} ms per MiB on disk ({fit.slope * LAYER / 2**20:.2f} ms per decoder layer): on this run "
         "each offloaded MiB adds the same time to every token, and the line predicts the maps in between.")
 elif verdict == "no measurable difference":
-    say("none and all layers on disk show no measurable difference (above): with repeats this wide any line, a "
-        "flat one too, passes through them, so this run gives no cost per MiB (the offloaded bytes cost less than "
-        "the timings vary, or other work on the machine disturbed them): time again on an idle machine.")
+    say("none and all layers on disk show no measurable difference (above): their repeats overlap, so a cost of "
+        "zero fits them as well as any, and this run gives no cost per MiB (the offloaded bytes cost less than the "
+        "timings vary, or other work on the machine disturbed them): time again on an idle machine.")
 else:
     say(f"no straight line passes through the repeats: the least-squares line through the medians misses those "
         f"of {len(misses)} of the {len(ms)} maps ({', '.join(f'{k} layers on disk' for k in misses)}), so this run "

@@ -930,9 +930,10 @@ print("offload folder removed:", not OFFLOAD.exists())
 #    case, `"24Gib"` too) is 2^30, `GB` 10^9, and `Gb`/`gb` (a lowercase final `b` without the `i`)
 #    means bits. The pre-flight check reads `max_memory` the same way (`helpers.budgets.parse_budget`),
 #    warns about bits and refuses `"cuda:0"` keys and a string instead of a dict, naming the fix.
-# 3. `sequential` fills GPU 0 first; `balanced` (= `"auto"`) spreads the model with a margin;
-#    `balanced_low_0` keeps GPU 0 light, and needs GPU ids without gaps (`{0: ..., 2: ...}` fails
-#    with `KeyError: 1`).
+# 3. `sequential` fills GPU 0 first; `balanced` (= `"auto"`) spreads the model with a margin
+#    (transformers' `get_balanced_memory`, which `from_pretrained` uses, can give a larger one than
+#    accelerate's function of the same name, and so another map); `balanced_low_0` keeps GPU 0 light,
+#    and needs GPU ids without gaps (`{0: ..., 2: ...}` fails with `KeyError: 1`).
 # 4. Plans for any GPUs run on the meta device in a fraction of a second; for 4-bit, prepare the meta
 #    model with transformers' quantizer: only its Linear layers shrink (not the head, nor what is tied to
 #    it), and what is not quantized keeps the load dtype.

@@ -109,10 +109,14 @@ def test_budget_warnings_point_at_the_callers_line():
 # -- devices -----------------------------------------------------------------
 
 def test_plan_mode_accepts_hypothetical_gpus_without_cuda(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("planning mode must not ask CUDA")
+    def boom(name):
+        def refuse(*a, **k):
+            raise AssertionError(f"planning mode must not touch a GPU (torch.cuda.{name})")
+        return refuse  # one function per name: torch's dynamo refuses the same function patched twice
 
-    monkeypatch.setattr(torch.cuda, "device_count", boom)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # accelerate's get_max_memory counts the GPUs
+    for name in ("mem_get_info", "get_device_properties", "set_device", "init", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, boom(name))
     model = meta_llama()
     dm = full_map(layer_dev=lambda i: i % 8, embed=0, head=0)
     dm["model.layers.3"] = "cuda:7"

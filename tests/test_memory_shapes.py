@@ -102,9 +102,8 @@ def test_prediction_matches_what_bitsandbytes_allocates(arch, fmt, tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from helpers.planner import predict_footprint
-    from helpers.quiet import silence_known_warnings
+    from helpers.quiet import known_warnings_silenced
 
-    silence_known_warnings()
     config = _small(arch)
     with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's random stream left as it was
         torch.manual_seed(0)
@@ -112,8 +111,9 @@ def test_prediction_matches_what_bitsandbytes_allocates(arch, fmt, tmp_path):
     small.save_pretrained(tmp_path)
     q = (BitsAndBytesConfig(load_in_8bit=True) if fmt == "int8" else
          BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, dtype=torch.float32,
-                                                 device_map={"": "cpu"})
+    with known_warnings_silenced():
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, dtype=torch.float32,
+                                                     device_map={"": "cpu"})
     scales = 0
     for module in model.modules():
         w = getattr(module, "weight", None)

@@ -279,6 +279,9 @@ def bench(args, n_gpus: int, results: Results) -> int:
     from helpers.hardware import bnb_library
     from helpers.launch import launch
     from helpers.shapes import n_params
+    from helpers.quiet import silence_known_warnings
+
+    silence_known_warnings()  # bnb_library() imports bitsandbytes: its import notice is a known, harmless one
 
     res, refused, save = results.res, results.res["refused"], results.save
 
