@@ -64,7 +64,7 @@ PRIVATE_NAMES = (
         "and the planner repeats that step exactly."),
     PrivateName(
         "transformers.integrations.accelerate._get_device_map", "transformers", "function",
-        ("notebooks/03", "tests/test_planner.py"),
+        ("notebooks/03", "notebooks/04", "tests/test_planner.py"),
         "the function from_pretrained computes its map with; notebook 03 checks the workbook's planner "
         "against it, on purpose (the reference, not a dependency of any helper)."),
     PrivateName(

@@ -149,7 +149,8 @@ def test_without_spreads_a_ratio_is_judged_by_the_noise_bound_and_names_it():
                            "split", "one GPU")
     assert inside == ("split / one GPU: 0.62x, within the 1.90x two runs of the same configuration differed by: "
                       "no difference can be claimed")
-    faster = compare_rates({"tokens_per_s": 3576.0, "noise_bound": bound}, {"tokens_per_s": 68.9}, "batch 64", "batch 1")
+    faster = compare_rates({"tokens_per_s": 3576.0, "noise_bound": bound}, {"tokens_per_s": 68.9},
+                           "batch 64", "batch 1")
     assert faster.endswith("batch 64 is faster") and "1.90x" in faster  # one record with the bound is enough
     at_the_edge = compare_rates({"tokens_per_s": 19.0, "noise_bound": bound}, {"tokens_per_s": 10.0}, "a", "b")
     assert at_the_edge.endswith("no difference can be claimed")  # the bound itself is still noise
@@ -183,7 +184,8 @@ def test_read_reference_gives_figures_without_a_spread_the_bound_of_the_committe
     assert noise is files["two-gpu"]["noise"] and round(noise["bound"], 2) == 1.90
     top = noise["configurations"][0]
     assert top["configuration"] == "one GPU, bf16, batch 16" and {t for t, _ in top["figures"]} == set(TIERS)
-    assert all(r["noise_bound"] == noise["bound"] for res in files.values() for r in res["records"] if not r.get("spread"))
+    assert all(r["noise_bound"] == noise["bound"]
+               for res in files.values() for r in res["records"] if not r.get("spread"))
     assert "differed by up to 1.90x" in capsys.readouterr().out
     assert read_reference(2)["two-gpu"]["noise"]["bound"] == noise["bound"]  # from every file, not only those read
 
