@@ -32,7 +32,9 @@ def bnb_library() -> dict:
     whether the import loaded it (``cextension.lib`` is not the
     ``ErrorHandlerMockBNBNativeLibrary`` stand-in). No file name is parsed and
     no private attribute is read. bitsandbytes runs LLM.int8 and 4-bit on the
-    CPU too (dequantize, then multiply in the compute dtype).
+    CPU too: in general it dequantizes, then multiplies in the compute dtype;
+    on a CPU with AVX-512 BF16 its fused 4-bit kernel multiplies in bfloat16
+    whatever compute dtype was asked for (notebook 01 shows which).
 
     Importing bitsandbytes may log a notice on a CPU without its optional
     kernels: call :func:`helpers.quiet.silence_known_warnings` first to quiet it.
