@@ -31,7 +31,7 @@
 #    reload a 4-bit model.
 #
 # **What you'll need**: notebook 00 done (it sets up the bundled model). A CPU is enough: bitsandbytes
-# 0.50 runs 8-bit and 4-bit layers on the CPU. About 1 minute on an idle 2-core CPU, section 9's
+# 0.50 runs 8-bit and 4-bit layers on the CPU. About 45 s on an idle 2-core CPU, section 9's
 # timing included. On a GPU the same cells run the CUDA kernels (and the compute dtype switches to
 # bf16). About 5 GB of RAM at the peak, measured as resident memory on the CPU (five models at once,
 # and section 9's 1 GiB copy to measure the memory bandwidth).

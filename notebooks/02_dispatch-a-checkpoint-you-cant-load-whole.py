@@ -34,7 +34,7 @@
 # **What you'll need**: notebook 00 done (it builds the bundled model). A CPU is enough. On a machine
 # without a GPU the main device is the CPU, so "offload" here means **disk** offload; offloading to
 # CPU RAM only exists when a GPU is the main device (notebook 04 reads its cost from the GPU reference
-# runs). About a minute on an idle 2-core CPU, most of it in section 7's timings.
+# runs). About 35 s on an idle 2-core CPU, most of it in section 7's timings.
 
 # %% tags=["parameters"]
 # The model: "bundled" (SmolLM2-135M-Instruct, offline), a local checkpoint directory, or a hub id.

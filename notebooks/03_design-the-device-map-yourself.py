@@ -39,7 +39,7 @@
 #
 # **What you'll need**: notebook 02 (the meta device, `init_empty_weights`, offload hooks). A CPU
 # is enough: the recipe runs on the bundled model, and every plan for big GPUs is computed on the
-# meta device, without allocating its weights. About 35 s on an idle 2-core CPU. On a GPU
+# meta device, without allocating its weights. About 20 s on an idle 2-core CPU. On a GPU
 # machine section 1 puts part of the model on GPU 0 and offloads the rest to the CPU. The recipe runs
 # on any causal LM you pass as `MODEL` (a small one is enough).
 

@@ -46,7 +46,7 @@
 #   workbook's reference run of the tier that matches the machine (`gpu-reference/one-gpu/results.json`
 #   without a GPU or with one, `gpu-reference/two-gpu/results.json` with two or more); figures that need
 #   two GPUs, such as the split's speed, come from the two-GPU tier on every machine.
-# - Run time: about a minute on an idle 2-core CPU (most of it timing the CPU-and-disk stand-in of the
+# - Run time: about 20 s on an idle 2-core CPU (most of it timing the CPU-and-disk stand-in of the
 #   split); about 35 s on one H200 GPU, measured before sections 4 and 5 timed the split and loaded the
 #   flag's map.
 

@@ -44,7 +44,7 @@
 #   (`gpu-reference/one-gpu/results.json` without a GPU or with one, `gpu-reference/two-gpu/results.json`
 #   with two or more); figures that need two GPUs (a split, tensor parallelism, two replicas) come from the
 #   two-GPU tier on every machine.
-# - Run time: about 35 s on an idle 2-core CPU, about a minute on one H200 GPU (two launches of
+# - Run time: about 25 s on an idle 2-core CPU, about a minute on one H200 GPU (two launches of
 #   processes).
 
 # %% tags=["parameters"]

@@ -36,7 +36,7 @@
 #    run mode (this machine), and read its fixes.
 #
 # **What you'll need**: any machine (a CPU is enough; nothing here needs a GPU), about 3 GB of free
-# RAM and 1 GB of disk, about a minute on an idle 2-core CPU. Read notebooks 02 (dispatch a checkpoint)
+# RAM and 1 GB of disk, about 25 s on an idle 2-core CPU. Read notebooks 02 (dispatch a checkpoint)
 # and 03 (design the device map yourself) first: this one assumes their vocabulary.
 
 # %% tags=["parameters"]

@@ -57,10 +57,21 @@ def _command(worker: str, ckpt, out, *extra) -> list:
             *args, "--out", out, *extra]
 
 
+_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _children_before_the_test():
+    """The children this process already had (e.g. the session's browser, started by earlier tests)."""
+    _BEFORE.clear()
+    _BEFORE.update(p.pid for p in psutil.Process().children(recursive=True))
+    yield
+
+
 def _leftovers(marker: str) -> list[str]:
-    """Processes still there: children of this test process, or any whose command line holds ``marker``."""
+    """Processes still there: children this test started, or any whose command line holds ``marker``."""
     me = psutil.Process()
-    found = {p.pid: p for p in me.children(recursive=True)}
+    found = {p.pid: p for p in me.children(recursive=True) if p.pid not in _BEFORE}
     for p in psutil.process_iter(["cmdline"]):
         if p.pid != me.pid and marker in " ".join(p.info["cmdline"] or []):
             found[p.pid] = p
