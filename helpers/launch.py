@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 
@@ -277,6 +277,24 @@ def add_test_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hang-rank", type=int, default=None,
                         help="tests only: this rank sleeps for ever just before the results are gathered; the "
                              "others fail after --collective-timeout, or the launch's timeout stops them all")
+
+
+def run_rank(rank: int, body: Callable[[], int], destroy: Callable[[], None]) -> int:
+    """Run one rank's work the gpt-fast way: on an error, no barrier and no teardown.
+
+    ``body()`` does the rank's work and returns its exit code. If it raises, the error is printed as
+    ``rank N: Type: message`` on stderr and re-raised, so the process exits and torchrun stops the other
+    ranks (a barrier here would wait for ever on a rank that already failed). Only after a success is the
+    process group torn down with ``destroy()``: every rank got there, so its last collective is complete.
+    Used by ``workers/replicas.py`` and ``workers/tensor_parallel.py`` (notebook 05).
+    """
+    try:
+        code = body()
+    except Exception as e:
+        print(f"rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
+    destroy()
+    return code
 
 
 def planted(args: argparse.Namespace, rank: int) -> None:

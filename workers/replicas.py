@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers.launch import add_test_options, planted  # noqa: E402  (after the repository is on the path)
+from helpers.launch import add_test_options, planted, run_rank  # noqa: E402  (after the repository is on the path)
 
 PROMPTS = [
     "The capital of France is",
@@ -88,13 +88,8 @@ def main(argv=None) -> int:
     # cpu=True: without it, torchrun's processes on a CPU-only machine each saw "rank 0 of 1".
     # timeout: init_process_group's, the longest any collective waits for the other processes.
     state = PartialState(cpu=not use_cuda, timeout=timedelta(seconds=args.collective_timeout))
-    try:
-        code = run(args, state, use_cuda, gather_object)
-    except Exception as e:  # no barrier, no teardown: exit, and torchrun stops the other processes
-        print(f"rank {state.process_index}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        raise
-    state.destroy_process_group()  # every process got here: its last collective is complete
-    return code
+    return run_rank(state.process_index, lambda: run(args, state, use_cuda, gather_object),
+                    state.destroy_process_group)
 
 
 def run(args, state, use_cuda, gather_object) -> int:

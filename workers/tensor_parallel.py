@@ -50,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers.launch import add_test_options, planted  # noqa: E402  (after the repository is on the path)
+from helpers.launch import add_test_options, planted, run_rank  # noqa: E402  (after the repository is on the path)
 
 
 def parse_args(argv=None):
@@ -98,13 +98,7 @@ def main(argv=None) -> int:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
         dist.init_process_group("nccl", device_id=dev, timeout=timeout)
-    try:
-        code = run(args, world, rank, dev)
-    except Exception as e:  # no barrier, no teardown: exit, and torchrun stops the other processes
-        print(f"rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        raise
-    dist.destroy_process_group()  # every process got here: its last collective is complete
-    return code
+    return run_rank(rank, lambda: run(args, world, rank, dev), dist.destroy_process_group)
 
 
 def run(args, world, rank, dev) -> int:
