@@ -10,7 +10,7 @@ bits, a GPU with 0 bytes, and for "balanced_low_0" GPU ids with a gap).
 
 This module owns budgets; it builds on the device vocabulary of :mod:`helpers.devicemap`, and
 :mod:`helpers.preflight` builds on it (``preflight`` reads its ``max_memory`` here). Notebook 03
-explains how ``max_memory`` is read; notebook 06 troubleshoots bad budgets.
+explains how ``max_memory`` is read; notebook 08 troubleshoots bad budgets.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class BudgetWarning(UserWarning):
     :func:`helpers.preflight.preflight`); filter it with
     ``warnings.simplefilter("error", BudgetWarning)`` to make it fatal, or
     ``"ignore"`` when the budget is meant. Notebook 03 explains how accelerate
-    reads ``max_memory``; notebook 06 troubleshoots budgets.
+    reads ``max_memory``; notebook 08 troubleshoots budgets.
     """
 
 
@@ -253,7 +253,7 @@ def parse_budget(max_memory: dict | None, strategy: str | None = None, *, stackl
         is GiB, not bits) and a budget of 0 on a GPU (with "balanced_low_0" a 0
         on GPU 1 sends everything to GPU 0).
 
-    Notebook 03 explains how ``max_memory`` is read; notebook 06 troubleshoots
+    Notebook 03 explains how ``max_memory`` is read; notebook 08 troubleshoots
     bad budgets.
     """
     return _parse(max_memory, strategy, stacklevel=stacklevel + 1)

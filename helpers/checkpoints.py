@@ -424,7 +424,7 @@ def random_checkpoint(shape: str = "llama-1b", dtype: torch.dtype | None = None,
 
     It is saved under ``<cache>/random-<shape>-<dtype>`` with a file
     ``RANDOM_WEIGHTS.txt`` saying so; its text is meaningless: use it for
-    speed, memory and tensor parallelism only (notebook 05, and the GPU
+    speed, memory and tensor parallelism only (notebook 07, and the GPU
     reference benchmark). Seed 0, so every build holds the same weights. A
     later call verifies the folder and returns it.
 
@@ -545,7 +545,7 @@ def sweep_offload_folders(root: Path | None = None) -> list[Path]:
     Returns:
         The folders removed.
 
-    :func:`offload_folder` calls it (notebooks 02, 03 and 06), and so does
+    :func:`offload_folder` calls it (notebooks 02, 03 and 08), and so does
     ``python -m helpers prepare``.
     """
     root = cache_dir() / "offload" if root is None else Path(root)
@@ -586,7 +586,7 @@ def offload_folder(prefix: str) -> Path:
     folders without the marker or with a damaged one, links, and the folders of
     processes still running (another notebook's kernel, or this one's).
 
-    Notebooks 02, 03 and 06 use it as ``offload_folder=``.
+    Notebooks 02, 03 and 08 use it as ``offload_folder=``.
 
     Args:
         prefix: the start of the folder's name (say which notebook made it).

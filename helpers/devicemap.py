@@ -5,7 +5,7 @@ A *device map* sends module-name prefixes to devices, as accelerate and
 "lm_head": "disk"}``. A device is a GPU id (``0``, ``1``, ... or ``"cuda:N"``),
 ``"cpu"`` or ``"disk"``. A tensor goes where its longest matching prefix says
 (the key ``""`` covers the whole model). Notebook 02 introduces maps; this
-module is used by notebooks 03, 04 and 06, by :mod:`helpers.budgets`,
+module is used by notebooks 03, 06 and 08, by :mod:`helpers.budgets`,
 :mod:`helpers.preflight` and :mod:`helpers.planner`; it imports none of them.
 
 Sizes are bytes of parameters and persistent buffers only (no activations, no
@@ -49,7 +49,7 @@ def canonical_device(value: object) -> int | str | None:
     :data:`ACCELERATORS`) become ``"<type>:<index>"``, a bare type meaning
     index 0. Booleans, negative ids, "meta" and anything else give None. Never
     builds a torch.device from an int (that needs CUDA). Notebook 03 lists the
-    devices a map may use; notebook 06 the findings of a bad one.
+    devices a map may use; notebook 08 the findings of a bad one.
     """
     if isinstance(value, torch.device):
         value = str(value)
@@ -210,7 +210,7 @@ def placement(model: torch.nn.Module, device_map: dict) -> dict:
 
     Devices are canonical (GPU ids as ints, "cpu", "disk"; None for tensors the
     map misses), sorted; ``{"": 1}`` gives one entry, GPU 1 with every module. The
-    readable column of :func:`map_table`; notebooks 04 and 05 print it.
+    readable column of :func:`map_table`; notebooks 06 and 07 print it.
     """
     return {r["device"]: r["modules"] for r in _rows(model, device_map, {})}
 
@@ -426,7 +426,7 @@ def device_map_of(model: torch.nn.Module) -> dict:
     transformers sets ``hf_device_map`` only when the map spans several
     devices or offloads; a model loaded whole onto one device has none
     (``AttributeError``). Then this returns ``{"": device}`` with the device
-    of its parameters (e.g. ``{"": "cpu"}``). Explained in notebook 02; case 5 of notebook 06.
+    of its parameters (e.g. ``{"": "cpu"}``). Explained in notebook 02; case 5 of notebook 08.
     """
     dm = getattr(model, "hf_device_map", None)
     if dm is not None:

@@ -1,7 +1,7 @@
 """Exercises: the self-check that ends each notebook, right, wrong or not answered yet.
 
 Each notebook's exercises leave a variable at None for the learner to fill in; the check cell prints
-a verdict with an explanation and never fails, so CI can run it unanswered. Notebooks 00 to 06 use it.
+a verdict with an explanation and never fails, so CI can run it unanswered. Notebooks 00 to 08 use it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def check_answer(answer: Any, expected: Any, right: str | Callable[[Any], str], 
     ``wrong`` are strings, or callables given the answer that return the string (called only for the
     verdict printed). ``label`` (e.g. ``"Exercise 1"``) starts the line, followed by a colon. A long
     verdict is wrapped at words to fit a JupyterLab output line (:func:`helpers.text.wrap`).
-    Never raises for a wrong answer. Used by the exercise checks of notebooks 00 to 06.
+    Never raises for a wrong answer. Used by the exercise checks of notebooks 00 to 08.
 
     ``wrong_example`` (required) is a plausible wrong answer, the mistake a learner is likely to make.
     The check must call it wrong, so every check can say "wrong" (a check that accepts anything

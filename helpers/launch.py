@@ -1,6 +1,6 @@
 """Launching processes: a ``torchrun`` command line run from a notebook, with the workbook's environment.
 
-Notebook 05 writes the ``torchrun`` command line that starts its workers
+Notebook 07 writes the ``torchrun`` command line that starts its workers
 (``workers/replicas.py``, ``workers/tensor_parallel.py``) in its own cells and
 hands it to :func:`launch`, which only adds what every launch needs: a fresh
 set of processes (no fork of the kernel), the repository on ``PYTHONPATH``,
@@ -49,7 +49,7 @@ GRACE_S = 5.0
 
 
 class LaunchError(RuntimeError):
-    """A launched group of processes failed or ran past its timeout. Notebook 05.
+    """A launched group of processes failed or ran past its timeout. Notebook 07.
 
     The message starts with the processes' own error lines and ends with the last
     lines they printed; ``stdout`` and ``stderr`` hold everything they printed
@@ -229,7 +229,7 @@ def launch(command: list, timeout: float = 900, extra_env: dict | None = None,
     worker fails, ``torchrun`` stops the others at once (its elastic agent
     watches them every 0.1 s), so a failure surfaces in seconds, not at the
     timeout, as long as the failed worker exits (no barrier after an error).
-    Used by notebook 05 and the GPU reference benchmark.
+    Used by notebook 07 and the GPU reference benchmark.
 
     Args:
         command: the words of the command line (numbers are turned into text).
@@ -279,20 +279,25 @@ def add_test_options(parser: argparse.ArgumentParser) -> None:
                              "others fail after --collective-timeout, or the launch's timeout stops them all")
 
 
-def run_rank(rank: int, body: Callable[[], int], destroy: Callable[[], None]) -> int:
+def run_rank(rank: int, body: Callable[[], int], barrier: Callable[[], None],
+             destroy: Callable[[], None]) -> int:
     """Run one rank's work the gpt-fast way: on an error, no barrier and no teardown.
 
     ``body()`` does the rank's work and returns its exit code. If it raises, the error is printed as
     ``rank N: Type: message`` on stderr and re-raised, so the process exits and torchrun stops the other
-    ranks (a barrier here would wait for ever on a rank that already failed). Only after a success is the
-    process group torn down with ``destroy()``: every rank got there, so its last collective is complete.
-    Used by ``workers/replicas.py`` and ``workers/tensor_parallel.py`` (notebook 05).
+    ranks (a barrier here would wait for ever on a rank that already failed). Only after a success does
+    the rank wait at ``barrier()`` and then tear the group down with ``destroy()``. The barrier is safe
+    there (every rank that reaches it has finished its work) and needed: without it a rank that finished
+    early tore down and exited while rank 0 was still writing its file, and rank 0's gloo teardown then
+    aborted with "terminate called without an active exception" (SIGABRT, twice in a row on the 2-core
+    CI machine). Used by ``workers/replicas.py`` and ``workers/tensor_parallel.py`` (notebook 07).
     """
     try:
         code = body()
     except Exception as e:
         print(f"rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise
+    barrier()
     destroy()
     return code
 

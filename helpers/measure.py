@@ -16,7 +16,7 @@ import torch
 def sync() -> None:
     """Wait for every visible GPU (a split model runs on several); a no-op without CUDA.
 
-    Notebooks 02 and 04 time with it.
+    Notebooks 02, 04 and 06 time with it.
     """
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -123,7 +123,7 @@ def time_generate(model: torch.nn.Module, inputs: dict | None, new_tokens: int =
     returned with its spread. A repeat whose full run was not clearly longer
     than its first token (a busy machine) is measured again, up to
     ``repeats`` more times; then :class:`MeasurementError` is raised rather
-    than a rate divided by noise. Used in notebooks 01, 06 and 07 and by the
+    than a rate divided by noise. Used in notebooks 01, 04, 07 and 08 and by the
     workers they launch.
 
     Args:
@@ -219,7 +219,7 @@ def compare_rates(a: dict, b: dict, a_name: str = "a", b_name: str = "b") -> str
     named); one inside it is "within the 1.90x two runs of the same configuration differed by: no
     difference can be claimed". Without a bound either, no difference is claimed.
     Returns one sentence, e.g. ``"split / single: repeats 0.41x to 0.52x, median 0.47x: split is slower"``.
-    Notebooks 04 and 05.
+    Notebooks 04, 06 and 07.
     """
     def x(v: float) -> str:  # two decimals, or two significant digits below 0.1
         return f"{v:.2f}x" if v >= 0.1 else f"{v:.2g}x"

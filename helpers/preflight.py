@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from accelerate.utils import find_tied_parameters
 
-# BudgetWarning and parse_budget are defined in helpers.budgets; notebooks 04 and 06 import them from here too
+# BudgetWarning and parse_budget are defined in helpers.budgets; notebooks 06 and 08 import them from here too
 from .budgets import BudgetWarning, budget_key, parse_budget  # noqa: F401
 from .devicemap import bytes_per_device, canonical_device, device_label, device_order, owner_key, tensor_sizes
 from .text import wrap
@@ -51,7 +51,7 @@ class Finding:
     message: what is wrong, naming the parameters/modules/devices.
     fix: what to change.
 
-    Notebooks 03 and 06.
+    Notebooks 03 and 08.
     """
 
     kind: str
@@ -68,7 +68,7 @@ class Report:
     "xpu:0") to the bytes assigned to it; ``budget`` holds the parsed budget in
     bytes (empty without one), keyed as accelerate keys ``max_memory``.
 
-    Notebooks 03 and 06.
+    Notebooks 03 and 08.
     """
 
     findings: list[Finding] = field(default_factory=list)
@@ -243,7 +243,7 @@ def preflight(model: torch.nn.Module, device_map: dict, max_memory: dict | None 
         :class:`BudgetWarning`: sizes in bits ("10Gb") or a GPU with a budget
         of 0 (see :func:`parse_budget`).
 
-    Notebook 03 designs maps and introduces this check; notebook 06 shows
+    Notebook 03 designs maps and introduces this check; notebook 08 shows
     every kind of finding on a real case.
     """
     if mode not in ("plan", "run"):
@@ -609,7 +609,7 @@ def _check_quantized(model, where, hf_quantizer) -> list[Finding]:
             "quantized-offload", f"llm_int8_enable_fp32_cpu_offload is set, yet {len(moved)} bitsandbytes-quantized "
             f"module(s) (e.g. {moved[0]!r}) are mapped to {devs}: the flag acts only on a device_map dict given to "
             f"from_pretrained (a string such as 'auto' is planned after the quantizer ran), so these weights stay "
-            f"quantized and offloaded, and generating fails (notebook 06, case 9).",
+            f"quantized and offloaded, and generating fails (notebook 08, case 9).",
             f"pass {recipe}.")]
     accelerators = [d for d in values if isinstance(d, int) or d not in ("cpu", "disk")]
     if not accelerators:

@@ -78,7 +78,7 @@ PRIVATE_NAMES = (
         ("notebooks/05",),
         "the step from_pretrained(distributed_config=...) takes to turn the model's tensor-parallel plan, with "
         "the DistributedConfig's tp_plan override, into {module or parameter: style}, and to refuse an empty "
-        "one; notebook 05 shows what each override resolves to without starting processes. No public call "
+        "one; notebook 07 shows what each override resolves to without starting processes. No public call "
         "returns the resolved plan."),
     PrivateName(
         "transformers.PreTrainedModel._weight_conversions", "transformers", "attribute",

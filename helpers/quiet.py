@@ -4,7 +4,7 @@ Each entry says why its message is harmless. Nothing else is filtered. The
 notebooks call :func:`silence_known_warnings` once, in their first cell (the
 learner runs that cell, and its docstring says what it changes); tests use
 :func:`known_warnings_silenced`, which undoes the same changes on leaving its block.
-:func:`quiet_planning` wraps planning for GPUs this machine does not have (notebooks 03, 04 and 06).
+:func:`quiet_planning` wraps planning for GPUs this machine does not have (notebooks 03, 06 and 08).
 
 The logger names, the message start in :data:`KNOWN_MESSAGES` and accelerate's
 loading bar are library internals: :mod:`helpers.private_apis` lists them with

@@ -3,7 +3,7 @@
 ``gpu-reference/<tier>/results.json`` holds what that tier's benchmark
 measured (hardware, versions, figures); notebooks that quote GPU figures read
 them from here, never from prose. Every figure is read as a record with the
-limit it is measured against (:func:`records`). Notebooks 04 and 05.
+limit it is measured against (:func:`records`). Notebooks 06 and 07.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def records(res: dict) -> list[dict]:
     the same run). A CPU-offload record without one gets the same measured rate for the bytes left on
     the GPU plus the pinned host-to-device copy rate the file measured for the offloaded bytes. A file
     that measured no bandwidth gets the GPU's specified one (:data:`SPEC_BANDWIDTH`, ``limit_from``
-    "specified"). Every limit is an upper bound. Notebooks 04 and 05, ``tests/test_stored_rates.py``.
+    "specified"). Every limit is an upper bound. Notebooks 06 and 07, ``tests/test_stored_rates.py``.
     """
     if "records" in res:
         out = []
@@ -164,7 +164,7 @@ def same_configuration(files: dict[str, dict]) -> dict:
     :func:`helpers.measure.compare_rates` reads: a ratio of two such figures inside ``[1 / bound, bound]``
     claims no difference, one outside does. With the committed files the bound is 1.90 (one GPU, batch 16,
     in the one-GPU and the two-GPU files).
-    Notebooks 04 and 05, ``tests/test_stored_rates.py``.
+    Notebooks 06 and 07, ``tests/test_stored_rates.py``.
     """
     groups: dict[tuple, list] = {}
     for name, res in files.items():
@@ -222,7 +222,7 @@ def read_reference(n_gpus: int) -> dict:
     Raises:
         ValueError: a file whose ``tier`` entry or GPU count is not its folder's.
         helpers.measure.MeasurementError: a figure above its limit (it cannot be true).
-        FileNotFoundError: as :func:`reference_results`. Notebooks 04 and 05.
+        FileNotFoundError: as :func:`reference_results`. Notebooks 06 and 07.
     """
     tier = _matching_tier(n_gpus)
     every = {name: _read_tier(name) for name in dict.fromkeys([tier, "two-gpu", *TIERS])

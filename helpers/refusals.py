@@ -3,7 +3,7 @@
 The notebooks show many library refusals on purpose (a wrong budget, a tie lost before loading, an
 offloaded model moved). Each cell keeps the library call it teaches, in a lambda, and this module
 does the catching and printing that was the same in every such cell. A refusal is shown whole,
-wrapped at words, never cut: the remedy a message names is often at its end. Used by notebooks 03 and 06.
+wrapped at words, never cut: the remedy a message names is often at its end. Used by notebooks 03 and 08.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def refused(call: Callable[[], object], *errors: type[BaseException], width: int
     :data:`helpers.text.LINE_WIDTH`); it never cuts the message.
     Returns the exception when one of ``errors`` was raised, and None (printing nothing) when the call
     returned normally. Any other exception propagates, so an unexpected failure still stops the cell.
-    ``errors`` defaults to ``Exception``. Notebooks 03 and 06 show the library's refusals with it.
+    ``errors`` defaults to ``Exception``. Notebooks 03 and 08 show the library's refusals with it.
     """
     try:
         call()

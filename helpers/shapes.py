@@ -128,7 +128,7 @@ def random_model(name_or_config: str | PretrainedConfig, dtype: torch.dtype = to
     caller's random-number generators are left as they were: the weights are drawn inside
     ``torch.random.fork_rng``, from the generator of ``device`` alone (the CPU's, or that GPU's),
     so a notebook's own seeded stream goes on unchanged and no other GPU's generator is reseeded.
-    Its outputs are meaningless text; use it only for memory and speed (notebook 05's tensor-parallel toy).
+    Its outputs are meaningless text; use it only for memory and speed (notebook 07's tensor-parallel toy).
     Raises as :func:`meta_model`.
     """
     dev = torch.device(device)

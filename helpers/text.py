@@ -6,7 +6,7 @@ In its default layout (file browser open) in a 1280 x 900 window, the output are
 wide and holds 107 characters of its 13 px monospace font on a line: :data:`LINE_WIDTH`. Text
 the notebooks print goes through :func:`wrap` (directly, or through :mod:`helpers.preflight`,
 :mod:`helpers.planner`, :mod:`helpers.refusals`, :mod:`helpers.reference` and
-:mod:`helpers.exercises`), so no line is longer. Used by notebooks 00 to 06.
+:mod:`helpers.exercises`), so no line is longer. Used by notebooks 00 to 08.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def wrap(text: str, width: int = LINE_WIDTH) -> str:
     A line that fits is kept exactly (indentation and column alignment included). A longer one
     is broken between words; its continuation lines are indented like the line, plus the width
     of a leading list marker (``1. ``, ``- ``) or 2 spaces. A single word longer than a line is
-    cut. Returns the wrapped text (a str, lines joined by ``\\n``). Used by notebooks 00 to 06.
+    cut. Returns the wrapped text (a str, lines joined by ``\\n``). Used by notebooks 00 to 08.
     """
     out = []
     for line in str(text).split("\n"):
@@ -44,5 +44,5 @@ def wrap(text: str, width: int = LINE_WIDTH) -> str:
 
 
 def say(*parts: object, sep: str = " ", width: int = LINE_WIDTH) -> None:
-    """``print(*parts, sep=sep)``, with the text wrapped by :func:`wrap` at ``width`` characters. Notebooks 00 to 06."""
+    """``print(*parts, sep=sep)``, with the text wrapped by :func:`wrap` at ``width`` characters. Notebooks 00 to 08."""
     print(wrap(sep.join(str(p) for p in parts), width))

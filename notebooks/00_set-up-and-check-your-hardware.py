@@ -412,7 +412,7 @@ print(f"in NF4 the same GPU would keep {nf4_free / GiB:.1f} GiB for the cache: "
 # %% [markdown]
 # So "the weights fit" is not the whole answer: what is left is counted in tokens of context, printed
 # above. The reserve was measured on an H200 with the small bundled model; a 70B model's activations are
-# larger, so take these token counts as an upper bound. Those are the situations notebooks 01 to 05 handle.
+# larger, so take these token counts as an upper bound. Those are the situations notebooks 01 to 07 handle.
 #
 # The reserve's file, `gpu-reference/one-gpu/reserve.json`, was written by hand from the figures that GPU
 # run printed (its `note` says so). Its activations are the peak less the weights and the KV cache, so

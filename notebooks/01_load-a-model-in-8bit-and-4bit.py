@@ -531,8 +531,8 @@ else:
 # A comparison is only as good as its repeats: when the two spreads overlap enough that the ratio could
 # be 1, the cell says "no measurable difference" instead of a winner, and it says so when one format's
 # repeats vary too much (more than 1.5x) for its median to mean much. And three repeats of a 135M model
-# at batch 1 say little about a large model or a large batch. Notebooks 04 and 05 time generation on
-# GPUs; their measurements are committed per hardware tier in `gpu-reference/<tier>/results.json` (NF4
+# at batch 1 say little about a large model or a large batch. Notebook 04 times every format against
+# this machine's limit, at batch 1 and 16; notebooks 06 and 07 time generation on GPUs; their measurements are committed per hardware tier in `gpu-reference/<tier>/results.json` (NF4
 # on one GPU, and a 4-bit model split over two GPUs, among them), each beside its limit.
 #
 # ## Summary
@@ -546,7 +546,7 @@ else:
 # - Quality, measured on this small model: int8 stays closest to fp32, NF4 beats FP4. How much a format
 #   costs a 7B+ model is a question for larger evaluations (the published figures in section 6).
 # - Memory saved is not speed gained: 4-bit layers unpack their weights at every product; measure speed
-#   on your hardware (section 9, notebooks 04 and 05).
+#   on your hardware (section 9, notebook 04).
 # - transformers 5 accepts quantization options only through `quantization_config`; 4-bit models save
 #   and reload as they are.
 #

@@ -33,7 +33,7 @@
 #
 # **What you'll need**: notebook 00 done (it builds the bundled model). A CPU is enough. On a machine
 # without a GPU the main device is the CPU, so "offload" here means **disk** offload; offloading to
-# CPU RAM only exists when a GPU is the main device (notebook 04 reads its cost from the GPU reference
+# CPU RAM only exists when a GPU is the main device (notebook 06 reads its cost from the GPU reference
 # runs). About 35 s on an idle 2-core CPU, most of it in section 7's timings.
 
 # %% tags=["parameters"]
@@ -615,7 +615,7 @@ plt.show()
 
 # %% [markdown]
 # On a real big model the bytes per token are gigabytes: disk offload makes a model *run*, not run fast.
-# Prefer, in order: a smaller format (notebook 01), more GPUs (notebook 04), CPU offload on a GPU
+# Prefer, in order: a smaller format (notebook 01), more GPUs (notebook 06), CPU offload on a GPU
 # machine, and disk offload last.
 
 # %% [markdown]

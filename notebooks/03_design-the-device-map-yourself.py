@@ -225,7 +225,7 @@ print(f"same {NEW_TOKENS} tokens as the model loaded whole")
 # %% [markdown]
 # **Self-check.** Why did we call `model.tie_weights()` in 1.1? (Hint: the checkpoint has no
 # `lm_head.weight`; without the tie the head would stay on the meta device, and the map could place
-# it on another device than the embedding. Notebook 06, cases 1 and 2, shows both failures.)
+# it on another device than the embedding. Notebook 08, cases 1 and 2, shows both failures.)
 #
 # **What changed since the recipe was first written** (accelerate's 2022 guide): `torch_dtype=` is
 # now `dtype=`; `_no_split_modules` is a set read from the class (no need to type `"LlamaDecoderLayer"`);
@@ -389,13 +389,13 @@ print("llama-2-7b on 4 x 24 GiB, the same caps from both:", same_for_llama7)
 # %% [markdown]
 # `sequential` keeps the whole model on one GPU when it fits: fewest transfers between GPUs, but one GPU
 # does all the work and holds all the memory. `balanced` spreads the weights (and so the KV cache, which
-# lives beside each layer); it does not make a single sequence faster (notebook 04: the layers still run
+# lives beside each layer); it does not make a single sequence faster (notebook 06: the layers still run
 # one GPU at a time).
 #
 # **Skipped GPU ids.** Say GPU 1 is busy and you write `max_memory={0: ..., 2: ...}`. `balanced` and
 # `sequential` take it, but `balanced_low_0` reads the budgets of GPUs 0, 1, ... by position and stops
 # with a bare `KeyError: 1`: transformers' `get_balanced_memory` below, so
-# `from_pretrained(device_map="balanced_low_0")` (notebook 06, case 10), and accelerate's alike. The
+# `from_pretrained(device_map="balanced_low_0")` (notebook 08, case 10), and accelerate's alike. The
 # check says why, and what to write instead:
 
 # %%
@@ -574,7 +574,7 @@ assert mine == theirs == plans[("llama-2-70b", "nf4", 2, 24)].device_map, "the p
 # calls to place modules, so we can read the map it computed. With a budget too small for the whole
 # 4-bit model (room for what is not a decoder layer and for half of the layers, in 4-bit sizes),
 # `from_pretrained` then refuses to load a bitsandbytes model with modules on the CPU or disk
-# (notebook 06, case 9), after it has computed its map, and before loading any weight. The refusal
+# (notebook 08, case 9), after it has computed its map, and before loading any weight. The refusal
 # is shown whole: its remedy is at its end.
 
 # %%
@@ -640,7 +640,7 @@ assert n_4bit(flag_model) == n_4bit(small_model) and offloaded, "with 'auto' the
 # 10 s or more on 2 cores), on a CPU-only machine with transformers 5.24, accelerate 1.15 and
 # bitsandbytes 0.50: the bundled model loads with this budget and the flag, runs its first forward
 # pass, and fails at the second with `NotImplementedError: Cannot copy out of meta tensor; no data!`.
-# The remedy works with a `device_map` dict: notebook 06, case 9, runs it and measures it.
+# The remedy works with a `device_map` dict: notebook 08, case 9, runs it and measures it.
 #
 # `prepare` and `place` on the same config give the map `from_pretrained` computed:
 

@@ -1,6 +1,6 @@
-"""Real users' failures (docs/users-cases.md): what notebook 06's own asserts do not check under nbval.
+"""Real users' failures (docs/users-cases.md): what notebook 08's own asserts do not check under nbval.
 
-Notebook 06 reproduces eleven cases and asserts, for each, the failure, the
+Notebook 08 reproduces eleven cases and asserts, for each, the failure, the
 pre-flight finding and the fixed recipe. These tests keep the rest: where the
 offload index puts a tied head (case 3), that the quantized CPU recipe
 generates (cases 7 and 9), the NF4 scales that ``get_memory_footprint`` leaves
@@ -92,7 +92,7 @@ def test_case7_and_9_quantized_recipe_generates_on_cpu(path, inputs):
 
 
 def test_case7_nf4_footprint_leaves_out_the_absmax_scales(path):
-    # notebook 06 adds the scales to get_memory_footprint (parameters and buffers): one float32 absmax per 64 weights
+    # notebook 08 adds the scales to get_memory_footprint (parameters and buffers): one float32 absmax per 64 weights
     model = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
         device_map={"": "cpu"})
@@ -105,7 +105,7 @@ def test_case7_nf4_footprint_leaves_out_the_absmax_scales(path):
 
 
 def test_exercise1_tied_pair_on_disk_is_caught_only_with_the_checkpoint(config, path):
-    # notebook 06's exercise 1 checks with checkpoint=: without it, case 3's mistake passes
+    # notebook 08's exercise 1 checks with checkpoint=: without it, case 3's mistake passes
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     on_disk = hand_map("disk", "disk") | {f"model.layers.{i}": 0 if i < 15 else 1 for i in range(30)}
@@ -120,7 +120,7 @@ def test_case9_int8_with_too_little_room_and_fp32_offload_to_disk(config):
 
     if importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes not installed")
-    bnb = BitsAndBytesConfig(load_in_8bit=True)  # notebook 06 asserts the 4-bit form
+    bnb = BitsAndBytesConfig(load_in_8bit=True)  # notebook 08 asserts the 4-bit form
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     quantizer = AutoHfQuantizer.from_config(bnb)

@@ -91,7 +91,7 @@ def test_helper_imports_run_one_way():
 
 
 def test_preflight_still_offers_the_budget_names_notebooks_import_from_it():
-    # notebooks 04 and 06 write `from helpers.preflight import parse_budget, preflight`
+    # notebooks 06 and 08 write `from helpers.preflight import parse_budget, preflight`
     assert helpers.preflight.parse_budget is helpers.budgets.parse_budget
     assert helpers.preflight.BudgetWarning is helpers.budgets.BudgetWarning
 

@@ -59,7 +59,7 @@ def test_committed_reference_is_labelled_random_and_complete():
 
 
 def test_tensor_parallel_worker_asks_for_distributed_config():
-    """The call notebook 05 teaches is the call the worker makes."""
+    """The call notebook 07 teaches is the call the worker makes."""
     assert "distributed_config=DistributedConfig(tp_size=world)" in (ROOT / "workers/tensor_parallel.py").read_text()
 
 
@@ -90,8 +90,8 @@ def test_replicas_refuse_a_wrong_world_size(tmp_path):
 
 
 def test_notebook_05_shows_the_call_the_tensor_parallel_worker_makes():
-    """The from_pretrained call notebook 05 prints in its markdown is, whitespace aside, the worker's."""
-    source = next((ROOT / "notebooks").glob("05_*.py")).read_text()
+    """The from_pretrained call notebook 07 prints in its markdown is, whitespace aside, the worker's."""
+    source = next((ROOT / "notebooks").glob("07_*.py")).read_text()
     block = source[source.index("# model = AutoModelForCausalLM.from_pretrained(args."):].split("# ```")[0]
     shown = " ".join(line.lstrip("#").strip() for line in block.splitlines()).removeprefix("model = ")
     worker = " ".join((ROOT / "workers/tensor_parallel.py").read_text().split())

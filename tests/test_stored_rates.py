@@ -37,10 +37,10 @@ KNOWN_EXCEPTIONS = {
     # rate this notebook measured itself on the GPU, whose limit it did not record (no results.json holds it).
     ("one-gpu", "01", 31): "fp32 and NF4 tokens/s timed in the notebook on the H200, no limit printed",
     ("one-gpu", "02", 44): "disk-offload tokens/s timed in the notebook on the H200, no limit printed",
-    ("one-gpu", "04", 31): "split and single-device tokens/s per sequence timed in the notebook, no limit printed",
+    ("one-gpu", "06", 31): "split and single-device tokens/s per sequence timed in the notebook, no limit printed",
     ("two-gpu", "02", 42): "disk-offload tokens/s timed in the notebook on two H200, no limit printed",
-    ("two-gpu", "04", 27): "split and single-device tokens/s per sequence timed in the notebook, no limit printed",
-    ("two-gpu", "04", 51): "prints the bandwidth limit itself (1954 tokens/s at 4.3 TB/s) beside a rate with its "
+    ("two-gpu", "06", 27): "split and single-device tokens/s per sequence timed in the notebook, no limit printed",
+    ("two-gpu", "06", 51): "prints the bandwidth limit itself (1954 tokens/s at 4.3 TB/s) beside a rate with its "
                            "share, in the older '= x% of' form",
 }
 """(tier, notebook number, cell index) -> why its rates without a share are not checked against a limit."""

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     # timeout: init_process_group's, the longest any collective waits for the other processes.
     state = PartialState(cpu=not use_cuda, timeout=timedelta(seconds=args.collective_timeout))
     return run_rank(state.process_index, lambda: run(args, state, use_cuda, gather_object),
-                    state.destroy_process_group)
+                    state.wait_for_everyone, state.destroy_process_group)
 
 
 def run(args, state, use_cuda, gather_object) -> int:

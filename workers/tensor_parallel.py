@@ -1,7 +1,7 @@
 """Tensor parallelism with transformers' own support: every layer split across the GPUs.
 
 Launch one process per GPU with torchrun (at least two CUDA GPUs; ``--cpu`` runs the same steps on CPU
-processes with gloo, for a tiny checkpoint on a machine without GPUs, as notebook 05 does there)::
+processes with gloo, for a tiny checkpoint on a machine without GPUs, as notebook 07 does there)::
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
     torchrun --standalone --nproc_per_node 2 workers/tensor_parallel.py \\
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
         dist.init_process_group("nccl", device_id=dev, timeout=timeout)
-    return run_rank(rank, lambda: run(args, world, rank, dev), dist.destroy_process_group)
+    return run_rank(rank, lambda: run(args, world, rank, dev), dist.barrier, dist.destroy_process_group)
 
 
 def run(args, world, rank, dev) -> int:

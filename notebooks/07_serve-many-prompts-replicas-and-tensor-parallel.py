@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Serve many prompts: replicas and tensor parallel
 #
-# Notebook 04 split a model across GPUs with `device_map`: that buys memory, and the GPUs take turns.
+# Notebook 06 split a model across GPUs with `device_map`: that buys memory, and the GPUs take turns.
 # When the model fits one GPU and you have many prompts, there are two ways to put every GPU to work at
 # once: a whole **replica** of the model on each GPU, each answering its own share of the prompts, or
 # **tensor parallelism**, which cuts every layer across the GPUs so that they all work on each token.
@@ -36,7 +36,7 @@
 #    configuration), and say what the figures do and don't show.
 #
 # **What you'll need**
-# - Notebook 04 (split a model across GPUs) first.
+# - Notebook 06 (split a model across GPUs) first.
 # - Hardware: GPUs for the real thing (one replica per GPU; tensor parallelism needs two). The same code
 #   runs anywhere: on one GPU, one replica; without a GPU, two CPU processes stand in for two GPUs. With
 #   fewer than two GPUs, tensor parallelism runs on two CPU processes with a toy model of random weights.

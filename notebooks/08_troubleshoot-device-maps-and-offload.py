@@ -527,7 +527,7 @@ print("the misspelt name gives the same plan as no name at all:", plans8["[]"] =
 # the cut layer's residual addition mixes tensors of GPU 0 and GPU 1, and the first `generate` fails with
 # `RuntimeError: Expected all tensors to be on the same device` (the last cell of this case runs it
 # where there are two GPUs; the two-GPU reference run shows it, in its older numbering
-# `gpu-reference/two-gpu/05_troubleshoot-device-maps-and-offload.ipynb`). The check
+# `gpu-reference/two-gpu/08_troubleshoot-device-maps-and-offload.ipynb`). The check
 # always adds the model's own `_no_split_modules`, and flags a name that matches no module, with the
 # nearest real one:
 

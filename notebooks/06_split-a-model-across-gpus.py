@@ -21,7 +21,7 @@
 # loads one, shows where the inputs go and why the GPUs take turns, checks that the split model says
 # exactly what a single device says, splits a 4-bit model and checks its bytes per GPU, and reads what
 # CPU offload costs on a GPU. (Serving many prompts faster, with one replica per GPU or tensor
-# parallelism, is notebook 05.)
+# parallelism, is notebook 07.)
 #
 # **What you'll learn**
 # 1. Plan a split with `device_map`: `"auto"`, `"balanced"`, `"balanced_low_0"`, a per-GPU budget such as
@@ -645,7 +645,7 @@ _ = gc.collect()
 # %% [markdown]
 # So the flag makes the load succeed by quantizing less: the layers on the CPU or disk keep the load dtype
 # and its bytes, and they are copied to the GPU at every pass like any offloaded layer (section 6).
-# Notebook 06 follows the whole recipe to a working load.
+# Notebook 08 follows the whole recipe to a working load.
 #
 # On the GPU reference machines, `gpu-reference/tools/gpu_bench.py` loaded the random-weight llama-1b shape
 # in NF4 (with `dtype=torch.bfloat16`): on one GPU where the file has it, and split over two GPUs with
@@ -794,4 +794,4 @@ _ = check_answer(answer, right_answer, f"{right_answer} layers fit GPU 0's budge
 # - [Optimizing LLMs for speed and memory](https://huggingface.co/docs/transformers/llm_tutorial_optimization)
 #   (transformers): why naive pipeline parallelism (a split) leaves GPUs idle.
 # - `docs/published-figures.md` in this repository: published figures for splits and offload, with sources.
-# - Notebook 05: serving many prompts with one replica per GPU or tensor parallelism.
+# - Notebook 07: serving many prompts with one replica per GPU or tensor parallelism.
