@@ -1,4 +1,4 @@
-"""The private names of transformers, accelerate and bitsandbytes that the workbook relies on, in one place.
+"""The private names of transformers, accelerate, bitsandbytes and torch that the workbook relies on, in one place.
 
 Everything else the workbook calls in those libraries is public. Each entry below is a name with a
 leading underscore, a monkey-patch, a logger name, a message text matched, a private function cited
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CHECKED_AGAINST = {"transformers": "5.24.0", "accelerate": "1.15.0", "bitsandbytes": "0.50.2"}
+CHECKED_AGAINST = {"transformers": "5.24.0", "accelerate": "1.15.0", "bitsandbytes": "0.50.2", "torch": "2.13.0+cpu"}
 """The library versions every entry of :data:`PRIVATE_NAMES` was read and tested against."""
 
 
@@ -28,7 +28,7 @@ class PrivateName:
     Attributes:
         name: where it lives, dotted (``module.Class.attribute``), as the library spells it; an
             attribute a library sets on torch objects is named on the torch class.
-        library: "transformers", "accelerate" or "bitsandbytes".
+        library: "transformers", "accelerate", "bitsandbytes" or "torch".
         kind: "attribute" (read), "function" (called), "monkey-patch" (a library's module attribute
             replaced), "logger" (a logger named after a module), "message text" (the start of a
             message matched), "cited" (named in prose as where a behaviour lives) or "workaround"
@@ -145,5 +145,17 @@ PRIVATE_NAMES = (
         ("helpers/quiet.py",),
         "a private module, named by its logger: quiet.KNOWN raises its level (LLM.int8 on CPU logs a cast "
         "to float16 at every matmul)."),
+    PrivateName(
+        "torch._dynamo.utils.counters", "torch", "attribute",
+        ("helpers/speed.py",),
+        "compiled_graphs reads counters['stats']['unique_graphs'] to show that a compiled path really ran "
+        "(the count rises during the warm-up, not during the timed repeats); torch has no public count of "
+        "compiled graphs (torch.compiler offers stances and resets, not counts)."),
+    PrivateName(
+        "torch._inductor.config.coordinate_descent_tuning", "torch", "monkey-patch",
+        ("notebooks/04", "tools/bench.py"),
+        "inductor's tuning switches are set as attributes of torch._inductor.config, the way gpt-fast and "
+        "the PyTorch blog set them; torch.compile(options={'coordinate_descent_tuning': True}) is the public "
+        "spelling for an explicit compile, but generate's own compile (CompileConfig) passes no options."),
 )
 """Every private name the workbook relies on (``tests/test_private_apis.py`` checks each)."""

