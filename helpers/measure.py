@@ -55,13 +55,26 @@ def memory_bandwidth(device: str | torch.device = "cpu", gib: float = 1.0, repea
     return 2 * n / statistics.median(times)
 
 
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor really holds: ``numel() * element_size()``, or for a tensor subclass the sum over the tensors
+    it is made of (``__tensor_flatten__``).
+
+    A torchao weight (``TorchAoConfig``) is a subclass whose ``dtype`` says bfloat16 while it holds int8 (or
+    packed int4) data with its scales: counted by its dtype it would look as large as bf16. Notebook 04.
+    """
+    if hasattr(t, "__tensor_flatten__"):
+        return sum(stored_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
+
+
 def decode_bytes(model: torch.nn.Module, batch: int = 1, context: int = 0) -> int:
     """Bytes one decode step must read: every weight once, the embedding as one row a token, and the KV cache.
 
     Every unique parameter and buffer is read once (a tied head shares the embedding's bytes, counted
     once, since the head reads the whole matrix); an untied input embedding is read as ``batch`` rows,
     not whole. The KV cache adds ``helpers.memory.kv_cache_bytes`` at ``context`` tokens, in the
-    model's dtype. A lower bound on the bytes moved, so :func:`decode_limit` is an upper bound on
+    model's dtype. Tensors count the bytes they hold (:func:`stored_bytes`: a torchao weight by its int8 or
+    int4 data and scales). A lower bound on the bytes moved, so :func:`decode_limit` is an upper bound on
     tokens/s. Explained in notebook 04.
     """
     from .memory import kv_cache_bytes
@@ -74,9 +87,9 @@ def decode_bytes(model: torch.nn.Module, batch: int = 1, context: int = 0) -> in
         if id(t) in seen:
             continue
         seen.add(id(t))
-        total += t.numel() * t.element_size()
+        total += stored_bytes(t)
     if not tied:
-        total -= emb.numel() * emb.element_size() - batch * emb.shape[1] * emb.element_size()
+        total -= stored_bytes(emb) - batch * emb.shape[1] * emb.element_size()
     if context:
         total += kv_cache_bytes(model.config, context, batch, bytes_per_value=emb.element_size())
     return int(total)
