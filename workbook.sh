@@ -6,6 +6,7 @@
 #   ./workbook.sh test-gpu                 on a GPU box: nbval against the GPU reference tier of this machine
 #   ./workbook.sh lab                      open the workbook in JupyterLab
 #   ./workbook.sh outputs                  maintainers: regenerate the committed outputs
+#   ./workbook.sh bench [ARGS]             the speed benchmark (tools/bench.py) into build/bench/, with its plots
 #   ./workbook.sh setup                    only the set-up
 #
 # Environment: WORKBOOK_VENV (default .venv), PYTHON (default python3; the floor is pyproject.toml's
@@ -226,6 +227,14 @@ PY
     outputs)
         setup
         exec "$VENV/bin/python" tools/execute.py --in-place "$@" ;;
+    bench)
+        setup
+        "$VENV/bin/python" tools/bench.py --out build/bench "$@"
+        tier=cpu-reference/speed
+        has_gpu && tier=gpu-reference/one-gpu/speed
+        echo "== results: build/bench/speed.json; plots: build/bench/roofline.png and build/bench/batch.png"
+        echo "   to commit them as this machine's tier ($tier): mkdir -p $tier && cp build/bench/speed.json \\"
+        echo "   build/bench/roofline.png build/bench/batch.png $tier/ && git add $tier" ;;
     *)
         sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
         [ "$cmd" = help ] || exit 2 ;;

@@ -153,9 +153,17 @@ PRIVATE_NAMES = (
         "compiled graphs (torch.compiler offers stances and resets, not counts)."),
     PrivateName(
         "torch._inductor.config.coordinate_descent_tuning", "torch", "monkey-patch",
-        ("notebooks/04", "tools/bench.py"),
-        "inductor's tuning switches are set as attributes of torch._inductor.config, the way gpt-fast and "
-        "the PyTorch blog set them; torch.compile(options={'coordinate_descent_tuning': True}) is the public "
-        "spelling for an explicit compile, but generate's own compile (CompileConfig) passes no options."),
+        ("notebooks/04",),
+        "notebook 04 sets inductor's tuning switch as an attribute of torch._inductor.config, the way gpt-fast "
+        "sets it, and restores it afterwards. The public spelling is torch.compile(options=...), which "
+        "generate reaches through CompileConfig(mode=None, options=...) (tools/bench.py uses that): options "
+        "and a mode cannot be combined, so the options must spell out what the mode meant."),
+    PrivateName(
+        "torch.utils._pytree", "torch", "logger",
+        ("helpers/quiet.py",),
+        "torchao 0.18 registers its enums with torch's pytree the way older torch needed; torch 2.13 logs "
+        "'<enum ...> is an Enum subclass and is now natively supported by torch.compile' once per enum and "
+        "process, when transformers imports torchao. quiet.KNOWN drops those messages only (the logger is "
+        "named after the module)."),
 )
 """Every private name the workbook relies on (``tests/test_private_apis.py`` checks each)."""

@@ -261,3 +261,31 @@ def read_reference(n_gpus: int) -> dict:
             f"({top['configuration']}, timed as {runs}). A ratio of figures without a recorded spread is a "
             f"difference only outside {1 / b:.2f}x to {b:.2f}x.")
     return files
+
+
+_SPEED_FOLDERS = {"cpu": ROOT / "cpu-reference" / "speed", "one-gpu": REFERENCE / "one-gpu" / "speed"}
+"""Where each tier's committed speed benchmark lies (``./workbook.sh bench`` writes it into ``build/bench/``)."""
+
+
+def speed_results(tier: str) -> dict | None:
+    """Read a tier's committed speed benchmark, ``<tier folder>/speed/speed.json``, or None where none is committed.
+
+    Tiers: ``"cpu"`` (``cpu-reference/speed/``: the 2-core CPU machine, the bundled model in bf16) and
+    ``"one-gpu"`` (``gpu-reference/one-gpu/speed/``: one GPU, RANDOM-weight ``llama-1b`` and ``llama-3.1-8b``
+    shapes). The file is what ``tools/bench.py`` wrote (its docstring documents every field): ``hardware``,
+    ``versions``, ``bandwidth`` (bytes/s, read plus written, measured in the same run), ``matmul`` (FLOP/s),
+    and ``records``, each with ``shape``, ``format``, ``path``, ``batch``, ``tokens_per_s`` (total over the
+    batch), ``limit_tokens_per_s`` (total, from that bandwidth) and ``spread`` (lowest and highest total
+    tokens/s of its repeats); then ``prefill`` (seconds to the first token beside the FLOP floor), ``load``
+    (seconds), ``compile``, ``refused`` and ``skipped`` (each with its reason). Where it is None, make it with
+    ``./workbook.sh bench`` on a machine of that tier and commit ``build/bench/`` into the folder.
+
+    Raises:
+        ValueError: an unknown tier (the message lists the known ones).
+
+    Notebook 04; ``tests/test_stored_rates.py`` checks every record of every committed file.
+    """
+    if tier not in _SPEED_FOLDERS:
+        raise ValueError(f"unknown speed benchmark tier {tier!r}; choose one of {', '.join(_SPEED_FOLDERS)}")
+    path = _SPEED_FOLDERS[tier] / "speed.json"
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -3,7 +3,7 @@
 The values come from the models' published ``config.json`` files (bloom-1b7:
 bigscience/bloom-1b7; Llama-2: meta-llama/Llama-2-{7,13,70}b-hf; SmolLM2:
 HuggingFaceTB/SmolLM2-135M-Instruct; Llama-3.1-8B: meta-llama/Llama-3.1-8B, without
-its rope scaling, which changes no size). ``llama-1b`` is a TinyLlama-like shape
+its rope settings, which change no size). ``llama-1b`` is a TinyLlama-like shape
 (hidden 2048, 22 layers, 32 heads, 4 key/value heads) whose head counts divide
 by 2, 4 and 8, used for random-weight speed runs and tensor parallelism.
 
@@ -37,7 +37,7 @@ SHAPES = {
     "llama-3.1-8b": dict(
         model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
-        max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=131072, rms_norm_eps=1e-5,
     ),
     "bloom-1b7": dict(model_type="bloom", hidden_size=2048, n_layer=24, n_head=16, vocab_size=250880),
     "llama-2-7b": dict(

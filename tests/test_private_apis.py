@@ -571,3 +571,13 @@ def test_inductor_has_the_tuning_switch():
 
     assert isinstance(getattr(inductor_config, "coordinate_descent_tuning", None), bool), changed(
         "torch._inductor.config.coordinate_descent_tuning", "no such boolean setting")
+
+
+@checks("torch.utils._pytree")
+def test_pytree_logs_the_enum_message_quiet_drops():
+    import torch.utils._pytree as pytree
+
+    source = Path(pytree.__file__).read_text()
+    assert "is an Enum subclass and is now natively supported" in source, changed(
+        "torch.utils._pytree", "the message quiet.KNOWN drops is no longer in the module")
+    assert "getLogger(__name__)" in source, changed("torch.utils._pytree", "it no longer logs under its module's name")

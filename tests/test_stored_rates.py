@@ -11,6 +11,9 @@ The rule, as this test reads it:
 4. In ``gpu-reference/*/*.ipynb`` (GPU copies executed before the rule) a rate with a share obeys rule 2; a rate
    without one must be a figure of a results file (the same value at the precision printed) within that
    record's limit, or be listed in :data:`KNOWN_EXCEPTIONS` with the reason.
+5. In every committed speed benchmark (``cpu-reference/speed/speed.json``, ``gpu-reference/*/speed/speed.json``,
+   written by ``tools/bench.py``) every record has ``tokens_per_s <= limit_tokens_per_s``, at least 3 repeats and
+   the spread of its repeats, which brackets its median.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from helpers.measure import compare_rates, rate_text
-from helpers.reference import TIERS, read_reference, records, same_configuration
+from helpers.reference import TIERS, read_reference, records, same_configuration, speed_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -257,3 +260,57 @@ def test_every_known_exception_still_exists():
         path = next(ROOT.glob(f"gpu-reference/{tier}/{nb}_*.ipynb"))
         texts = [t for i, t in outputs(path) if i == cell]
         assert any(RATE.search(" ".join(t.split())) for t in texts), f"{tier} {nb} cell {cell} ({why}) prints no rate"
+
+
+# --- rule 5: the committed speed benchmarks ---------------------------------------------------------------------
+
+def speed_files() -> list[Path]:
+    return sorted([*ROOT.glob("cpu-reference/speed/speed.json"), *ROOT.glob("gpu-reference/*/speed/speed.json")])
+
+
+def speed_record_faults(recs: list[dict]) -> list[str]:
+    """Rule 5 for the records of one speed.json: within the limit, 3 repeats or more, a spread that brackets the
+    median."""
+    faults = record_faults(recs)
+    for r in recs:
+        name = f"{r['shape']} {r['path']} {r['format']} batch {r['batch']}"
+        if r.get("limit_tokens_per_s") is None:
+            faults.append(f"{name}: no limit_tokens_per_s")
+        if (r.get("repeats") or 0) < 3:
+            faults.append(f"{name}: {r.get('repeats')} repeats, fewer than 3")
+        spread = r.get("spread")
+        if not spread or len(spread) != 2:
+            faults.append(f"{name}: no spread of repeats")
+        elif not spread[0] <= r["tokens_per_s"] <= spread[1]:
+            faults.append(f"{name}: median {r['tokens_per_s']:.4g} tokens/s outside its spread {spread[0]:.4g} to "
+                          f"{spread[1]:.4g}")
+    return faults
+
+
+def test_a_planted_benchmark_record_without_a_spread_or_outside_it_is_a_fault():
+    good = {"shape": "s", "path": "eager", "format": "bf16", "batch": 1, "tokens_per_s": 20.0,
+            "limit_tokens_per_s": 120.0, "spread": [19.0, 21.0], "repeats": 3}
+    assert speed_record_faults([good]) == []
+    assert speed_record_faults([{**good, "spread": None}]) == ["s eager bf16 batch 1: no spread of repeats"]
+    assert speed_record_faults([{**good, "spread": [21.0, 25.0]}]) == [
+        "s eager bf16 batch 1: median 20 tokens/s outside its spread 21 to 25"]
+    assert speed_record_faults([{**good, "tokens_per_s": 130.0, "spread": [125.0, 131.0]}]) == [
+        "eager bf16 batch 1: 130 tokens/s above its limit 120"]
+    assert speed_record_faults([{**good, "repeats": 2}]) == ["s eager bf16 batch 1: 2 repeats, fewer than 3"]
+
+
+@pytest.mark.parametrize("path", speed_files(), ids=lambda p: str(p.parent.relative_to(ROOT)))
+def test_every_benchmark_record_is_within_its_limit_with_the_spread_of_its_repeats(path):
+    res = json.loads(path.read_text())
+    assert res["records"], f"{path.relative_to(ROOT)} holds no records"
+    faults = speed_record_faults(res["records"])
+    assert not faults, f"{path.relative_to(ROOT)} (tools/bench.py wrote it; measure again):\n" + "\n".join(faults)
+
+
+def test_speed_results_reads_each_committed_benchmark_and_none_where_there_is_none():
+    for tier, folder in (("cpu", "cpu-reference/speed"), ("one-gpu", "gpu-reference/one-gpu/speed")):
+        path = ROOT / folder / "speed.json"
+        assert speed_results(tier) == (json.loads(path.read_text()) if path.is_file() else None)
+    assert ROOT / "cpu-reference/speed/speed.json" in speed_files(), "the CPU tier's benchmark is committed"
+    with pytest.raises(ValueError, match="cpu, one-gpu"):
+        speed_results("two-cpu")
