@@ -6,7 +6,7 @@ learner runs that cell, and its docstring says what it changes); tests use
 :func:`known_warnings_silenced`, which undoes the same changes on leaving its block.
 :func:`quiet_planning` wraps planning for GPUs this machine does not have (notebooks 03, 06 and 08).
 
-The logger names, the message start in :data:`KNOWN_MESSAGES` and accelerate's
+The logger names, the messages in :data:`KNOWN_MESSAGES` and :data:`CPU_ONLY_MESSAGES`, and accelerate's
 loading bar are library internals: :mod:`helpers.private_apis` lists them with
 the versions they were checked against, and ``tests/test_private_apis.py``
 fails when a library moves them.
@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 
 KNOWN = {
@@ -35,19 +36,40 @@ KNOWN_MESSAGES = {
     # on the meta device because they were offloaded to the disk and cpu." for every map that offloads: that is
     # what offload means (the weights wait off the device until their hook loads them; notebook 02, section 4).
     "accelerate.big_modeling": ("Some parameters are on the meta device because they were offloaded",),
+    # torch 2.13 logs "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by
+    # torch.compile as an opaque value type. Calling register_constant() on Enum subclasses is deprecated ..."
+    # (and the same for 'ScaleCalculationMode') once per process, while torchao 0.18 registers its enums the
+    # way older torch needed (torchao/utils.py); transformers imports torchao with its modeling code. torch
+    # already supports them: nothing changes for a model.
+    "torch.utils._pytree": (re.compile(r"<enum '\w+'> is an Enum subclass and is now natively supported"),),
+    # torchao 0.18 logs "Failed to load .../torchao/_C_mxfp8....so: Could not load this library: ..." and the
+    # same for _C_cutlass_90a....abi3.so once per process, at import: both hold CUDA kernels (MX-FP8, and
+    # CUTLASS for compute capability 9.0) linked against libtorch_cuda, which a CPU build of torch does not
+    # have. Harmless there: the formats the workbook runs on a CPU (int8 weight-only) use neither. Matched by
+    # the file name, so a failure of any other torchao library still shows, and on a GPU nothing is dropped
+    # (see CPU_ONLY_MESSAGES).
 }
-"""Messages, by the start of their text, dropped from one logger; the logger's other messages still show."""
+"""Messages dropped from one logger, by the start of their text (a string) or a pattern matched at their start
+(a compiled regular expression); the logger's other messages still show."""
+
+CPU_ONLY_MESSAGES = {
+    "torchao": (re.compile(r"Failed to load \S*torchao/_C_(mxfp8|cutlass_90a)\.\S*\.so: "),),
+}
+"""Messages dropped as :data:`KNOWN_MESSAGES` are, but only where torch was built without CUDA: on a CUDA build
+the same message means a GPU kernel is missing, and it shows."""
 
 
 class _DropKnownMessages(logging.Filter):
-    """A logging filter that drops the records whose message starts with one of ``starts``."""
+    """A logging filter that drops the records whose message starts with one of ``starts`` (strings), or whose
+    start one of them matches (compiled regular expressions)."""
 
-    def __init__(self, starts: Iterable[str]) -> None:
+    def __init__(self, starts: Iterable[str | re.Pattern]) -> None:
         super().__init__()
         self.starts = tuple(starts)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.starts)
+        text = record.getMessage()
+        return not any(text.startswith(s) if isinstance(s, str) else s.match(text) for s in self.starts)
 
 
 PLANNING = (
@@ -83,7 +105,7 @@ def _silence() -> _Undo:
         logger = logging.getLogger(name)
         undo.levels[name] = logger.level
         logger.setLevel(level)
-    for name, starts in KNOWN_MESSAGES.items():
+    for name, starts in _known_messages().items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropKnownMessages) for f in logger.filters):
             flt = _DropKnownMessages(starts)
@@ -93,18 +115,26 @@ def _silence() -> _Undo:
     return undo
 
 
+def _known_messages() -> dict[str, tuple[str | re.Pattern, ...]]:
+    """:data:`KNOWN_MESSAGES`, plus :data:`CPU_ONLY_MESSAGES` where torch was built without CUDA."""
+    import torch
+
+    return {**KNOWN_MESSAGES, **({} if torch.backends.cuda.is_built() else CPU_ONLY_MESSAGES)}
+
+
 def silence_known_warnings() -> None:
     """Quiet the known, harmless library messages for the rest of this Python session.
 
     What it changes, all process-wide and not undone (use :func:`known_warnings_silenced` for a
     change that is undone): the loggers in :data:`KNOWN` get the level given there (their
-    messages below it are no longer shown); the loggers in :data:`KNOWN_MESSAGES` get a filter
-    that drops the messages starting with the text given there (their other messages still
-    show); and in a quiet run only (``TQDM_DISABLE`` set, as ``tools/env.sh`` sets it),
-    accelerate's weight-loading bar is switched off (:func:`_quiet_accelerate_progress`).
+    messages below it are no longer shown); the loggers in :data:`KNOWN_MESSAGES` (and, where
+    torch was built without CUDA, :data:`CPU_ONLY_MESSAGES`) get a filter that drops the messages
+    starting with the text given there (their other messages still show); and in a quiet run
+    only (``TQDM_DISABLE`` set, as ``tools/env.sh`` sets it), accelerate's weight-loading bar is
+    switched off (:func:`_quiet_accelerate_progress`).
     Calling it again adds nothing.
 
-    Called in the first cell of every notebook (00 to 06): running that cell is the learner's choice.
+    Called in the first cell of every notebook (00 to 08): running that cell is the learner's choice.
     """
     _silence()
 

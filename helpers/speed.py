@@ -85,17 +85,24 @@ def matmul_params(config: PretrainedConfig) -> int:
     return layers * (attn + mlp) + text.vocab_size * hidden
 
 
-def prefill_flops(config: PretrainedConfig, prompt_tokens: int, batch: int = 1) -> float:
+def prefill_flops(config: PretrainedConfig, prompt_tokens: int, batch: int = 1, all_logits: bool = False) -> float:
     """The FLOP floor of a prefill of ``prompt_tokens`` tokens for ``batch`` sequences.
 
-    ``2 * matmul_params * tokens * batch`` for the weights, plus causal attention: scores and the
-    weighted sum each cost ``2 * tokens**2 * heads * head_dim`` per layer, halved by the causal mask,
-    so ``2 * layers * tokens**2 * heads * head_dim * batch``. A floor: kernels that compute the whole
-    square, softmax and norms add to it. Divided by :func:`matmul_rate` it gives the shortest time to
-    first token the device allows. Notebook 04.
+    ``2 * weights * tokens * batch`` for the decoder layers' weights, plus causal attention: scores and
+    the weighted sum each cost ``2 * tokens**2 * heads * head_dim`` per layer, halved by the causal mask,
+    so ``2 * layers * tokens**2 * heads * head_dim * batch``. The output head (``vocab x hidden``) counts
+    once a sequence: ``generate`` asks the model for the last position's logits only
+    (``logits_to_keep=1``); ``all_logits=True`` counts it for every token, as a plain forward that
+    returns every position's logits does. A floor: kernels that compute the whole square, softmax and
+    norms add to it. Divided by :func:`matmul_rate` it gives the shortest time to first token the device
+    allows. Notebook 04.
     """
-    layers, _, q, _ = _dims(config)
-    return float(2 * matmul_params(config) * prompt_tokens * batch + 2 * layers * prompt_tokens**2 * q * batch)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers, hidden, q, _ = _dims(text)
+    head = text.vocab_size * hidden
+    body = matmul_params(text) - head
+    return float(2 * body * prompt_tokens * batch + 2 * head * (prompt_tokens if all_logits else 1) * batch
+                 + 2 * layers * prompt_tokens**2 * q * batch)
 
 
 def decode_flops(config: PretrainedConfig, batch: int = 1, context: int = 0) -> float:

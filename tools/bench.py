@@ -38,8 +38,8 @@ What it measures, per model ("shape"), in this order:
 
 Every decode figure is a record in ``records``: ``shape``, ``format``, ``path``, ``batch``, ``tokens_per_s``
 (TOTAL over the batch), ``tokens_per_s_per_sequence``, ``limit_tokens_per_s`` (TOTAL,
-:func:`helpers.measure.decode_limit` with the bandwidth of this run and the context reached, prompt plus new
-tokens), ``share_of_limit``, ``spread`` ([lowest, highest] total tokens/s of the repeats), ``ttft_s``,
+:func:`helpers.measure.decode_limit` with the bandwidth of this run and the mean context of the timed steps,
+prompt plus half the new tokens), ``share_of_limit``, ``spread`` ([lowest, highest] total tokens/s of the repeats), ``ttft_s``,
 ``warmup_s`` (the first run, compile included), ``repeats``, ``random_weights``, and what the plots need
 (``bytes_per_step``, ``flops_per_step``, ``compute_limit_tokens_per_s``, ``bandwidth_bytes_per_s``). Decode
 rate: ``(new_tokens - 1) / (t(new_tokens) - t(1))``, medians of 3 after a warm-up
@@ -377,7 +377,7 @@ def decode(run: Run, m: dict, model, fmt: str, path: str, batch: int, section: s
         return None
     a = run.args
     inputs = prompts(m["path"], model.config, a.prompt, batch, run.device)
-    context = a.prompt + a.tokens
+    context = a.prompt + a.tokens // 2  # the mean cache over the timed steps (notebook 04 counts it so too)
     kw = {**path_kwargs(path), "pad_token_id": model.generation_config.pad_token_id
           or model.config.get_text_config().eos_token_id or 0}
     compiled = path in COMPILED
