@@ -52,8 +52,8 @@ class PrivateName:
 PRIVATE_NAMES = (
     PrivateName(
         "transformers.PreTrainedModel._no_split_modules", "transformers", "attribute",
-        ("helpers/planner.py", "helpers/preflight.py", "notebooks/02", "notebooks/03", "notebooks/04",
-         "notebooks/06"),
+        ("helpers/planner.py", "helpers/preflight.py", "notebooks/02", "notebooks/03", "notebooks/06",
+         "notebooks/08"),
         "the model class's own list of the blocks that must stay whole on one device (its decoder layer); "
         "from_pretrained plans with it (_get_device_map) and accelerate's documentation passes it as "
         "no_split_module_classes. transformers has no public getter."),
@@ -64,7 +64,7 @@ PRIVATE_NAMES = (
         "and the planner repeats that step exactly."),
     PrivateName(
         "transformers.integrations.accelerate._get_device_map", "transformers", "function",
-        ("notebooks/03", "notebooks/04", "tests/test_planner.py"),
+        ("helpers/planner.py", "notebooks/03", "notebooks/06", "notebooks/08", "tests/test_planner.py"),
         "the function from_pretrained computes its map with; notebook 03 checks the workbook's planner "
         "against it, on purpose (the reference, not a dependency of any helper)."),
     PrivateName(
@@ -75,7 +75,7 @@ PRIVATE_NAMES = (
         "looks the function up in its module at each call."),
     PrivateName(
         "transformers.distributed.mixin.DistributedMixin._resolve_parallel_plans", "transformers", "function",
-        ("notebooks/05",),
+        ("notebooks/07",),
         "the step from_pretrained(distributed_config=...) takes to turn the model's tensor-parallel plan, with "
         "the DistributedConfig's tp_plan override, into {module or parameter: style}, and to refuse an empty "
         "one; notebook 07 shows what each override resolves to without starting processes. No public call "
@@ -93,7 +93,7 @@ PRIVATE_NAMES = (
     PrivateName(
         "transformers.quantizers.quantizer_bnb_4bit.Bnb4BitHfQuantizer._process_model_before_weight_loading",
         "transformers", "cited",
-        ("helpers/preflight.py", "notebooks/03", "notebooks/04", "notebooks/06"),
+        ("helpers/preflight.py", "notebooks/03", "notebooks/06", "notebooks/08"),
         "named in prose as where llm_int8_enable_fp32_cpu_offload acts (it adds the modules a device_map "
         "dict sends to 'cpu' or 'disk' to the modules not converted); the claim is re-checked here."),
     PrivateName(
@@ -104,7 +104,7 @@ PRIVATE_NAMES = (
         "model.hf_quantizer = None before saving."),
     PrivateName(
         "torch.nn.Module._hf_hook", "accelerate", "attribute",
-        ("helpers/preflight.py", "notebooks/02", "notebooks/04"),
+        ("helpers/preflight.py", "notebooks/02", "notebooks/03", "notebooks/06"),
         "where add_hook_to_module keeps the hook it attached (dispatch_model attaches an AlignDevicesHook "
         "whose execution_device, offload and weights_map are public); notebook 02 teaches the hook. "
         "accelerate has no public getter."),
@@ -163,7 +163,7 @@ PRIVATE_NAMES = (
         ("helpers/quiet.py",),
         "torchao 0.18 registers its enums with torch's pytree the way older torch needed; torch 2.13 logs "
         "'<enum ...> is an Enum subclass and is now natively supported by torch.compile' once per enum and "
-        "process, when transformers imports torchao. quiet.KNOWN drops those messages only (the logger is "
+        "process, when transformers imports torchao. quiet.KNOWN_MESSAGES drops those messages only (the logger is "
         "named after the module)."),
 )
 """Every private name the workbook relies on (``tests/test_private_apis.py`` checks each)."""

@@ -581,3 +581,18 @@ def test_pytree_logs_the_enum_message_quiet_drops():
     assert "is an Enum subclass and is now natively supported" in source, changed(
         "torch.utils._pytree", "the message quiet.KNOWN drops is no longer in the module")
     assert "getLogger(__name__)" in source, changed("torch.utils._pytree", "it no longer logs under its module's name")
+
+
+def test_each_private_name_lists_the_notebooks_that_use_it():
+    """``used_in`` names exactly the notebooks whose source spells the name (kept true through renumbering)."""
+    sources = {f"notebooks/{p.name[:2]}": p.read_text() for p in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))}
+    wrong = {}
+    for e in PRIVATE_NAMES:
+        if not e.short.startswith("_") and e.kind != "monkey-patch":
+            continue  # loggers and module names are spelt in many places without being used
+        listed = {u for u in e.used_in if u.startswith("notebooks/")}
+        found = {nb for nb, text in sources.items() if e.short in text}
+        # a monkey-patched public function is called in many notebooks and patched in the listed ones only
+        if listed != found and not (e.kind == "monkey-patch" and not e.short.startswith("_") and listed <= found):
+            wrong[e.name] = {"listed": sorted(listed), "spelt in": sorted(found)}
+    assert not wrong, f"helpers/private_apis.py: used_in does not match the notebooks: {wrong}"
