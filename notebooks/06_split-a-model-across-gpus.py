@@ -71,7 +71,6 @@ from accelerate.utils import CustomDtype, compute_module_sizes
 from accelerate.utils.modeling import get_max_layer_size
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.integrations import accelerate as hf_accelerate  # the planner from_pretrained itself uses
-from transformers.quantizers import AutoHfQuantizer
 
 from helpers.checkpoints import resolve_model
 from helpers.devicemap import placement
@@ -81,6 +80,8 @@ from helpers.reference import read_reference
 from helpers.text import say
 
 silence_known_warnings()  # routine library messages, and accelerate's loading bar in quiet runs
+# after it: importing transformers' quantizers imports torchao, which logs on a CPU that its CUDA kernels cannot load
+from transformers.quantizers import AutoHfQuantizer
 _ = torch.manual_seed(0)
 MiB = 2**20
 

@@ -66,7 +66,6 @@ from accelerate import infer_auto_device_map, init_empty_weights, load_checkpoin
 from accelerate.utils import check_tied_parameters_in_config, compute_module_sizes, find_tied_parameters
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.integrations import accelerate as hf_accelerate  # transformers' planner, which sizes quantized layers
-from transformers.quantizers import AutoHfQuantizer
 
 from helpers.checkpoints import offload_folder, resolve_model
 from helpers.devicemap import plot_device_map
@@ -76,6 +75,8 @@ from helpers.quiet import quiet_planning, silence_known_warnings
 from helpers.refusals import refused
 
 silence_known_warnings()  # routine library messages and, in quiet runs, accelerate's bar: helpers/quiet.py
+# after it: importing transformers' quantizers imports torchao, which logs on a CPU that its CUDA kernels cannot load
+from transformers.quantizers import AutoHfQuantizer
 path = resolve_model(MODEL)
 config = AutoConfig.from_pretrained(path)
 tokenizer = AutoTokenizer.from_pretrained(path)
