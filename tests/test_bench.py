@@ -124,7 +124,7 @@ def test_the_8b_shape_measures_every_gpu_path_in_one_process_and_skips_its_loads
     d = shape_defaults("llama-3.1-8b", "cuda")
     assert tuple(d["paths"]) == CUDA_PATHS and "static+tuned" in d["paths"] and d["skip"] == ("load",)
     assert d["formats"] == ("bf16",) and tuple(d["batches"]) == (1,) and d["minutes"] < 10
-    assert shape_defaults("llama-3.1-8b", "cpu") == {} and shape_defaults("llama-1b", "cuda") == {}
+    assert shape_defaults("llama-3.1-8b", "cpu") == {} and shape_defaults("llama-1b", "cuda") == {"minutes": 4}
 
 
 def test_an_item_that_would_not_end_within_the_budget_is_skipped_and_written(tmp_path):

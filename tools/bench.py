@@ -89,11 +89,12 @@ The plan (``plan`` in the file records what each section took):
   about 150 s, of the 1.1B shape 20 to 60 s, more with tuning). A device call lasts at most 10 minutes: each
   invocation's budget leaves a minute for starting Python and what its wrapper installs first.
 
-  1. ``--shapes llama-1b --profile`` (budget 6 min): set-up 0.1 (drawn on the GPU), limit 0.2, paths 2.5
-     (two compiles), sweep 1 (one recompile: the batch size changes), checkpoint 0.3 (2.2 GB saved), formats
-     1.5 (two torchao compiles, four bitsandbytes loads), prefill 0.2, profile 0.1, load 0.3: about 6 minutes.
+  1. ``--shapes llama-1b --profile`` (budget 4 min): set-up 0.1 (drawn on the GPU), limit 0.1, paths 1.5
+     (two compiles), sweep 0.6 (one recompile: the batch size changes), checkpoint 0.2 (2.2 GB saved), formats
+     1.0 (two torchao compiles, four bitsandbytes loads), prefill 0.2, profile 0.1, load 0.2: about 4 minutes;
+     what would not fit is skipped and listed.
   2. ``--shapes llama-3.1-8b --append --profile`` (in a second device call ``--append-from`` the first call's
-     ``speed.json``; budget 9 min, the 8B shape's defaults): set-up 0.2, limit 0.2, paths eager, static,
+     ``speed.json``; budget 8 min, the 8B shape's defaults): set-up 0.2, limit 0.2, paths eager, static,
      static+compile and static+tuned 7 (eager and static 0.3, two compiles of about 2.5 and 3.5 minutes),
      prefill 0.2, profile 0.1; the sweep and the formats take bf16 at batch 1 only (the paths' record) and the
      load section is skipped, so nothing is written to disk: about 8 minutes.
@@ -101,7 +102,7 @@ The plan (``plan`` in the file records what each section took):
      llama-3.1-8b --append --paths eager --formats bf16 nf4 --skip batch prefill`` (NF4 at batch 1 and the
      loads, with the 16 GB checkpoint saved first: about 3 minutes).
 
-  Both: about 14 minutes of device time, in two calls.
+  Both: at most 12 minutes of device time, in two calls (the budgets hold each to its plan).
 """
 
 from __future__ import annotations
@@ -136,17 +137,18 @@ PLAN = {
     "cuda": {"device": "one GPU, H200 or H100 (estimated from the figures measured on an H200; remeasured in "
                        "took_s)",
              "invocations": [
-                 {"shapes": ["llama-1b"], "minutes": 6,
-                  "sections_min": {"set-up": 0.1, "limit": 0.2, "paths": 2.5, "batch": 1.0, "checkpoint": 0.3,
-                                   "formats": 1.5, "prefill": 0.2, "profile": 0.1, "load": 0.3}},
-                 {"shapes": ["llama-3.1-8b"], "minutes": 9,
+                 {"shapes": ["llama-1b"], "minutes": 4,
+                  "sections_min": {"set-up": 0.1, "limit": 0.1, "paths": 1.5, "batch": 0.6, "checkpoint": 0.2,
+                                   "formats": 1.0, "prefill": 0.2, "profile": 0.1, "load": 0.2}},
+                 {"shapes": ["llama-3.1-8b"], "minutes": 8,
                   "sections_min": {"set-up": 0.2, "limit": 0.2, "paths": 7.0, "prefill": 0.2, "profile": 0.1}}]},
 }
 """The time plan written into ``speed.json`` (module docstring: the same in words)."""
 
 SHAPE_DEFAULTS = {
     "llama-3.1-8b": {"paths": CUDA_PATHS, "batches": (1,), "formats": ("bf16",), "format_batches": (1,),
-                     "skip": ("load",), "minutes": 9},
+                     "skip": ("load",), "minutes": 8},
+    "llama-1b": {"minutes": 4},
 }
 """Per-shape defaults on CUDA that keep the GPU plan: the 8B shape's every compile costs 2.5 minutes or more, so its
 invocation measures the four paths (the fastest one against the plain static cache, in one process) and leaves the
@@ -167,7 +169,7 @@ def parse_args(argv=None):
                     "DIR/speed.json (a device call's OUT folder starts empty: carry the first call's speed.json "
                     "in the working tree and name it here)")
     ap.add_argument("--minutes", type=float, help="time budget of each shape's process: an item that would not "
-                    "end within it is skipped, and listed (default 5 on a CPU; on CUDA 6, 9 for llama-3.1-8b)")
+                    "end within it is skipped, and listed (default 5 on a CPU; on CUDA 6, 4 for llama-1b, 8 for llama-3.1-8b)")
     ap.add_argument("--paths", nargs="*", choices=sorted(set(CPU_PATHS + CUDA_PATHS)),
                     help="paths at batch 1 (default: all of this device)")
     ap.add_argument("--formats", nargs="*", choices=FORMATS, help="formats (default: all)")
