@@ -83,8 +83,9 @@ the same from another file (a device call's ``$OUT`` starts empty: the second ca
 The plan (``plan`` in the file records what each section took):
 
 - 2-core CPU, bundled model, one invocation: at most 5 minutes (``--minutes 5``); the explicit compile is
-  about a minute of it on a fresh machine (about 10 s once inductor's on-disk cache holds it). Measured with
-  other work on the same two cores (load average 3 to 4): 7 min 43 s, of which the formats 5 minutes.
+  about a minute of it on a fresh machine (about 10 s once inductor's on-disk cache holds it). Measured on the
+  idle machine with inductor's cache empty: 189 s (a cold compile of 71 s among them); with other work on the
+  same two cores (load average 3 to 4) 7 min 43 s, of which the formats 5 minutes.
 - One GPU (H200 or H100), two invocations, from the figures measured on an H200 (compile of the 8B static path
   about 150 s, of the 1.1B shape 20 to 60 s, more with tuning). A device call lasts at most 10 minutes: each
   invocation's budget leaves a minute for starting Python and what its wrapper installs first.
