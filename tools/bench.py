@@ -170,7 +170,8 @@ def parse_args(argv=None):
                     "DIR/speed.json (a device call's OUT folder starts empty: carry the first call's speed.json "
                     "in the working tree and name it here)")
     ap.add_argument("--minutes", type=float, help="time budget of each shape's process: an item that would not "
-                    "end within it is skipped, and listed (default 5 on a CPU; on CUDA 6, 4 for llama-1b, 8 for llama-3.1-8b)")
+                    "end within it is skipped, and listed (default 5 on a CPU; on CUDA 6, 4 for llama-1b, 8 for "
+                    "llama-3.1-8b)")
     ap.add_argument("--paths", nargs="*", choices=sorted(set(CPU_PATHS + CUDA_PATHS)),
                     help="paths at batch 1 (default: all of this device)")
     ap.add_argument("--formats", nargs="*", choices=FORMATS, help="formats (default: all)")
