@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .units import GiB
 
-PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "gguf")
+PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "safetensors", "gguf")
 
 
 def _version(name: str) -> str:

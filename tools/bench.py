@@ -112,7 +112,6 @@ import argparse
 import contextlib
 import functools
 import gc
-import importlib.metadata
 import json
 import shutil
 import statistics
@@ -1024,19 +1023,6 @@ def child_argv(args, shape: str, append: bool) -> list[str]:
     return argv + flags + (["--append-from", str(args.append_from)] if args.append_from else [])
 
 
-def versions() -> dict:
-    import torch
-
-    names = ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "safetensors")
-    out = {"python": sys.version.split()[0], "cuda": torch.version.cuda}
-    for n in names:
-        try:
-            out[n] = importlib.metadata.version(n)
-        except importlib.metadata.PackageNotFoundError:
-            out[n] = "not installed"
-    return out
-
-
 def raise_recompile_limit(limit: int = 64) -> dict:
     """dynamo's recompile limit (per function) raised to ``limit`` for this process; returns the settings to record.
     At its default of 8, the paths, the sweep's batch sizes and the torchao formats can reach it, and dynamo then
@@ -1085,13 +1071,14 @@ def main(argv=None) -> int:
         run.prev = json.loads(old.read_text())
         run.log(f"appending to what {old} holds ({len(run.prev.get('records', []))} records)")
     run.res["settings"] = {**raise_recompile_limit(), "new_tokens": a.tokens, "prompt_tokens": a.prompt}
-    from helpers.hardware import report
+    from helpers.hardware import PACKAGES, report
     from helpers.quiet import known_warnings_silenced
 
     # the known, harmless messages (helpers.quiet) quieted for the whole run: bitsandbytes logs on import on
     # some CPUs, and LLM.int8 on a CPU at every matrix product
     with known_warnings_silenced():
-        run.res["hardware"], run.res["versions"] = report(), versions()
+        run.res["hardware"] = report()
+        run.res["versions"] = {k: run.res["hardware"][k] for k in ("python", "cuda", *PACKAGES)}
         with section(run, "limit", label_of(shapes[0])):
             measure_limit(run)
         run_shape(run, shapes[0])
