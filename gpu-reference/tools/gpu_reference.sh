@@ -10,6 +10,8 @@
 #   gpu-reference/tools/gpu_reference.sh bench              gpu_bench.py -> $OUT/results.json and gpu-reference/$TIER/
 #   gpu-reference/tools/gpu_reference.sh notebooks [NB...]  execute notebooks (default: every notebooks/NN_*.ipynb) into $OUT
 #   gpu-reference/tools/gpu_reference.sh all                model + bench + notebooks
+#   gpu-reference/tools/gpu_reference.sh offload           install .gpu/s's wheels, then offload_check.py (notebook 05's
+#                                               GPU-only checks) -> $OUT/offload.json and gpu-reference/$TIER/
 #   gpu-reference/tools/gpu_reference.sh speed [ARGS...]    install .gpu/s's three wheels (transformers, bitsandbytes,
 #                                               torchao), then the speed benchmark, tools/bench.py ARGS -> $OUT/speed
 #
@@ -24,7 +26,7 @@ mkdir -p "$OUT"
 SITE=/tmp/site
 CARRY=/tmp/gpu-carry
 WHEELS=/tmp/wheels  # the same wheels, for WORKBOOK_WHEELS=/tmp/wheels ./workbook.sh test-gpu
-n_gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+n_gpus=$( (nvidia-smi -L 2>/dev/null || true) | wc -l)
 TIER=${TIER:-$([ "$n_gpus" -ge 2 ] && echo two-gpu || echo one-gpu)}
 PY=${PYTHON:-python3}
 # The workbook's quiet, offline run, NVLink multicast off (the shared machines' rule).
@@ -135,6 +137,14 @@ speed() {
   "$PY" tools/bench.py --out "$OUT/speed" "$@" 2>&1 | tee -a "$LOG"
 }
 
+offload() {
+  [ -d .gpu/s ] || { echo "no .gpu/s here: carry it (gpu-reference/tools/gpu_carry.sh makes it)" >&2; exit 1; }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu/s/*.whl 2>&1 | tail -3 | tee -a "$LOG"
+  log "offload_check.py"
+  "$PY" gpu-reference/tools/offload_check.py --out "$OUT/offload.json" 2>&1 | grep -v "Warning\|warn(" | tee -a "$LOG"
+  mkdir -p "gpu-reference/$TIER" && cp "$OUT/offload.json" "gpu-reference/$TIER/offload.json"
+}
+
 cmd=${1:-help}
 [ $# -gt 0 ] && shift
 case "$cmd" in
@@ -146,5 +156,6 @@ case "$cmd" in
   notebooks) notebooks "$@" ;;
   all) model; bench; notebooks "$@" ;;
   speed) speed "$@" ;;
-  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
+  offload) offload ;;
+  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
 esac
