@@ -15,7 +15,8 @@ puts the command in a session of its own, the processes under it are noted
 while it runs, and :func:`stop` ends the group and every one of them (SIGTERM,
 then SIGKILL after a grace period). :func:`launch` does that on a timeout, on an
 interrupt (the notebook's stop button: ``KeyboardInterrupt``) and after the
-command exits; the tests start JupyterLab the same way.
+command exits; the tests start JupyterLab the same way, and ``helpers.serving.served``
+a ``transformers serve`` server.
 """
 
 from __future__ import annotations
@@ -61,8 +62,11 @@ class LaunchError(RuntimeError):
         self.stdout, self.stderr = stdout, stderr
 
 
-def _launch_env(extra: dict | None = None) -> dict:
-    """A copy of ``os.environ`` with :data:`SAFE_ENV`, the repository on ``PYTHONPATH`` and ``extra``."""
+def launch_env(extra: dict | None = None) -> dict:
+    """A copy of ``os.environ`` with :data:`SAFE_ENV`, the repository on ``PYTHONPATH`` and ``extra``.
+
+    What every process a notebook starts gets: :func:`launch`'s and ``helpers.serving.served``'s.
+    """
     env = dict(os.environ)
     env.update(SAFE_ENV)
     paths = [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -198,13 +202,16 @@ def _run(argv: list, env: dict, timeout: float, name: str) -> subprocess.Complet
                         raise LaunchError(_report(f"{name} ran past {timeout:.0f} s and was stopped, with every "
                                                   f"process it started; what they printed so far:", o, e, 30), o, e)
         finally:  # also on KeyboardInterrupt (a notebook's stop button) and after a normal exit
-            _stop_through_interrupts(proc, known)
+            stop_through_interrupts(proc, known)
         o, e = printed()
     return subprocess.CompletedProcess(argv, proc.returncode, o, e)
 
 
-def _stop_through_interrupts(proc: subprocess.Popen, known: dict) -> None:
-    """:func:`stop`, carried to its end when the stop button is pressed again meanwhile (then re-raised)."""
+def stop_through_interrupts(proc: subprocess.Popen, known: dict) -> None:
+    """:func:`stop`, carried to its end when the stop button is pressed again meanwhile (then re-raised).
+
+    Used by :func:`launch` and ``helpers.serving.served`` (notebook 07) when they end their processes.
+    """
     interrupted = False
     while True:
         try:
@@ -223,7 +230,7 @@ def launch(command: list, timeout: float = 900, extra_env: dict | None = None,
     ``"torchrun"`` as the first word runs this Python's launcher
     (``python -m torch.distributed.run``), so the processes use the kernel's
     own environment even when the ``torchrun`` script is not on ``PATH``.
-    Processes start fresh in the repository root with :func:`_launch_env`, in a
+    Processes start fresh in the repository root with :func:`launch_env`, in a
     session of their own; on a timeout or an interrupt every process of the
     launch is stopped (:func:`stop`) before this returns or raises. When one
     worker fails, ``torchrun`` stops the others at once (its elastic agent
@@ -255,7 +262,7 @@ def launch(command: list, timeout: float = 900, extra_env: dict | None = None,
     argv = [sys.executable, "-m", "torch.distributed.run", *words[1:]] if words[0] == "torchrun" else words
     name = next((Path(w).name for w in words if w.endswith(".py")), words[0])
     for attempt in range(retries + 1):
-        done = _run(argv, _launch_env(extra_env), timeout, name)
+        done = _run(argv, launch_env(extra_env), timeout, name)
         if done.returncode == 0:
             return done
         message = _report(f"{name} exited with {done.returncode}:", done.stdout, done.stderr)

@@ -255,3 +255,160 @@ def compare_rates(a: dict, b: dict, a_name: str = "a", b_name: str = "b") -> str
     else:
         verdict = f"{a_name} is {'slower' if hi < 1 else 'faster'}"
     return f"{head} repeats {x(lo)} to {x(hi)}, median {x(ratio)}: {verdict}"
+
+
+def allocation_peak(fn: Callable[[], object], device: str | torch.device = "cpu") -> tuple[object, int]:
+    """Run ``fn()`` and return ``(its result, the peak of bytes torch allocated during it beyond what was live
+    before)``: the transient memory of a forward pass, the KV cache it builds included.
+
+    On a GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, less the bytes allocated
+    before. On the CPU, where torch keeps no such counter, from the allocation and free events of
+    ``torch.profiler`` (``profile_memory=True``): their running sum's maximum. Both count tensors only, not what
+    the C allocator or the CUDA caching allocator keeps around them, so they do not move with other processes
+    or with memory freed earlier, which a process's resident size does. The CPU count includes tensors
+    allocated by other threads of this process during ``fn``. Notebook 05 measures the prefill peak with it.
+
+    Raises:
+        ValueError: a device that is neither "cpu" nor a CUDA device.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        out = fn()
+        sync()
+        return out, int(torch.cuda.max_memory_allocated(dev) - before)
+    if dev.type != "cpu":
+        raise ValueError(f"allocation_peak measures 'cpu' or a CUDA device, not {device!r}")
+    import os
+    import sys
+
+    from torch.profiler import ProfilerActivity, profile
+
+    # kineto writes "USDT: ... profiler_start" / "profiler_stop" straight to file descriptor 2 (C++, not Python's
+    # sys.stderr; KINETO_LOG_LEVEL does not stop it): a notebook would show them as error output. fd 2 goes to
+    # /dev/null while the profiler starts and stops, and comes back in every case.
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            os.dup2(saved, 2)  # fn's own messages keep their place
+            try:
+                out = fn()
+            finally:
+                sys.stderr.flush()
+                os.dup2(null, 2)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return out, int(peak)
+
+
+_LOAD_CHILD = r"""
+import json, sys, threading, time
+path, fmt, dtype_name = sys.argv[1:4]
+import torch, transformers, bitsandbytes  # noqa: F401  imported before the baseline: their memory is not the load's
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+def status():
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+q = {"int8": BitsAndBytesConfig(load_in_8bit=True),
+     "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
+     "nf4-dq": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)}.get(fmt)
+base = status()
+peak = dict(base)
+done = threading.Event()
+
+def sample():
+    while not done.is_set():
+        for k, v in status().items():
+            peak[k] = max(peak[k], v)
+        time.sleep(0.002)
+
+t = threading.Thread(target=sample, daemon=True)
+t.start()
+t0 = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype_name), quantization_config=q,
+                                             device_map={"": "cpu"})
+wall = time.perf_counter() - t0
+done.set()
+t.join()
+after = status()
+largest = max([m.in_features * m.out_features for m in model.modules()
+               if type(m).__name__ in ("Linear4bit", "Linear8bitLt")] or [0])
+print("LOAD-PEAK " + json.dumps({
+    "anon_peak": peak["RssAnon"] - base["RssAnon"], "anon_after": after["RssAnon"] - base["RssAnon"],
+    "file_peak": peak["RssFile"] - base["RssFile"], "rss_peak": peak["VmRSS"] - base["VmRSS"],
+    "footprint": model.get_memory_footprint(), "largest_quantized": largest, "wall_s": wall}))
+"""
+
+
+def load_peak_rss(path: str, fmt: str = "nf4", dtype: str = "bfloat16", pin_allocator: bool = True,
+                  timeout_s: float = 900) -> dict:
+    """Load a checkpoint on the CPU with ``from_pretrained`` in a fresh Python process and return its memory,
+    sampled every 2 ms from ``/proc/self/status`` while the load runs (bytes above the baseline taken after
+    importing torch, transformers and bitsandbytes).
+
+    Returns:
+        ``{"anon_peak": anonymous memory at its peak, "anon_after": anonymous memory once loaded, "file_peak":
+        file-backed pages at their peak (the memory-mapped checkpoint and libraries loaded during the load:
+        reclaimable), "rss_peak": resident set at its peak, "footprint": get_memory_footprint(),
+        "largest_quantized": elements of the largest quantized weight, "wall_s"}``. ``anon_peak - anon_after``
+        is the load's transient, to set beside ``helpers.memory.load_peak_bytes(...) - weights`` on the CPU;
+        ``anon_after - footprint`` is memory the load leaves besides the weights (modules imported lazily,
+        bitsandbytes' state).
+
+    ``pin_allocator=True`` starts the process with ``MALLOC_MMAP_THRESHOLD_=131072`` and
+    ``MALLOC_TRIM_THRESHOLD_=131072``: glibc then returns freed blocks to the system at once. Without them glibc
+    raises its mmap threshold after each large free and keeps freed memory in its heap, so the resident peak
+    also holds blocks no tensor uses (the bundled model in NF4: a peak of +152 MiB pinned; +164 to +392 MiB in
+    three runs with glibc's defaults).
+    Linux only (``/proc``). Notebook 05.
+
+    Raises:
+        RuntimeError: not Linux, or the load failed (its last output lines are in the message).
+        ValueError: an unknown format.
+        subprocess.TimeoutExpired: the load ran past ``timeout_s``.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if fmt not in ("bf16", "fp16", "fp32", "int8", "nf4", "nf4-dq"):
+        raise ValueError(f"unknown format {fmt!r}; choose bf16, fp16, fp32, int8, nf4 or nf4-dq")
+    if not Path("/proc/self/status").is_file():
+        raise RuntimeError("load_peak_rss reads /proc/self/status: Linux only")
+    if fmt in ("fp16", "fp32"):
+        dtype = {"fp16": "float16", "fp32": "float32"}[fmt]
+    env = dict(os.environ)
+    if pin_allocator:
+        env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", _LOAD_CHILD, str(path), fmt, dtype], env=env, capture_output=True,
+                         text=True, timeout=timeout_s)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("LOAD-PEAK ")]
+    if run.returncode or not lines:
+        tail = "\n".join((run.stdout + run.stderr).splitlines()[-15:])
+        raise RuntimeError(f"the load in a fresh process failed (exit {run.returncode}):\n{tail}")
+    return json.loads(lines[-1][len("LOAD-PEAK "):])

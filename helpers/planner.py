@@ -1,19 +1,25 @@
-"""Plan a device map for GPUs you don't have, as ``from_pretrained`` would (notebook 03).
+"""Plan a device map for GPUs you don't have, as ``from_pretrained`` would (notebooks 03 and 05).
 
 :func:`plan` takes a model (a shape name from :data:`helpers.shapes.SHAPES`,
 any transformers config, a local checkpoint directory, or a hub id), a storage
-format, a number of GPUs and their memory, a context length and a batch, and
-returns the map ``from_pretrained(..., device_map=strategy, max_memory=...)``
-would compute, with the bytes per device and a verdict that counts weights,
-the KV cache and a per-GPU reserve (CUDA context and activations, measured on
-a GPU: ``gpu-reference/one-gpu/reserve.json``), and the longest context that
-fits at that batch.
+format, a number of GPUs and their memory, a context length, a batch and a
+prompt length, and returns the map ``from_pretrained(..., device_map=strategy,
+max_memory=...)`` would compute, with the bytes per device and a verdict that
+counts every term that must fit (notebook 05): weights with their quantization
+scales, the KV cache, a per-GPU reserve (the CUDA context, measured on a GPU:
+``gpu-reference/one-gpu/reserve.json``), the prefill activation peak of the
+prompt (:func:`helpers.memory.prefill_peak_bytes`) and the load peak
+(:func:`helpers.memory.load_peak_bytes`); the term that binds; the longest
+context that fits at that batch; with ``offload=True``, what the part on
+"cpu"/"disk" needs in RAM and on disk and the predicted seconds per token
+(:func:`helpers.offload.offload_seconds_per_token`).
 :func:`show_plan` prints and draws it; :mod:`helpers.planner_widget` wraps it in
 ipywidgets for live exploration.
 
 Everything happens on the meta device (no weight bytes are allocated; a
-70B plan takes well under a second) and never touches a GPU, so it runs on
-a machine without one.
+70B plan takes seconds the first time a shape and format are asked, well
+under a second after) and never touches a GPU, so it runs on a machine
+without one.
 
 The steps are transformers' own (5.24, ``from_pretrained`` ->
 ``transformers.integrations.accelerate._get_device_map``), not a global
@@ -42,8 +48,12 @@ Where transformers' accounting differs from the bytes a load really takes:
 it counts 0.5 byte per 4-bit weight and 1 byte per 8-bit weight, without the
 quantization scales (NF4: one float32 absmax per 64 weights, +0.0625 byte;
 int8: one float32 scale per output row). :attr:`Plan.true_bytes_per_device`
-adds them back (the formulas of :mod:`helpers.memory`). Neither figure holds
-activations, the KV cache or the CUDA context: the verdict adds those.
+adds them back (the formulas of :mod:`helpers.memory`); printed, each figure
+is labelled (:func:`weights_label`: "weights with NF4 scales" against
+"weights, transformers' count (0.5 byte per 4-bit weight)"). Neither figure
+holds activations, the KV cache or the CUDA context: the verdict adds those.
+With ``llm_int8_enable_fp32_cpu_offload=True`` and a map as a dict, modules on
+"cpu"/"disk" stay unquantized in the load dtype: a plan charges them so.
 
 :func:`predict_footprint` (notebooks 00 and 01) asks the same prepared meta
 model and the same quantizer which weights a format quantizes, so the
@@ -62,11 +72,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from .devicemap import STRATEGIES, bytes_per_device, device_of, placement, tensor_sizes
-from .memory import FORMATS, QUANTIZED, kv_cache_layers, linear_bytes_per_weight
+from .memory import (FORMATS, QUANTIZED, kv_cache_layers, linear_bytes_per_weight, load_host_bytes, load_peak_bytes,
+                     prefill_terms)
 from .quiet import quiet_planning
 from .shapes import SHAPES, as_config
 from .text import wrap
-from .units import GiB
+from .units import GiB, MiB
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -106,10 +117,19 @@ def _prepare_meta_model(config: PretrainedConfig, quantization_config: Quantizat
 
     Raises:
         ImportError: a bitsandbytes config without bitsandbytes installed.
+        ValueError: ``config`` is not a causal language model's (a ``CLIPConfig``, a vision model, ...): the
+            message names what to use instead.
     """
     from transformers import AutoModelForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
     from transformers.quantizers import AutoHfQuantizer
 
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(
+            f"the planner sizes causal language models (what AutoModelForCausalLM builds); {type(config).__name__} "
+            f"is not one. For OpenCLIP and CLIP (a two-tower model without a KV cache) use "
+            f"helpers.clip.predict_clip_footprint and helpers.clip.tower_map (notebook 09); for another model, "
+            f"build it on the meta device and pass it to helpers.preflight.preflight with your map.")
     with torch.device("meta"):  # ties declared by the config are applied by post_init
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     quantizer = None
@@ -286,7 +306,10 @@ RESERVE_FILE = Path(__file__).resolve().parent.parent / "gpu-reference" / "one-g
 
 
 def _measured_reserve() -> tuple[int, str]:
-    """The per-GPU reserve in bytes and a sentence naming where it was measured.
+    """The per-GPU reserve in bytes (the CUDA context and cuBLAS workspace) and a sentence naming where it was measured.
+
+    The file also holds the activations of its run (``activation_bytes``); the planner counts activations as a
+    term of their own (:func:`helpers.memory.prefill_peak_bytes`), so the reserve is the context alone.
 
     Raises:
         FileNotFoundError: no measurement committed; the message says how to make one.
@@ -295,15 +318,69 @@ def _measured_reserve() -> tuple[int, str]:
         raise FileNotFoundError(f"no measured reserve at {RESERVE_FILE}: run gpu-reference/tools/measure_reserve.py "
                                 f"on a GPU, or pass reserve_gib=")
     r = json.loads(RESERVE_FILE.read_text())
-    source = (f"measured on {r['gpu']} (torch {r['hardware']['torch']}): {r['context_bytes'] / GiB:.2f} GiB CUDA "
-              f"context + {r['activation_bytes'] / GiB:.2f} GiB activations, gpu-reference/one-gpu/reserve.json")
-    return int(r["reserve_bytes"]), source
+    source = (f"CUDA context and cuBLAS workspace measured on {r['gpu']} (torch {r['hardware']['torch']}), "
+              f"gpu-reference/one-gpu/reserve.json")
+    return int(r["context_bytes"]), source
 
 
 def _layer_names(model) -> list[str]:
     """The decoder layers (no-split blocks in a numbered list), in order: e.g. ``model.layers.0``, ..."""
     keep = set(getattr(model, "_no_split_modules", None) or [])
     return [n for n, m in model.named_modules() if type(m).__name__ in keep and n.rsplit(".", 1)[-1].isdigit()]
+
+
+BINDINGS = ("weights", "reserve", "KV cache", "prefill activations", "load peak", "max_position_embeddings",
+            "host RAM")
+"""The terms :attr:`Plan.binding` names."""
+
+WEIGHTS_WITH_SCALES = "weights with NF4/int8 scales"
+WEIGHTS_TRANSFORMERS = "weights, transformers' count (0.5 byte per 4-bit weight, 1 per 8-bit weight, no scales)"
+"""The two labels of "weights" (notebook 05): what a load really allocates, and what transformers' placement counts."""
+
+
+def weights_label(fmt: str, counted: str = "true") -> str:
+    """The label printed beside a weights figure: ``"weights with NF4 scales"``, ``"weights, transformers' count
+    (0.5 byte per 4-bit weight)"``, or plain ``"weights"`` for an unquantized format (both counts agree).
+
+    ``counted``: "true" (scales included, :attr:`Plan.true_bytes_per_device`) or "transformers"
+    (:attr:`Plan.bytes_per_device`). Notebook 05.
+    """
+    if counted not in ("true", "transformers"):
+        raise ValueError(f"counted must be 'true' or 'transformers', not {counted!r}")
+    if fmt not in QUANTIZED:
+        return "weights"
+    kind = "int8" if fmt == "int8" else "NF4"
+    if counted == "true":
+        return f"weights with {kind} scales"
+    return f"weights, transformers' count ({'1 byte per 8-bit' if fmt == 'int8' else '0.5 byte per 4-bit'} weight)"
+
+
+DEFAULT_DISK_RATE = 2.0e9
+"""Bytes/s assumed for reading offloaded weights from disk when no rate is given (an NVMe SSD's order of
+magnitude, not a measurement: measure yours with :func:`helpers.offload.disk_read_rate`)."""
+
+
+def reference_rates() -> dict:
+    """The rates :func:`plan` predicts seconds per token with by default, and where each comes from.
+
+    ``gpu_bandwidth`` and ``h2d_rate`` (pageable: accelerate's hooks copy from ordinary memory) from the one-GPU
+    reference, ``gpu-reference/one-gpu/results.json`` (an H200 machine), read with
+    ``helpers.reference.reference_results``; ``disk_rate`` is :data:`DEFAULT_DISK_RATE` (assumed). Returns
+    ``{"gpu_bandwidth", "h2d_rate", "disk_rate": bytes/s, "source": str}``; without the reference file, the GPU
+    rates are None and ``source`` says so. Notebook 05.
+    """
+    from .reference import reference_results
+
+    try:
+        ref = reference_results("one-gpu")
+        gpu = ref["hardware"]["gpus"][0][0]
+        return {"gpu_bandwidth": ref["bandwidth"]["GBps"] * 1e9, "h2d_rate": ref["h2d"]["pageable_GBps"] * 1e9,
+                "disk_rate": DEFAULT_DISK_RATE,
+                "source": f"GPU bandwidth and pageable host-to-device copy measured on one {gpu} "
+                          f"(gpu-reference/one-gpu/results.json); disk {DEFAULT_DISK_RATE / 1e9:g} GB/s assumed"}
+    except (FileNotFoundError, KeyError, IndexError):
+        return {"gpu_bandwidth": None, "h2d_rate": None, "disk_rate": DEFAULT_DISK_RATE,
+                "source": "no one-GPU reference results: pass rates= to predict seconds per token"}
 
 
 @dataclass
@@ -318,26 +395,64 @@ class Plan:
         effective_memory: the caps the placement really used, after
             balancing and (quantized formats) the quantizer's 90% cut.
         bytes_per_device: {device: bytes} in transformers' accounting (what
-            the placement used).
+            the placement used: 0.5 byte per 4-bit weight, no scales).
         true_bytes_per_device: {device: bytes} with the quantization scales
-            added (equal to ``bytes_per_device`` when unquantized).
+            added (equal to ``bytes_per_device`` when unquantized). For a
+            quantized format, modules on "cpu"/"disk" are charged in the load
+            dtype: with ``llm_int8_enable_fp32_cpu_offload=True`` and this map
+            as a dict, transformers leaves them unquantized.
         context, batch: tokens of context (prompt plus generated) and
             sequences in flight the verdict makes room for.
+        prompt: tokens prefilled at once (the prefill activation term).
         kv_bytes_per_device: {GPU id: bytes} of KV cache, each layer's beside
-            it (:func:`helpers.memory.kv_cache_layers`, bf16 cache).
-        reserve_bytes, reserve_source: the per-GPU reserve (CUDA context and
-            activations) and where that figure comes from.
-        needed_bytes_per_device: {GPU id: weights with scales + KV cache + reserve}.
+            it (:func:`helpers.memory.kv_cache_layers`, bf16 cache); the
+            layers offloaded to "cpu"/"disk" keep theirs on the main GPU (the
+            first in the map), where accelerate runs them.
+        reserve_bytes, reserve_source: the per-GPU reserve (CUDA context) and
+            where that figure comes from.
+        prefill_bytes_per_device: {GPU id: bytes}: the prefill activation peak
+            (:func:`helpers.memory.prefill_peak_bytes`) on every GPU that runs
+            decoder layers (GPU 0 also runs offloaded ones); 0 elsewhere.
+        needed_bytes_per_device: {GPU id: weights with scales + KV cache +
+            reserve + prefill activations}.
+        load_peak_bytes: {GPU id: peak while ``from_pretrained`` loads (and
+            quantizes) its weights, reserve included; "cpu": host RAM held at
+            the load's peak, offloaded weights included, for a checkpoint
+            stored in the load dtype}
+            (:func:`helpers.memory.load_peak_bytes`, :func:`helpers.memory.load_host_bytes`).
+        cpu_bytes, disk_bytes: weights offloaded to RAM and to disk.
+        ram_needed_bytes: host RAM the offloaded part needs (``cpu_bytes`` and
+            the load's host peak, the larger of the two moments).
+        disk_needed_bytes: room the offload folder may need: ``disk_bytes``,
+            written there for a checkpoint that is not safetensors or whose
+            weights a conversion changes; a safetensors checkpoint is read in
+            place (transformers 5.24 indexes its own files; nothing written).
         on_gpus: True when every module landed on a GPU.
-        fits: ``on_gpus`` and every GPU's needed bytes within its budget.
+        fits: ``on_gpus``, ``context`` within ``max_position_embeddings``, and
+            every GPU's needed bytes and load peak within its budget.
+        runs: ``fits``, or (with ``offload=True``) the GPU part fits with
+            the rest on "cpu"/"disk": runs with offload, at ``seconds_per_token``.
+        binding: which term binds (one of :data:`BINDINGS`): a context above
+            the cap first; then for weights that spill (without ``offload``)
+            "weights"; else the first term that takes a GPU over its budget
+            (in the order weights, reserve, KV cache, prefill activations, load
+            peak); else "host RAM" when the offloaded part needs more than
+            ``cpu_gib``; "weights" for a plan that runs with offload; for one
+            that fits, what sets ``max_context`` ("KV cache", or the cap).
         max_context: the longest context (tokens) that fits at ``batch`` with
-            this map (0 when the weights alone do not fit), at most the
-            model's ``max_position_embeddings``; ``max_context_capped`` says
-            whether that cap, not memory, set it.
+            this map, every term counted (0 when the rest alone does not fit),
+            at most the model's ``max_position_embeddings``;
+            ``max_context_capped`` says whether that cap, not memory, set it.
+        seconds_per_token: :func:`helpers.offload.offload_seconds_per_token`'s
+            terms at ``context`` (batch 1), with ``rates`` and their ``assumptions``.
+        rates: {"gpu_bandwidth", "h2d_rate", "disk_rate": bytes/s, "source"}.
+        placement_memory: the ``max_memory`` the map was placed with: the
+            budget, or with ``offload=True`` the budget lowered until the GPU
+            part fits with every term (pass it to ``from_pretrained``).
         model, hf_quantizer: the meta model planned and its quantizer (None
             when unquantized), for drawing and checking.
 
-    Notebook 03.
+    Notebooks 03 and 05.
     """
 
     shape: str
@@ -362,6 +477,20 @@ class Plan:
     max_context_capped: bool
     model: torch.nn.Module = field(repr=False)
     hf_quantizer: object = field(repr=False, default=None)
+    prompt: int = 0
+    prefill_bytes_per_device: dict = field(default_factory=dict)
+    load_peak_bytes: dict = field(default_factory=dict)
+    cpu_bytes: int = 0
+    disk_bytes: int = 0
+    ram_needed_bytes: int = 0
+    disk_needed_bytes: int = 0
+    runs: bool = False
+    offload: bool = False
+    binding: str = "weights"
+    max_position_embeddings: int | None = None
+    seconds_per_token: dict = field(default_factory=dict)
+    rates: dict = field(default_factory=dict)
+    placement_memory: dict = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -373,34 +502,66 @@ class Plan:
         """All weights with the quantization scales (bytes)."""
         return sum(self.true_bytes_per_device.values())
 
-    def summary(self) -> str:
-        """A few lines: the question, the verdict, each device's modules and bytes (GiB), the longest context.
-
-        Lines are wrapped at words to :data:`helpers.text.LINE_WIDTH` characters. Notebook 03, section 6.
-        """
+    def verdict(self) -> str:
+        """One phrase: "FITS on the GPUs", "RUNS WITH OFFLOAD at 1.23 s per token", or "DOES NOT FIT: <why>"."""
+        if self.max_position_embeddings is not None and self.context > self.max_position_embeddings:
+            return (f"DOES NOT FIT: context {self.context:,} is above the model's max_position_embeddings "
+                    f"({self.max_position_embeddings:,})")
+        if self.fits:
+            return "FITS on the GPUs"
         spilled = [d for d in ("cpu", "disk") if d in self.device_map.values()]
-        if not self.on_gpus:
-            verdict = "DOES NOT FIT: " + ", ".join(
-                f"{sum(1 for v in self.device_map.values() if v == d)} module(s) on {d}" for d in spilled)
-        else:
-            over = [d for d, n in self.needed_bytes_per_device.items() if n > self.max_memory[d]]
-            verdict = "FITS on the GPUs" if self.fits else (
-                "DOES NOT FIT: weights fit, but with the KV cache and the reserve "
-                + ", ".join(f"GPU {d}" for d in over) + " run over")
-        lines = [f"{self.shape}, {self.fmt}, {self.n_gpus} x {self.gib_per_gpu:g} GiB GPUs, "
-                 f"device_map={self.strategy!r}, context {self.context:,} x batch {self.batch}: {verdict}"]
+        where = ", ".join(f"{sum(1 for v in self.device_map.values() if v == d)} module(s) on {d}" for d in spilled)
+        if self.runs:
+            s = self.seconds_per_token.get("seconds_per_token")
+            at = f" at {s:.3g} s per token (predicted)" if s else ""
+            return f"RUNS WITH OFFLOAD{at}: {where}"
+        if self.binding == "host RAM":
+            return (f"DOES NOT FIT: the offloaded part needs {self.ram_needed_bytes / GiB:.2f} GiB of RAM, above "
+                    f"cpu_gib={self.max_memory['cpu'] / GiB:g}: " + where)
+        if not self.on_gpus and self.binding == "weights":
+            return "DOES NOT FIT: " + where + ("" if self.offload else " (offload=True to plan running with offload)")
+        over = [d for d in range(self.n_gpus) if max(self.needed_bytes_per_device[d],
+                                                     self.load_peak_bytes.get(d, 0)) > self.max_memory[d]]
+        gpus = ", ".join(f"GPU {d}" for d in over) or "a GPU"
+        return (f"DOES NOT FIT: with the {self.binding}, {gpus} run{'s' if len(over) == 1 else ''} over budget"
+                + (f" ({where} with offload)" if where else ""))
+
+    def summary(self) -> str:
+        """Lines: the verdict and the binding term first, the question, the reserve, each device's terms (GiB),
+        load peak, host needs,
+        predicted seconds per token, the longest context. Each weights figure is labelled (with scales, or
+        transformers' count). Wrapped at words to :data:`helpers.text.LINE_WIDTH`. Notebooks 03 and 05.
+        """
+        lines = [f"{self.verdict()} (binding: {self.binding})",
+                 f"  {self.shape}, {self.fmt}, {self.n_gpus} x {self.gib_per_gpu:g} GiB GPUs, "
+                 f"device_map={self.strategy!r}, context {self.context:,} x batch {self.batch}, prompt "
+                 f"{self.prompt:,} tokens"]
         if self.hf_quantizer is not None:
             lines.append(f"  bitsandbytes cuts each budget to 90% while placing: {self.gib_per_gpu:g} GiB -> "
-                         f"{0.9 * self.gib_per_gpu:.2f} GiB per GPU")
+                         f"{0.9 * self.gib_per_gpu:.2f} GiB per GPU; placed by "
+                         f"{weights_label(self.fmt, 'transformers')}: {self.total_bytes / GiB:.2f} GiB in all")
         lines.append(f"  reserve per GPU {self.reserve_bytes / GiB:.2f} GiB ({self.reserve_source})")
         where = placement(self.model, self.device_map)
         for dev, n in self.bytes_per_device.items():
             name = f"GPU {dev}" if isinstance(dev, int) else dev
-            line = f"  {name:>6}: weights {self.true_bytes_per_device.get(dev, n) / GiB:6.2f} GiB"
+            label = weights_label(self.fmt) if isinstance(dev, int) or self.fmt not in QUANTIZED else (
+                "weights unquantized, in the load dtype (llm_int8_enable_fp32_cpu_offload)")
+            line = f"  {name:>6}: {label} {self.true_bytes_per_device.get(dev, n) / GiB:.2f} GiB"
             if dev in self.needed_bytes_per_device:
-                line += (f" + KV cache {self.kv_bytes_per_device.get(dev, 0) / GiB:.2f} + reserve = "
-                         f"{self.needed_bytes_per_device[dev] / GiB:.2f} of {self.max_memory[dev] / GiB:g} GiB")
+                line += (f" + KV cache {self.kv_bytes_per_device.get(dev, 0) / GiB:.2f} + reserve "
+                         f"+ prefill {self.prefill_bytes_per_device.get(dev, 0) / GiB:.2f} = "
+                         f"{self.needed_bytes_per_device[dev] / GiB:.2f} of {self.max_memory[dev] / GiB:g} GiB; "
+                         f"load peak {self.load_peak_bytes.get(dev, 0) / GiB:.2f}")
             lines.append(f"{line}: {where.get(dev, '')}")
+        if self.cpu_bytes or self.disk_bytes:
+            lines.append(f"  host: RAM needed {self.ram_needed_bytes / GiB:.2f} GiB (offloaded weights "
+                         f"{self.cpu_bytes / GiB:.2f} GiB, load peak {self.load_peak_bytes.get('cpu', 0) / GiB:.2f}), "
+                         f"disk needed {self.disk_needed_bytes / GiB:.2f} GiB")
+        s = self.seconds_per_token
+        if s.get("seconds_per_token"):
+            lines.append(f"  predicted {s['seconds_per_token']:.3g} s per token at batch 1 (GPU {s['gpu_s']:.3g} s"
+                         + (f" + host to device {s['h2d_s']:.3g} s" if s["h2d_s"] else "")
+                         + (f" + disk {s['disk_s']:.3g} s" if s["disk_s"] else "") + f"): {s['assumptions']}")
         cap = " (the model's max_position_embeddings)" if self.max_context_capped else ""
         lines.append(f"  longest context that fits at batch {self.batch}: {self.max_context:,} tokens{cap}")
         return wrap("\n".join(lines))  # each line fits a JupyterLab output line (helpers.text)
@@ -425,14 +586,21 @@ def _number(name: str, value, low: float = 0.0, allow_none: bool = False):
     return value
 
 
-def _max_context(config, layers_on: dict, free: dict, batch: int) -> tuple[int, bool]:
-    """Longest context whose KV cache fits each GPU's free bytes (binary search), and whether the model's limit
-    capped it."""
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2**20
+def _position_limit(config) -> int | None:
+    """The model's longest context: ``max_position_embeddings`` (GPT-2: ``n_positions``), None where unset."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def _max_context(config, layers_on: dict, free: dict, batch: int, prefill=lambda tokens: {}) -> tuple[int, bool]:
+    """Longest context whose KV cache (and the prefill of its prompt, ``prefill(tokens)`` = {GPU: bytes}) fits
+    each GPU's free bytes (binary search), and whether the model's limit capped it."""
+    limit = _position_limit(config) or 2**20
 
     def fits(tokens: int) -> bool:
         per_layer = kv_cache_layers(config, tokens, batch)
-        return all(sum(per_layer[i] for i in layers_on.get(d, [])) <= room for d, room in free.items())
+        extra = prefill(tokens)
+        return all(sum(per_layer[i] for i in layers_on.get(d, [])) + extra.get(d, 0) <= room
+                   for d, room in free.items())
 
     if not free or any(room < 0 for room in free.values()) or not fits(0):
         return 0, False
@@ -445,11 +613,69 @@ def _max_context(config, layers_on: dict, free: dict, batch: int) -> tuple[int, 
     return lo, False
 
 
+def _prefill_by_gpu(config, prompt: int, batch: int, bytes_per_value: int, attention: str, layers_on: dict,
+                    head_device, n_gpus: int) -> dict:
+    """{GPU: prefill activation peak}: the layers' peak on every GPU that runs decoder layers (GPU 0 also runs
+    those offloaded to "cpu"/"disk": accelerate's hooks bring their weights to it), the logits' on the head's GPU
+    (GPU 0 for an offloaded head), the larger where both meet; 0 elsewhere."""
+    terms = prefill_terms(config, prompt, batch, bytes_per_value, attention)
+    layer_peak = max(v for k, v in terms.items() if k not in ("logits", "peak", "binding"))
+    offloaded = bool(layers_on.get("cpu") or layers_on.get("disk"))
+    logits_on = head_device if isinstance(head_device, int) else 0
+    return {d: max(layer_peak if (layers_on.get(d) or (d == 0 and offloaded)) else 0,
+                   terms["logits"] if d == logits_on else 0) for d in range(n_gpus)}
+
+
+def _binding(weights: int, reserve: int, kv: int, prefill: int, load: int, budget: int) -> str:
+    """The first term that takes one GPU over ``budget``: weights, reserve, KV cache, prefill activations (added in
+    that order), else the load peak."""
+    total = 0
+    for name, b in (("weights", weights), ("reserve", reserve), ("KV cache", kv), ("prefill activations", prefill)):
+        total += b
+        if total > budget:
+            return name
+    return "load peak"
+
+
+_SDPA: dict = {}
+
+
+def _supports_sdpa(config) -> bool:
+    """Whether transformers builds this config's causal LM with SDPA attention (its default where the class
+    supports it): asked once per config class, by building its default config on the meta device with
+    ``attn_implementation="sdpa"`` (transformers refuses a class without SDPA with a ValueError)."""
+    from transformers import AutoModelForCausalLM
+
+    kind = type(config)
+    if kind not in _SDPA:
+        try:
+            with torch.device("meta"), quiet_planning():
+                AutoModelForCausalLM.from_config(kind(), attn_implementation="sdpa")
+            _SDPA[kind] = True
+        except (ValueError, ImportError):
+            _SDPA[kind] = False
+    return _SDPA[kind]
+
+
+DEFAULT_PROMPT = 4096
+"""The prompt :func:`plan` prefills when ``prompt=None``: ``min(context, 4096)`` (a long prompt sent whole;
+chunked prefill or a shorter prompt needs less)."""
+
+
+def _int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be a whole number >= {low}, not {value!r}")
+    return value
+
+
 def plan(model: PretrainedConfig | str | os.PathLike, fmt: str = "bf16", n_gpus: int = 1, gib_per_gpu: float = 24,
          strategy: str = "balanced", cpu_gib: float | None = None, context: int = 4096, batch: int = 1,
-         reserve_gib: float | None = None) -> Plan:
-    """Plan a device map for ``n_gpus`` GPUs of ``gib_per_gpu`` GiB each, as ``from_pretrained`` would, with room
-    for the KV cache of ``batch`` sequences of ``context`` tokens and a per-GPU reserve.
+         reserve_gib: float | None = None, *, prompt: int | None = None, offload: bool = False,
+         rates: dict | None = None, attention: str | None = None) -> Plan:
+    """Plan a device map for ``n_gpus`` GPUs of ``gib_per_gpu`` GiB each, as ``from_pretrained`` would, and
+    judge it with every term that must fit: weights with their scales, the KV cache of ``batch`` sequences of
+    ``context`` tokens, a per-GPU reserve (CUDA context), the prefill activations of a ``prompt``-token prompt,
+    and the load peak; plus what an offloaded part needs in RAM and on disk and what each token costs.
 
     Args:
         model: a shape name from :data:`helpers.shapes.SHAPES` (e.g.
@@ -464,26 +690,39 @@ def plan(model: PretrainedConfig | str | os.PathLike, fmt: str = "bf16", n_gpus:
             none, so what does not fit on the GPUs goes to "disk".
         context: tokens of context per sequence (prompt plus generated), >= 0.
         batch: sequences in flight, >= 1.
-        reserve_gib: GiB kept free on each GPU for the CUDA context and
-            activations; None: the reserve measured on a GPU
-            (:func:`_measured_reserve`).
+        reserve_gib: GiB kept free on each GPU for the CUDA context; None: the
+            context measured on a GPU (:func:`_measured_reserve`).
+        prompt: tokens prefilled at once per sequence (>= 0, at most
+            ``context``); None: ``min(context, 4096)`` (:data:`DEFAULT_PROMPT`).
+        offload: True to accept a map with modules on "cpu"/"disk" as
+            "runs with offload" (``plan.runs``) when the GPU part fits.
+        rates: {"gpu_bandwidth", "h2d_rate", "disk_rate"} in bytes/s (and
+            optionally "source") for ``seconds_per_token``; None:
+            :func:`reference_rates`.
+        attention: "sdpa" or "eager" for the prefill term; None: "sdpa" where
+            the model class supports it, else "eager".
 
     Returns:
         A :class:`Plan`. ``plan.fits`` is False when any module lands on
-        "cpu" or "disk" (a bitsandbytes model would then be refused by
-        ``from_pretrained``; a bf16 one would load, slowly, with offload), or
-        when weights + KV cache + reserve exceed a GPU's budget.
-        ``plan.max_context`` is the longest context that fits at ``batch``.
+        "cpu" or "disk" (a bitsandbytes model then needs
+        ``llm_int8_enable_fp32_cpu_offload=True`` and this map as a dict;
+        ``plan.runs`` tells whether it runs with offload), when ``context``
+        is above the model's ``max_position_embeddings``, or when any GPU's
+        needed bytes or load peak exceed its budget; ``plan.binding`` names the term.
 
     Raises:
         ValueError: unknown model, format or strategy, ``n_gpus`` outside
             1..64, a ``gib_per_gpu``/``cpu_gib``/``reserve_gib`` that is not a
-            finite positive number, a negative context or a batch below 1.
+            finite positive number, a negative context, a batch below 1, a
+            prompt below 0 or above ``context``, or ``rates`` without a rate
+            the split needs.
         FileNotFoundError: ``reserve_gib=None`` and no measured reserve.
         ImportError: a quantized format without bitsandbytes installed.
 
-    Notebook 03, section 4.
+    Notebook 03 (section 4), notebook 05 (every term).
     """
+    from .offload import offload_seconds_per_token
+
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if isinstance(n_gpus, bool) or not isinstance(n_gpus, int) or not 1 <= n_gpus <= 64:
@@ -494,42 +733,121 @@ def plan(model: PretrainedConfig | str | os.PathLike, fmt: str = "bf16", n_gpus:
         raise ValueError(f"context must be a whole number of tokens >= 0, not {context!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a whole number >= 1, not {batch!r}")
+    if prompt is None:
+        prompt = min(context, DEFAULT_PROMPT)
+    elif isinstance(prompt, bool) or not isinstance(prompt, int) or not 0 <= prompt <= context:
+        raise ValueError(f"prompt must be a whole number of tokens from 0 to context ({context:,}), not {prompt!r} "
+                         f"(the prompt is part of the context)")
     if reserve_gib is None:
         reserve, source = _measured_reserve()
     else:
         reserve, source = int(_number("reserve_gib", reserve_gib, low=-1e-12) * GiB), "given"
     label, config = _load_config(model)
     meta, quantizer = _prepared_model(config, fmt)
+    if attention is None:
+        attention = "sdpa" if _supports_sdpa(config) else "eager"
     budget = {i: int(gib_per_gpu * GiB) for i in range(n_gpus)}
     if cpu_gib is not None:
         budget["cpu"] = int(cpu_gib * GiB)
-    device_map, caps = _plan_device_map(meta, quantizer, budget, strategy)
-    sizes = tensor_sizes(meta, hf_quantizer=quantizer)
-    planned = bytes_per_device(meta, device_map, sizes)
-    true = bytes_per_device(meta, device_map, _true_sizes(meta, quantizer, fmt, sizes))
-    layers_on: dict = {}
-    for i, name in enumerate(_layer_names(meta)):
-        layers_on.setdefault(device_of(name, device_map), []).append(i)
-    per_layer = kv_cache_layers(config, context, batch)
-    gpus = range(n_gpus)
-    kv = {d: sum(per_layer[i] for i in layers_on.get(d, [])) for d in gpus}
-    needed = {d: true.get(d, 0) + kv[d] + reserve for d in gpus}
-    on_gpus = all(isinstance(d, int) for d in device_map.values())
-    free = {d: budget[d] - true.get(d, 0) - reserve for d in gpus} if on_gpus else {}
-    longest, capped = _max_context(config, layers_on, free, batch)
+    limit = _position_limit(config)
+    over_cap = limit is not None and context > limit
+    place = dict(budget)  # the max_memory placed with; offload=True lowers it until the GPU part fits
+    for _attempt in range(12):
+        device_map, caps = _plan_device_map(meta, quantizer, place, strategy)
+        sizes = tensor_sizes(meta, hf_quantizer=quantizer)
+        planned = bytes_per_device(meta, device_map, sizes)
+        true_sizes = _true_sizes(meta, quantizer, fmt, sizes)
+        if quantizer is not None:  # offloaded modules stay unquantized, in the load dtype (the flag's behaviour)
+            plain, _ = _prepared_model(config, "bf16")
+            plain_sizes = tensor_sizes(plain)
+            true_sizes.update({n: plain_sizes[n] for n in true_sizes
+                               if n in plain_sizes and device_of(n, device_map) in ("cpu", "disk")})
+        true = bytes_per_device(meta, device_map, true_sizes)
+        layers_on: dict = {}
+        for i, name in enumerate(_layer_names(meta)):
+            layers_on.setdefault(device_of(name, device_map), []).append(i)
+        gpus = range(n_gpus)
+        on_gpus = all(isinstance(d, int) for d in device_map.values())
+        head = meta.get_output_embeddings()
+        head_name = next((n for n, m in meta.named_modules() if m is head), None)
+        head_dev = device_of(head_name + ".weight", device_map) if head_name is not None else None
+        act_bytes = 4 if fmt == "fp32" else 2
+
+        # offloaded layers run on the main GPU (accelerate's hooks bring their weights there), and their KV cache
+        # stays there: a DynamicCache keeps each layer's keys and values where they were computed
+        main = next((d for d in device_map.values() if isinstance(d, int)), 0)
+        kv_on = {d: list(layers_on.get(d, [])) for d in gpus}
+        kv_on[main] = kv_on.get(main, []) + layers_on.get("cpu", []) + layers_on.get("disk", [])
+        per_layer = kv_cache_layers(config, context, batch)
+        kv = {d: sum(per_layer[i] for i in kv_on.get(d, [])) for d in gpus}
+        act = _prefill_by_gpu(config, prompt, batch, act_bytes, attention, layers_on, head_dev, n_gpus)
+        needed = {d: true.get(d, 0) + kv[d] + reserve + act[d] for d in gpus}
+        # the load: weights (with the largest quantized weight's temporaries) and the CUDA context on each GPU
+        numel = {n: p.numel() for n, p in meta.named_parameters()}
+        quantized = set(_quantized_bytes(meta, quantizer, fmt)) if quantizer is not None else set()
+        largest = {d: max((numel[n] for n in quantized if device_of(n, device_map) == d), default=0) for d in gpus}
+        load = {d: load_peak_bytes(true.get(d, 0), largest[d], fmt, "cuda") + reserve for d in gpus}
+        cpu_bytes, disk_bytes = int(true.get("cpu", 0)), int(true.get("disk", 0))
+        load["cpu"] = cpu_bytes + load_host_bytes(sorted(numel.values(), reverse=True)[:4], fmt,
+                                                  checkpoint_bytes_per_value=act_bytes, load_bytes_per_value=act_bytes)
+        gpu_ok = {d: needed[d] <= budget[d] and load[d] <= budget[d] for d in gpus}
+        fits = on_gpus and not over_cap and all(gpu_ok.values())
+        runs = fits or (offload and not over_cap and all(gpu_ok.values()))
+        over = {d: max(needed[d], load[d]) - budget[d] for d in gpus if not gpu_ok[d]}
+        ram_over = max(cpu_bytes, load["cpu"]) - budget["cpu"] if "cpu" in budget and cpu_bytes else 0
+        if ram_over > 0 and planned.get("cpu"):  # placed by transformers' count, held unquantized: scale down
+            cut = 0.9 if quantizer is not None else 1.0  # the quantizer's adjust_max_memory
+            over["cpu"] = place["cpu"] - int((planned["cpu"] * (1 - ram_over / true["cpu"])) / cut)
+        if not (offload and over and not over_cap) or any(place[d] - over[d] <= 0 for d in over):
+            break
+        place.update({d: place[d] - over[d] - 64 * MiB for d in over})
+    free = {d: budget[d] - true.get(d, 0) - reserve for d in gpus} if (on_gpus or offload) else {}
+    if any(load[d] > budget[d] for d in gpus):
+        free = {}
+    longest, capped = _max_context(config, kv_on, free, batch, lambda tokens: _prefill_by_gpu(
+        config, min(prompt, tokens), batch, act_bytes, attention, layers_on, head_dev, n_gpus))
+    ram_needed = max(cpu_bytes, load["cpu"])
+    ram_short = "cpu" in budget and cpu_bytes > 0 and ram_needed > budget["cpu"]
+    runs = runs and not ram_short
+    if over_cap:
+        binding = "max_position_embeddings"
+    elif not on_gpus and not offload:
+        binding = "weights"
+    elif not all(gpu_ok.values()):
+        binding = next(_binding(true.get(d, 0), reserve, kv[d], act[d], load[d], budget[d])
+                       for d in gpus if not gpu_ok[d])
+    elif ram_short:
+        binding = "host RAM"
+    elif not on_gpus:
+        binding = "weights"
+    else:
+        binding = "max_position_embeddings" if capped else "KV cache"
+    rates = dict(reference_rates() if rates is None else rates)
+    gpu_bytes = sum(true.get(d, 0) for d in gpus) + sum(kv.values())
+    try:
+        cost = offload_seconds_per_token(gpu_bytes, cpu_bytes, disk_bytes, gpu_bandwidth=rates.get("gpu_bandwidth"),
+                                         h2d_rate=rates.get("h2d_rate"), disk_rate=rates.get("disk_rate"))
+    except ValueError:
+        if rates.get("gpu_bandwidth") is not None:
+            raise
+        cost = {}  # no reference rates here: nothing to predict with
     return Plan(shape=label, fmt=fmt, n_gpus=n_gpus, gib_per_gpu=gib_per_gpu, strategy=strategy,
                 device_map=device_map, max_memory=budget, effective_memory=caps, bytes_per_device=planned,
                 true_bytes_per_device=true, context=context, batch=batch, kv_bytes_per_device=kv,
                 reserve_bytes=reserve, reserve_source=source, needed_bytes_per_device=needed, on_gpus=on_gpus,
-                fits=on_gpus and all(needed[d] <= budget[d] for d in gpus), max_context=longest,
-                max_context_capped=capped, model=meta, hf_quantizer=quantizer)
+                fits=fits, max_context=longest, max_context_capped=capped, model=meta, hf_quantizer=quantizer,
+                prompt=prompt, prefill_bytes_per_device=act, load_peak_bytes=load, cpu_bytes=cpu_bytes,
+                disk_bytes=disk_bytes, ram_needed_bytes=ram_needed, disk_needed_bytes=disk_bytes,
+                runs=runs, offload=offload, binding=binding, max_position_embeddings=limit, placement_memory=place,
+                seconds_per_token=cost, rates=rates)
 
 
 def show_plan(model: PretrainedConfig | str | os.PathLike, fmt: str = "bf16", n_gpus: int = 1,
               gib_per_gpu: float = 24, strategy: str = "balanced", cpu_gib: float | None = None, context: int = 4096,
               batch: int = 1, reserve_gib: float | None = None, ax: Axes | tuple[Axes, Axes] | None = None,
-              draw: bool = True) -> Plan:
-    """Plan (see :func:`plan`, same arguments), print :meth:`Plan.summary` and draw the map.
+              draw: bool = True, **more) -> Plan:
+    """Plan (see :func:`plan`, same arguments; ``more``: its keyword-only ones, ``prompt=``, ``offload=``,
+    ``rates=``, ``attention=``), print :meth:`Plan.summary` and draw the map.
 
     The drawing is :func:`helpers.devicemap.plot_device_map`: which layers
     sit on which device, and bytes of weights per device (transformers'
@@ -542,11 +860,11 @@ def show_plan(model: PretrainedConfig | str | os.PathLike, fmt: str = "bf16", n_
         draw: False to print only.
 
     Returns:
-        The :class:`Plan`. Raises as :func:`plan`. Notebook 03, section 6.
+        The :class:`Plan`. Raises as :func:`plan`. Notebooks 03 (section 6) and 05.
     """
     from .devicemap import plot_device_map
 
-    p = plan(model, fmt, n_gpus, gib_per_gpu, strategy, cpu_gib, context, batch, reserve_gib)
+    p = plan(model, fmt, n_gpus, gib_per_gpu, strategy, cpu_gib, context, batch, reserve_gib, **more)
     print(p.summary())
     if draw:
         plot_device_map(p.model, p.device_map, max_memory=p.max_memory, title=plan_title(p), ax=ax,
@@ -555,17 +873,26 @@ def show_plan(model: PretrainedConfig | str | os.PathLike, fmt: str = "bf16", n_
 
 
 def plan_stacked(p: Plan) -> dict:
-    """What a plan's drawing stacks on each GPU's weights: {"KV cache": {GPU: bytes}, "reserve": {GPU: bytes}}.
+    """What a plan's drawing stacks on each GPU's weights: {"KV cache": {GPU: bytes}, "reserve": {GPU: bytes},
+    "prefill": {GPU: bytes}}.
 
-    Empty when the weights do not all land on GPUs (then the KV cache is not counted). Notebook 03.
+    Empty when the weights do not all land on GPUs and the plan was not asked with ``offload=True`` (then the
+    KV cache is not counted). Notebooks 03 and 05.
     """
-    if not p.on_gpus:
+    if not (p.on_gpus or p.offload):
         return {}
-    return {"KV cache": dict(p.kv_bytes_per_device), "reserve": {d: p.reserve_bytes for d in range(p.n_gpus)}}
+    return {"KV cache": dict(p.kv_bytes_per_device), "reserve": {d: p.reserve_bytes for d in range(p.n_gpus)},
+            "prefill": dict(p.prefill_bytes_per_device)}
 
 
 def plan_title(p: Plan) -> str:
     """The title :func:`show_plan` and the planner widget give a plan's drawing: the question and the verdict."""
-    verdict = "fits" if p.fits else "does not fit"
+    if p.fits:
+        verdict = "fits"
+    elif p.runs:
+        s = p.seconds_per_token.get("seconds_per_token")
+        verdict = "runs with offload" + (f", {s:.3g} s/token" if s else "")
+    else:
+        verdict = f"does not fit ({p.binding})"
     return (f"{p.shape} {p.fmt} on {p.n_gpus} x {p.gib_per_gpu:g} GiB ({p.strategy}), "
-            f"{p.context:,} tokens x {p.batch}: {verdict}")
+            f"{p.context:,} tokens x {p.batch} (prompt {p.prompt:,}): {verdict}")

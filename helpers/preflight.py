@@ -14,7 +14,11 @@ about what it silently takes but is probably a mistake; both names are
 importable from here too. :func:`preflight` never changes the dicts passed in.
 
 Sizes are bytes of parameters and persistent buffers only (no activations, no
-KV cache, no CUDA context), counted as in :mod:`helpers.devicemap`.
+KV cache, no CUDA context), counted as in :mod:`helpers.devicemap`; the two
+transient peaks are opt-in (notebook 05): with ``loader="from_pretrained"``
+(or ``prompt=``), a bitsandbytes quantizer and a budget, the load peak of
+quantizing while loading ("load-peak"); with ``prompt=``, the prefill
+activations beside the weights and the KV cache ("prefill-peak").
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ class Finding:
     kind: short code: "unplaced", "unknown-module", "unknown-device",
           "absent-device", "all-meta", "tie-lost", "tied-split",
           "tied-missing", "missing", "no-split-cut", "no-split-unknown",
-          "over-budget", "no-budget", "quantized-offload", "no-offload-folder".
+          "over-budget", "no-budget", "quantized-offload", "no-offload-folder",
+          "load-peak", "prefill-peak" (notebook 05).
     message: what is wrong, naming the parameters/modules/devices.
     fix: what to change.
 
@@ -170,7 +175,8 @@ def preflight(model: torch.nn.Module, device_map: dict, max_memory: dict | None 
               checkpoint: str | os.PathLike | None = None, no_split_module_classes: Iterable[str] | None = None,
               dtype: torch.dtype | None = None, hf_quantizer: HfQuantizer | None = None,
               strategy: str | None = None, loader: str | None = None,
-              offload_folder: str | os.PathLike | None = None) -> Report:
+              offload_folder: str | os.PathLike | None = None, prompt: int | None = None, batch: int = 1,
+              context: int | None = None) -> Report:
     """Check a device map against a model (meta or real) before anything loads.
 
     Args:
@@ -213,6 +219,21 @@ def preflight(model: torch.nn.Module, device_map: dict, max_memory: dict | None 
             (``offload_dir`` for ``dispatch_model``); only read with ``loader``.
             transformers 5.24's ``from_pretrained`` reads safetensors
             weights on "disk" in place and needs none.
+        prompt: opt-in (notebook 05): tokens prefilled at once. With it and a
+            budget, each device that runs decoder layers (a GPU also runs
+            those offloaded to "cpu"/"disk") must hold its weights (with
+            quantization scales), the KV cache of ``context`` tokens and the
+            prefill activation peak
+            (:func:`helpers.memory.prefill_peak_bytes` of ``prompt`` x
+            ``batch``), else a "prefill-peak" finding.
+        batch: sequences prefilled together (with ``prompt``), >= 1.
+        context: tokens of KV cache to count with ``prompt`` (None: ``prompt``).
+
+    With ``loader="from_pretrained"`` (or ``prompt``), a bitsandbytes
+    quantizer that quantizes while loading and a budget, every device must
+    also hold the load peak, its weights with scales plus the temporaries of
+    its largest quantized weight (:func:`helpers.memory.load_peak_bytes`),
+    else a "load-peak" finding.
 
     Returns:
         A :class:`Report`; ``str(report)`` lists each finding with its fix.
@@ -273,6 +294,8 @@ def preflight(model: torch.nn.Module, device_map: dict, max_memory: dict | None 
     report.findings += _check_budget(report.bytes_per_device, report.budget)
     report.findings += _check_quantized(model, where, hf_quantizer)
     report.findings += _check_offload_folder(where, loader, offload_folder)
+    if loader == "from_pretrained" or prompt is not None:
+        report.findings += _check_peaks(model, device_of, report.budget, hf_quantizer, prompt, batch, context)
     return report
 
 
@@ -374,7 +397,9 @@ def _check_devices(model, device_map, where, owner, device_of, no_split_module_c
                     f"move them to a device that exists here ({here}), or use mode='plan' for a machine you "
                     f"don't have."))
     modules = dict(model.named_modules())
-    unknown = [k for k in device_map if k != "" and k not in modules]
+    # accelerate's maps also name single tensors that sit directly on a module (CLIPModel's logit_scale)
+    tensors = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
+    unknown = [k for k in device_map if k != "" and k not in modules and k not in tensors]
     if unknown:
         out.append(Finding(
             "unknown-module",
@@ -620,3 +645,87 @@ def _check_quantized(model, where, hf_quantizer) -> list[Finding]:
             "on a machine without a GPU drop the flag and keep the quantized model whole on the CPU "
             "(device_map={'': 'cpu'} with enough max_memory['cpu']); on a GPU machine map decoder layers to the GPU.")]
     return []
+
+
+def _quantized_format(qc) -> str | None:
+    """"int8", "nf4" or "nf4-dq" for a bitsandbytes config that quantizes while loading, else None."""
+    get = (lambda k: qc.get(k)) if isinstance(qc, dict) else (lambda k: getattr(qc, k, None))  # noqa: E731
+    if qc is None or get("load_in_8bit"):
+        return "int8" if qc is not None else None
+    if get("load_in_4bit"):
+        return "nf4-dq" if get("bnb_4bit_use_double_quant") else "nf4"
+    return None
+
+
+def _check_peaks(model, device_of, budget, hf_quantizer, prompt, batch, context) -> list[Finding]:
+    """The two transient peaks against each device's budget: the load peak (quantizing while loading) and the
+    prefill activation peak (with ``prompt``). Devices are those of the map; sizes add the scales back."""
+    from .memory import QUANTIZE_BYTES_PER_WEIGHT, kv_cache_layers, linear_bytes_per_weight, prefill_peak_bytes
+
+    if not budget:
+        return []
+    if prompt is not None and (isinstance(prompt, bool) or not isinstance(prompt, int) or prompt < 0
+                               or isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"prompt must be a whole number of tokens >= 0 and batch >= 1, not prompt={prompt!r}, "
+                         f"batch={batch!r}")
+    quantizer = hf_quantizer or getattr(model, "hf_quantizer", None)
+    fmt = _quantized_format(_quant_config(model, hf_quantizer))
+    on_the_fly = fmt is not None and quantizer is not None and not getattr(quantizer, "pre_quantized", True)
+    sizes = tensor_sizes(model, None, quantizer)
+    weights: dict = {}
+    for name, dev in device_of.items():
+        if dev is not None and name in sizes:
+            weights[dev] = weights.get(dev, 0) + sizes[name]
+    largest: dict = {}
+    for mname, m in model.named_modules():
+        if fmt and type(m).__name__ in ("Linear4bit", "Linear8bitLt"):
+            dev = device_of.get(f"{mname}.weight")
+            n = m.in_features * m.out_features
+            counted = 1.0 if fmt == "int8" else 0.5
+            weights[dev] = weights.get(dev, 0) + n * (linear_bytes_per_weight(fmt, m.in_features) - counted)
+            largest[dev] = max(largest.get(dev, 0), n)
+    out = []
+    gpus = sorted((d for d in weights if d not in ("cpu", "disk") and d is not None), key=device_order)
+    for dev in gpus + [d for d in ("cpu",) if d in weights]:
+        key = budget_key(dev)
+        if not on_the_fly or key not in budget:
+            continue
+        per = QUANTIZE_BYTES_PER_WEIGHT["cpu" if dev == "cpu" else "cuda"].get(fmt, 0)
+        peak = weights[dev] + largest.get(dev, 0) * per
+        if peak > budget[key]:
+            out.append(Finding(
+                "load-peak", f"loading quantizes one weight at a time on {device_label(dev)}: its weights with scales "
+                f"({format_size(weights[dev])}) plus the temporaries of its largest quantized weight "
+                f"({format_size(largest.get(dev, 0) * per)}) peak at {format_size(peak)}, above its budget of "
+                f"{format_size(budget[key])}.",
+                f"move a decoder layer off {device_label(dev)} (a lower max_memory[{key!r}] when planning), give it "
+                f"more memory, or load a checkpoint saved already quantized (no temporaries: save_pretrained "
+                f"after quantizing once, on another machine if need be)."))
+    config = getattr(model, "config", None)
+    if prompt is None or config is None:
+        return out
+    layers = [n for n, m in model.named_modules()
+              if type(m).__name__ in set(getattr(model, "_no_split_modules", None) or [])
+              and n.rsplit(".", 1)[-1].isdigit()]
+    layer_dev = [next((d for t, d in device_of.items() if t.startswith(n + ".") and d is not None), None)
+                 for n in layers]
+    first_gpu = gpus[0] if gpus else "cpu"
+    runs = [first_gpu if d in ("cpu", "disk") and gpus else d for d in layer_dev]
+    per_layer = kv_cache_layers(config, prompt if context is None else context, batch)
+    dtype_bytes = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 2)
+    act = prefill_peak_bytes(config, prompt, batch, bytes_per_value=min(dtype_bytes, 4))
+    for dev in dict.fromkeys(runs):
+        key = budget_key(dev) if dev is not None else None
+        if key not in budget:
+            continue
+        kv = sum(b for b, d in zip(per_layer, layer_dev) if d == dev)
+        total = weights.get(dev, 0) + kv + act
+        if total > budget[key]:
+            out.append(Finding(
+                "prefill-peak", f"{device_label(dev)} runs decoder layers: weights with scales "
+                f"{format_size(weights.get(dev, 0))} + KV cache {format_size(kv)} + prefill activations of "
+                f"{prompt:,} tokens x {batch} {format_size(act)} = {format_size(total)}, above its budget of "
+                f"{format_size(budget[key])}.",
+                f"prefill a shorter prompt or fewer sequences at once (smaller batch, or max_batch in a server; "
+                f"activations grow with prompt x batch), move layers off {device_label(dev)}, or give it more memory."))
+    return out

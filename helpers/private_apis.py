@@ -52,8 +52,8 @@ class PrivateName:
 PRIVATE_NAMES = (
     PrivateName(
         "transformers.PreTrainedModel._no_split_modules", "transformers", "attribute",
-        ("helpers/planner.py", "helpers/preflight.py", "notebooks/02", "notebooks/03", "notebooks/06",
-         "notebooks/08"),
+        ("helpers/planner.py", "helpers/preflight.py", "notebooks/02", "notebooks/03", "notebooks/05",
+         "notebooks/06", "notebooks/08", "notebooks/09"),
         "the model class's own list of the blocks that must stay whole on one device (its decoder layer); "
         "from_pretrained plans with it (_get_device_map) and accelerate's documentation passes it as "
         "no_split_module_classes. transformers has no public getter."),
@@ -93,7 +93,7 @@ PRIVATE_NAMES = (
     PrivateName(
         "transformers.quantizers.quantizer_bnb_4bit.Bnb4BitHfQuantizer._process_model_before_weight_loading",
         "transformers", "cited",
-        ("helpers/preflight.py", "notebooks/03", "notebooks/06", "notebooks/08"),
+        ("helpers/preflight.py", "notebooks/03", "notebooks/05", "notebooks/06", "notebooks/08"),
         "named in prose as where llm_int8_enable_fp32_cpu_offload acts (it adds the modules a device_map "
         "dict sends to 'cpu' or 'disk' to the modules not converted); the claim is re-checked here."),
     PrivateName(

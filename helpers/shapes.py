@@ -3,7 +3,8 @@
 The values come from the models' published ``config.json`` files (bloom-1b7:
 bigscience/bloom-1b7; Llama-2: meta-llama/Llama-2-{7,13,70}b-hf; SmolLM2:
 HuggingFaceTB/SmolLM2-135M-Instruct; Llama-3.1-8B: meta-llama/Llama-3.1-8B, without
-its rope settings, which change no size). ``llama-1b`` is a TinyLlama-like shape
+its rope settings, which change no size; Llama-3.1-70B: meta-llama/Llama-3.1-70B; Qwen2.5-32B:
+Qwen/Qwen2.5-32B, a Qwen2Config). Notebook 05 plans the last two. ``llama-1b`` is a TinyLlama-like shape
 (hidden 2048, 22 layers, 32 heads, 4 key/value heads) whose head counts divide
 by 2, 4 and 8, used for random-weight speed runs and tensor parallelism.
 
@@ -54,6 +55,22 @@ SHAPES = {
         model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
         num_attention_heads=64, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False,
         max_position_embeddings=4096,
+    ),
+    # meta-llama/Llama-3.1-70B config.json (rope_theta 500000, in transformers 5's rope_parameters; its llama3
+    # rope scaling left out: it changes no size)
+    "llama-3.1-70b": dict(
+        model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+        max_position_embeddings=131072, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        rms_norm_eps=1e-5,
+    ),
+    # Qwen/Qwen2.5-32B config.json (Qwen2Config, rope_theta 1000000; its sliding window is off:
+    # use_sliding_window false)
+    "qwen2.5-32b": dict(
+        model_type="qwen2", hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+        num_attention_heads=40, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False,
+        max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6, use_sliding_window=False,
     ),
 }
 """Shape name -> ``model_type`` (the key transformers' ``AutoConfig.for_model`` takes) and config fields."""

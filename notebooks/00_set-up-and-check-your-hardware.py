@@ -388,9 +388,11 @@ plt.show()
 # it where there is a GPU).
 #
 # One H200, at that reported total, holds the 70B model's bf16 weights. What is left, less the CUDA
-# context and activations, is room for the **KV cache**: each token of context keeps a key and a value
-# vector per layer. The planner of notebook 03 (`helpers.planner.plan`) counts both, with a reserve for
-# the CUDA context and activations measured on a GPU, and finds the longest context that fits:
+# context and the activations of the prompt being read, is room for the **KV cache**: each token of
+# context keeps a key and a value vector per layer. The planner (`helpers.planner.plan`, notebook 05)
+# counts them all: a reserve for the CUDA context measured on a GPU, the prefill's activation peak from
+# a formula notebook 05 checks against measurements, the load peak, and the cache; and it finds the
+# longest context that fits:
 
 # %%
 from helpers.planner import plan
@@ -398,21 +400,22 @@ from helpers.planner import plan
 p70 = plan("llama-2-70b", "bf16", n_gpus=1, gib_per_gpu=H200_GiB, context=4096)
 print(p70.summary())
 weights, per_token = p70.true_bytes_per_device[0], p70.kv_bytes_per_device[0] / 4096
-free = H200_GiB * GiB - weights - p70.reserve_bytes
+free = H200_GiB * GiB - weights - p70.reserve_bytes - p70.prefill_bytes_per_device[0]
 print(f"\nleft after the weights: {(H200_GiB * GiB - weights) / GiB:.2f} GiB; "
-      f"after the reserve too: {free / GiB:.2f} GiB")
+      f"after the reserve and the prefill's activations too: {free / GiB:.2f} GiB")
 print(f"KV cache per token: {per_token / MiB:.4f} MiB (80 layers x 8 key/value heads x 128 x 2 for key and value "
       f"x 2 bytes)")
 tokens, windows = int(free // per_token), int(free // (4096 * per_token))
 print(f"-> about {tokens:,d} tokens of context in all: {windows} sequence(s) at Llama-2's full window of 4,096 tokens")
-nf4_free = H200_GiB * GiB - estimates["llama-2-70b"]["nf4"] * GiB - p70.reserve_bytes
+nf4_free = H200_GiB * GiB - estimates["llama-2-70b"]["nf4"] * GiB - p70.reserve_bytes - p70.prefill_bytes_per_device[0]
 print(f"in NF4 the same GPU would keep {nf4_free / GiB:.1f} GiB for the cache: "
       f"{int(nf4_free // (4096 * per_token))} sequences at the full window")
 
 # %% [markdown]
 # So "the weights fit" is not the whole answer: what is left is counted in tokens of context, printed
-# above. The reserve was measured on an H200 with the small bundled model; a 70B model's activations are
-# larger, so take these token counts as an upper bound. Those are the situations notebooks 01 to 07 handle.
+# above. The prefill's activations here are those of one 4,096-token prompt of this shape (they grow with
+# the prompt, the batch, the hidden and intermediate sizes); the reserve is the CUDA context alone. Those
+# are the situations notebooks 01 to 08 handle.
 #
 # The reserve's file, `gpu-reference/one-gpu/reserve.json`, was written by hand from the figures that GPU
 # run printed (its `note` says so). Its activations are the peak less the weights and the KV cache, so

@@ -33,9 +33,8 @@
 # 4. How to plan for GPUs you don't have (2 x 24 GiB, 4 x 80 GiB, 8 x 80 GiB) in bf16 and NF4, with
 #    transformers' own quantizer and sizing, and where that sizing differs from the real bytes.
 # 5. How to check a map before loading (`helpers.preflight.preflight`).
-# 6. How big the KV cache gets (a formula, checked against a real cache; sliding windows), and how to
-#    plan any model (a config, a checkpoint folder) with room for it: the longest context that fits.
-#    Then explore plans live.
+#
+# Planning with room for the KV cache, and what a model bigger than your GPU costs per token, is notebook 05.
 #
 # **What you'll need**: notebook 02 (the meta device, `init_empty_weights`, offload hooks). A CPU
 # is enough: the recipe runs on the bundled model, and every plan for big GPUs is computed on the
@@ -413,10 +412,11 @@ assert gap is not None, "the check should refuse GPU ids with a gap for balanced
 # ## 4. Plan for GPUs you don't have
 #
 # The same calls work for any budget, because the model is on the meta device and no GPU is touched.
-# `helpers.planner.plan` runs them for a named shape (or any config: section 6) and format and returns
+# `helpers.planner.plan` runs them for a named shape (or any config: notebook 05) and format and returns
 # the map, the bytes per device and a verdict. *Fits* needs every module on a GPU and, on each GPU, the
-# weights plus the KV cache (by default 4,096 tokens of context, batch 1: section 6) plus a reserve for
-# the CUDA context and activations (measured on a GPU) within its budget. (For NF4 it prepares the
+# weights plus the KV cache (by default 4,096 tokens of context, batch 1), the reserve for the CUDA
+# context (measured on a GPU) and the activations of reading the prompt, within its budget, and the peak
+# while loading too (notebook 05 writes out each term). (For NF4 it prepares the
 # model with transformers' quantizer; section 5 shows those steps.) Nine setups per format. The
 # weights are in two columns: *counted* as transformers counts them to place modules (0.5 byte per
 # 4-bit weight), and *real*, with the scales bitsandbytes stores beside NF4 weights (section 5; notebook
@@ -436,7 +436,7 @@ print(f"{'model':<12} {'format':<6} {'GPUs':>10}  {'counted':>8} {'real':>8}  {'
 for (s, f, n, g), p in plans.items():
     gpus = [d for d in p.bytes_per_device if isinstance(d, int)]
     on_gpu = max(p.true_bytes_per_device[d] for d in gpus)
-    spilled = ", ".join(d for d in p.bytes_per_device if d in ("cpu", "disk")) or "KV + reserve"
+    spilled = ", ".join(d for d in p.bytes_per_device if d in ("cpu", "disk")) or p.binding
     verdict = "fits" if p.fits else f"does not fit: {spilled}"
     print(f"{s:<12} {f:<6} {n:>2} x {g:>2} GiB  {p.total_bytes / 2**30:8.2f} {p.total_true_bytes / 2**30:8.2f}  "
           f"{on_gpu / 2**30:8.2f} GiB  {len(gpus):>5} of {n}  {verdict}")
@@ -705,208 +705,12 @@ say(f"llama-2-7b NF4: {total7 / 2**30:.2f} GiB of weights (transformers' count) 
 
 # %% [markdown]
 # Neither figure holds the KV cache, the activations or the CUDA context. `plan`'s verdict adds them:
-# the KV cache for its `context` and `batch`, and a per-GPU reserve for the rest (section 6).
+# the KV cache for its `context` and `batch`, a per-GPU reserve, and the peaks of prefill and loading
+# (notebook 05 writes each term out).
 #
 # **Self-check.** Using the table in section 4, which setups would let you serve the 70B shape in
-# NF4? (Section 6 asks the next question: for how long a context, and how many sequences at once?)
-
-# %% [markdown]
-# ## 6. Plan any model with room for the KV cache
-#
-# Weights are not all a GPU holds while it generates. Every decoder layer keeps the key and the value
-# of every token it has seen, so that the next token can attend to them without recomputing them:
-# the **KV cache**. Per token of context it takes
-#
-# $$2 \text{ (a key and a value)} \times \text{layers} \times \text{KV heads}
-#   \times \text{head dim} \times \text{bytes per value}$$
-#
-# where *KV heads* is `num_key_value_heads` (grouped-query attention shares each key/value head among
-# several query heads, so it can be far below `num_attention_heads`) and *head dim* is `hidden_size /
-# num_attention_heads` unless the config sets `head_dim`. It grows linearly with the context and with
-# the batch (sequences in flight). `helpers.memory.kv_cache_bytes(config, tokens, batch,
-# bytes_per_value)` computes it, layer by layer (section 6.2 says why).
-#
-# ### 6.1 The formula against a real cache
-#
-# Written out for the model of section 1, then checked against the cache `generate` really built (the
-# model loaded whole, as in 1.5): with `return_dict_in_generate=True` it returns it as
-# `past_key_values`, a `DynamicCache` holding one layer of key and value tensors per decoder layer.
-# (A config without `num_key_value_heads`, such as GPT-2's, has one KV head per query head.)
-
-# %%
-from helpers.memory import kv_cache_bytes
-
-kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-n_layers = config.num_hidden_layers
-head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-per_token = 2 * n_layers * kv_heads * head_dim * dtype.itemsize
-say(f"2 x {n_layers} layers x {kv_heads} KV heads (for {config.num_attention_heads} query heads) x head dim "
-    f"{head_dim} x {dtype.itemsize} bytes = {per_token:,} bytes per token")
-
-whole = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": MAIN})
-with torch.inference_mode():
-    gen = whole.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
-del whole
-cache = gen.past_key_values
-measured = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-tokens = cache.get_seq_length()
-formula = kv_cache_bytes(config, tokens, bytes_per_value=dtype.itemsize)
-print(f"{type(cache).__name__}, {len(cache.layers)} layers: {tokens} tokens cached of the {gen.sequences.shape[1]} "
-      f"in the sequence, {measured:,} bytes")
-print(f"kv_cache_bytes(config, {tokens}) = {formula:,} bytes")
-assert measured == formula == per_token * tokens, "the formula should give the cache's exact size"
-assert tokens == gen.sequences.shape[1] - 1, "the last generated token is fed back only to make the next one"
-
-# %% [markdown]
-# The cache holds one token fewer than the sequence: the last token generated has not been fed back
-# yet (it would be, to make the next one).
-#
-# ### 6.2 Long contexts, and sliding windows
-#
-# The formula needs only the config, so it prices contexts no machine here could hold. Two shapes of
-# `helpers.shapes.SHAPES`, one sequence at 4k, 32k and 128k tokens, in bf16; the 70B shape uses
-# grouped-query attention, the 7B shape does not (the table prints their KV heads):
-
-# %%
-CONTEXTS = (4096, 32768, 131072)
-print(f"{'shape':<12} {'layers':>6} {'KV heads':>8} {'per token':>11}" + "".join(f"{t:>12,}" for t in CONTEXTS))
-for name in ("llama-2-7b", "llama-2-70b"):
-    c = shape_config(name)
-    row = "".join(f"{kv_cache_bytes(c, t) / 2**30:>8.2f} GiB" for t in CONTEXTS)
-    per_token_mib = kv_cache_bytes(c, 1) / 2**20
-    print(f"{name:<12} {c.num_hidden_layers:>6} {c.num_key_value_heads:>8} {per_token_mib:>7.3f} MiB{row}")
-l7, l70 = shape_config("llama-2-7b"), shape_config("llama-2-70b")
-say(f"max_position_embeddings of these shapes: {l70.max_position_embeddings:,} (Llama-2's published configs, as "
-    f"helpers.shapes writes them; LlamaConfig's default is {transformers.LlamaConfig().max_position_embeddings:,})")
-assert kv_cache_bytes(l70, 131072) == 32 * kv_cache_bytes(l70, 4096), "the cache grows linearly with the context"
-assert kv_cache_bytes(l7, 4096, batch=8) == 8 * kv_cache_bytes(l7, 4096), "... and with the batch"
-assert kv_cache_bytes(l7, 4096) > kv_cache_bytes(l70, 4096), "more KV heads outweigh more layers"
-
-# %% [markdown]
-# Compare the 128k column with the weights columns of section 4's table: at long contexts the cache of
-# one sequence rivals the weights. The 7B shape's cache is the larger at every length: without
-# grouped-query attention it keeps a key/value head per query head. The formula does not ask whether a
-# model was trained for that length; the planner below caps its longest context at the config's
-# `max_position_embeddings` (printed above for these shapes).
-#
-# A **sliding window** caps the cache. A layer with `sliding_window` attends only to the last
-# `sliding_window` tokens, so its cache stops growing there. Mistral 7B's published fields with and
-# without the window (v0.1 sets `sliding_window=4096`; v0.2 and later set none); configs that list
-# `layer_types` (Gemma 2 and 3 alternate sliding and full layers) window only their
-# `"sliding_attention"` layers, and `kv_cache_bytes` counts each layer by its type:
-
-# %%
-from transformers import MistralConfig
-
-MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768)
-windowed = MistralConfig(**MISTRAL_7B, sliding_window=4096)  # Mistral 7B v0.1
-full = MistralConfig(**MISTRAL_7B, sliding_window=None)  # Mistral 7B v0.2 and later: no window
-for t in (1024, 4096, 16384, 32768):
-    print(f"{t:>6,} tokens: window 4096 {kv_cache_bytes(windowed, t) / 2**30:5.2f} GiB | "
-          f"no window {kv_cache_bytes(full, t) / 2**30:5.2f} GiB")
-assert kv_cache_bytes(windowed, 32768) == kv_cache_bytes(windowed, 4096) == kv_cache_bytes(full, 4096)
-
-# %% [markdown]
-# Does a real cache stop growing? A toy Mistral with random weights and an 8-token window, generating
-# more and more tokens:
-
-# %%
-toy_config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=100, sliding_window=8)
-torch.manual_seed(0)
-toy = AutoModelForCausalLM.from_config(toy_config, dtype=torch.bfloat16).eval()  # random weights
-prompt = torch.ones(1, 5, dtype=torch.long)
-held = {}
-for new in (1, 10, 40):
-    gen = toy.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
-                       do_sample=False, return_dict_in_generate=True, pad_token_id=0)
-    cache = gen.past_key_values
-    seen = cache.get_seq_length()
-    held[seen] = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    print(f"{seen:>2} tokens seen: {type(cache.layers[0]).__name__} keeps {cache.layers[0].keys.shape[-2]} per layer, "
-          f"{held[seen]:,} bytes | kv_cache_bytes: {kv_cache_bytes(toy_config, seen):,}")
-sizes_past_window = [n for s, n in held.items() if s >= toy_config.sliding_window]
-assert len(set(sizes_past_window)) == 1, "past the window the cache should stop growing"
-assert all(kv_cache_bytes(toy_config, s) >= n for s, n in held.items()), "the formula should never count less"
-
-# %% [markdown]
-# Past the window the cache stays the same size: transformers keeps `sliding_window - 1` tokens per
-# layer (the token being processed completes the window), and the formula counts `sliding_window`,
-# one token per layer on the safe side.
-#
-# ### 6.3 A Mistral-7B-shaped config on two 16 GiB GPUs
-#
-# `plan` takes any transformers config of a decoder-only model, not only the named shapes
-# (`MistralConfig(...)`, `Qwen2Config`, `GemmaConfig`, `GPT2Config`, `BloomConfig`, ...), and
-# `context` and `batch`. Here the Mistral 7B fields without a window (`full` above, as v0.2 and later)
-# in bf16 on two 16 GiB GPUs, for one sequence of 4,096 tokens and for eight. The verdict counts, on
-# each GPU, its weights, the KV cache of the layers it holds, and the reserve (the summary's "reserve"
-# line says where that was measured; `reserve_gib=` plans with your own). `max_context` is the longest
-# context that still fits at that batch.
-
-# %%
-p1 = plan(full, "bf16", n_gpus=2, gib_per_gpu=16, context=4096, batch=1)
-p8 = plan(full, "bf16", n_gpus=2, gib_per_gpu=16, context=4096, batch=8)
-print(p1.summary())
-print()
-for p in (p1, p8):
-    why = " (the config's max_position_embeddings: memory is not the limit)" if p.max_context_capped else ""
-    kv = " + ".join(f"{n / 2**30:.2f}" for n in p.kv_bytes_per_device.values())
-    say(f"batch {p.batch}: {'fits' if p.fits else 'does not fit'} (KV cache {kv} GiB at 4,096 tokens); "
-          f"longest context that fits: {p.max_context:,} tokens{why}")
-
-# %%
-# Self-check: at batch 8 the longest context fits and one token more does not (unless the config's limit set it)
-edge = plan(full, "bf16", 2, 16, context=p8.max_context, batch=8)
-beyond = plan(full, "bf16", 2, 16, context=p8.max_context + 1, batch=8)
-print(f"{p8.max_context:,} tokens x 8: fits {edge.fits} | {p8.max_context + 1:,} tokens x 8: fits {beyond.fits}")
-assert edge.fits and (p8.max_context_capped or not beyond.fits), "max_context should be the edge of fitting"
-assert p1.max_context >= p8.max_context, "more sequences leave room for shorter contexts"
-on_gpu0 = [k for k, d in p8.device_map.items() if k.startswith("model.layers.") and d == 0]
-per_layer = kv_cache_bytes(full, 4096, batch=8) // full.num_hidden_layers  # no window: every layer alike
-assert p8.kv_bytes_per_device[0] == per_layer * len(on_gpu0), "each layer's cache sits on its GPU"
-
-# %% [markdown]
-# A checkpoint folder works the same (`plan` reads only its `config.json`: here section 1's),
-# and so does a hub id on a machine that is online (only the config is fetched). Offline, as the
-# workbook runs by default, `plan` refuses a hub id with a `ValueError` that says what to pass instead:
-
-# %%
-print(plan(path, "bf16", n_gpus=1, gib_per_gpu=4).summary())
-
-# %%
-# NBVAL_IGNORE_OUTPUT
-# needs the internet: offline (the workbook's default) a ValueError, online (HF_HUB_OFFLINE=0) the plan
-_ = refused(lambda: print(plan("Qwen/Qwen2.5-7B-Instruct", "bf16", n_gpus=2, gib_per_gpu=16).summary()),
-            ValueError)
-
-# %% [markdown]
-# ### 6.4 An interactive planner
-#
-# `helpers.planner.show_plan` takes the same arguments as `plan`, prints the plan and draws it; this is
-# the plain view the widget below shows (widget output is not stored or checked, so the same view is
-# called here in a checked cell). At 32k tokens for eight sequences the weights still fit, but the KV
-# cache does not, and the verdict says which GPUs run over:
-
-# %%
-from helpers.planner import show_plan
-
-shown = show_plan(full, "bf16", n_gpus=2, gib_per_gpu=16, context=32768, batch=8)
-plt.show()
-assert shown.on_gpus and not shown.fits, "the weights fit, the cache for 8 x 32k tokens does not"
-
-# %% [markdown]
-# Pick a model shape (or type a checkpoint folder, such as the bundled model's, or a hub id in the
-# "or" box), a format, the number of GPUs, the memory per GPU, the context and the batch; the map and
-# the verdict update as you change them (run the notebook yourself: a stored copy shows no widget).
-
-# %%
-# NBVAL_IGNORE_OUTPUT
-# widget output lives in widget state, which is not stored nor compared; show_plan above is its checked twin
-from helpers.planner_widget import planner_widget
-
-planner_widget("llama-2-70b", "nf4", n_gpus=2, gib_per_gpu=24, context=4096, batch=1)
+# NF4? (Notebook 05 asks the next questions: for how long a context, how many sequences at once, and what
+# does a model that does not fit cost per token?)
 
 # %% [markdown]
 # ## Clean up
@@ -939,10 +743,6 @@ print("offload folder removed:", not OFFLOAD.exists())
 #    it), and what is not quantized keeps the load dtype.
 # 5. transformers counts 0.5 byte per 4-bit weight (the real cost is 0.5625, or about 0.516 with
 #    double quantization) and plans with 90% of each budget; check maps with the pre-flight check.
-# 6. The KV cache takes 2 x layers x KV heads x head dim x bytes per value per token, times the
-#    batch (exactly what `generate`'s cache holds); a sliding window caps it. `plan` takes any config
-#    (or a checkpoint folder, or a hub id when online), counts weights + KV cache + a per-GPU reserve
-#    measured on a GPU, and gives the longest context that fits (`max_context`).
 #
 # ## Exercises
 #
@@ -959,13 +759,10 @@ print("offload folder removed:", not OFFLOAD.exists())
 #    below prints which) on another device than the rest of that layer, every other module somewhere too,
 #    and put it in `cut_map` below. The check runs `preflight` on it: its report should have one
 #    `no-split-cut` finding, for that layer, and the part should sit apart from the rest of the layer.
-# 5. Without calling `kv_cache_bytes`, work out the KV cache (GiB, bf16) of the `llama-2-70b` shape
-#    for 8 sequences of 32,768 tokens (its fields: `shape_config("llama-2-70b")`). Put it in `kv_gib`.
 
 # %%
 smallest_gib = None  # exercise 1: a whole number of GiB per GPU
 cut_map = None       # exercise 4: a dict {module name: device} for the model of section 1
-kv_gib = None        # exercise 5: GiB of KV cache
 
 CUT_LAYER = layers[len(layers) // 2]  # exercise 4's decoder layer
 parts = [n for n, _ in small_model.get_submodule(CUT_LAYER).named_children()]
@@ -1021,16 +818,6 @@ _ = check_answer(cut_map, lambda m: not what_is_off(m),
                  f"the check reports one no-split-cut, {CUT_LAYER}: its {PART} on one device, the rest on another.",
                  what_is_off, f"start from {{'': 0}}, then add '{CUT_LAYER}.{PART}': 1.",
                  wrong_example={"": 0, f"{other}.{PART}": 1} if other != CUT_LAYER else {"": 0}, label="Exercise 4")
-
-# %%
-l70 = shape_config("llama-2-70b")
-expected_gib = kv_cache_bytes(l70, 32768, batch=8) / 2**30
-with_query_heads = expected_gib * l70.num_attention_heads / l70.num_key_value_heads  # the likely slip
-_ = check_answer(kv_gib, lambda g: abs(g - expected_gib) < 0.05 * expected_gib, f"{expected_gib:.1f} GiB.",
-                 lambda g: f"{g} GiB; count KV heads (num_key_value_heads), not query heads, "
-                           "and multiply by tokens and sequences.",
-                 "2 x layers x KV heads x head dim x 2 bytes, per token and sequence.",
-                 wrong_example=with_query_heads, label="Exercise 5")
 
 # %% [markdown]
 # ## Further reading

@@ -13,7 +13,7 @@
 # ---
 
 # %% [markdown]
-# # Serve many prompts: replicas and tensor parallel
+# # Serve many prompts: replicas, tensor parallel, continuous batching and a real server
 #
 # Notebook 06 split a model across GPUs with `device_map`: that buys memory, and the GPUs take turns.
 # When the model fits one GPU and you have many prompts, there are two ways to put every GPU to work at
@@ -21,7 +21,9 @@
 # **tensor parallelism**, which cuts every layer across the GPUs so that they all work on each token.
 # This notebook runs both as separate processes started by `torchrun`, checks each against a single
 # device, and compares them from the figures of the workbook's GPU reference runs, at equal batch per
-# GPU and at a batch that saturates one GPU, or says which figure a run lacks.
+# GPU and at a batch that saturates one GPU, or says which figure a run lacks. Then it serves the way
+# servers do: requests of different lengths through **continuous batching**, an OpenAI-compatible server
+# (`transformers serve`) queried by the `openai` client, and the tensor-parallel worker over two machines.
 #
 # **What you'll learn**
 # 1. Write the `torchrun` command line that starts one process per GPU, and serve one replica per process
@@ -34,6 +36,14 @@
 #    a batch that saturates one GPU, each figure beside its limit and each ratio beside the spread of its
 #    repeats (or, for figures recorded without repeats, the gap between two runs of the same
 #    configuration), and say what the figures do and don't show.
+# 5. Serve requests of different lengths with continuous batching (`continuous_batching_context_manager`,
+#    `ContinuousBatchingConfig`, a paged KV cache) and compare it with padded static batches of the same
+#    requests: tokens/s, idle slots, padding, KV cache held, latency per request, greedy tokens.
+# 6. Start `transformers serve` from a cell and stop it whatever happens, query it with the `openai` client
+#    at bounded concurrency (time to first token, throughput, p50 and p95 latency), meet its bad-request
+#    answers, and check a request before it is sent.
+# 7. Launch the tensor-parallel worker as two `torchrun` machines (`--nnodes 2`, a c10d rendezvous), and
+#    know what production engines (vLLM, SGLang) add and when to move to one.
 #
 # **What you'll need**
 # - Notebook 06 (split a model across GPUs) first.
@@ -44,8 +54,8 @@
 #   (`gpu-reference/one-gpu/results.json` without a GPU or with one, `gpu-reference/two-gpu/results.json`
 #   with two or more); figures that need two GPUs (a split, tensor parallelism, two replicas) come from the
 #   two-GPU tier on every machine.
-# - Run time: about 25 s on an idle 2-core CPU, about a minute on one H200 GPU (two launches of
-#   processes).
+# - The server's packages (`fastapi`, `uvicorn`, `openai`; the workbook's set-up installs them).
+# - Run time: about 90 s on an idle 2-core CPU (three launches of processes, two servers started).
 
 # %% tags=["parameters"]
 MODEL = "bundled"  # "bundled" (SmolLM2-135M-Instruct), a local checkpoint folder, or a hub id
@@ -55,7 +65,10 @@ NEW_TOKENS = 12  # greedy new tokens per prompt
 import json
 import shlex
 import shutil
+import statistics
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
@@ -66,15 +79,16 @@ from transformers.distributed import DistributedConfig
 
 from helpers.checkpoints import random_checkpoint, resolve_model
 from helpers.launch import launch
-from helpers.measure import compare_rates
+from helpers.measure import compare_rates, decode_limit, memory_bandwidth, rate_text
 from helpers.quiet import silence_known_warnings
 from helpers.reference import read_reference
+from helpers.serving import check_chat_request, free_port, served
 from helpers.text import say
 
 silence_known_warnings()  # routine library messages, and accelerate's loading bar in quiet runs
 path = resolve_model(MODEL)
 n_gpu = torch.cuda.device_count()
-work = Path(tempfile.mkdtemp(prefix="05-serve-"))  # the launches' output files; removed at the end
+work = Path(tempfile.mkdtemp(prefix="07-serve-"))  # the launches' output files; removed at the end
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -99,9 +113,10 @@ print(", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "accelera
 # ```
 #
 # It runs as separate processes started by `torchrun`, not forked from this kernel. Without a GPU, a plain
-# `PartialState()` under `torchrun` was seen reporting "rank 0 of 1" in each process (each then did all the
-# work); `cpu=True` starts a real gloo process group, and the world-size assertion catches the failure if
-# it ever comes back. How many processes to start depends on the machine:
+# `PartialState()` under `torchrun` starts no process group: accelerate 1.15's `PartialState._prepare_backend`
+# (`accelerate/state.py`) picks a multi-CPU (gloo) group only when `cpu=True`, so each process would report
+# "rank 0 of 1" and do all the work. `cpu=True` starts the gloo group, and the world-size assertion catches a
+# process that is alone. How many processes to start depends on the machine:
 
 # %%
 nproc = n_gpu if n_gpu >= 1 else 2
@@ -271,6 +286,20 @@ if tp:
     shards = [r["q_proj_shard_shape"] for r in tp["per_rank"]]
     say(f"q_proj: full {tp['q_proj_full_shape']}, shard per process {shards}")
 
+# %% [markdown]
+# **Memory per process is weights and KV cache.** Each process holds its shards of the weights (the parts not
+# cut, the norms, are held whole by every process) and, for the key/value heads of its shards only, its share
+# of the KV cache. The worker counts both; the cache is given at 16 sequences of 1,024 tokens, in float32 as
+# the run here (bfloat16 halves both).
+
+# %%
+if tp:
+    for r in tp["per_rank"]:
+        kv = r["kv_cache_bytes_per_token_fp32"] * 16 * 1024
+        say(f"rank {r['rank']}: weights {r['param_bytes_fp32'] / 2**20:.1f} MiB + KV cache {kv / 2**20:.1f} MiB "
+            f"= {(r['param_bytes_fp32'] + kv) / 2**20:.1f} MiB ({r['kv_cache_bytes_per_token_fp32']} bytes a token: "
+            f"{tp['heads'][1] // tp['world_size']} of the {tp['heads'][1]} key/value heads, every layer)")
+
 # %%
 # NBVAL_IGNORE_OUTPUT
 # The last digits of the difference depend on the machine's float arithmetic.
@@ -364,7 +393,9 @@ plt.show()
 # %% [markdown]
 # Memory is the other side: a replica holds the whole model on every GPU, a split and tensor parallelism
 # hold about half of it on each of two. The peak bytes per GPU each file recorded for each method, at the
-# largest batch it measured (an older file keeps one peak per method, over all its batches):
+# largest batch it measured (an older file keeps one peak per method, over all its batches). A peak is taken
+# over the whole generation, so it holds each GPU's KV cache too: all of it for one GPU and a replica, the
+# layers it holds for a split, its key/value heads' share for tensor parallelism.
 
 # %%
 for name, tps in tables.items():
@@ -461,9 +492,10 @@ for name, res in files.items():
     say(f"- [{name}] One GPU at batch {hi} ({hi // lo}x the prompts of batch {lo}): "
         + compare_rates(one[hi], one[lo], f"batch {hi}", f"batch {lo}")
         + f"; by the medians, a step for {hi} rows took {step:.2f}x as long as one for {lo}.")
-    say(f"- [{name}] One GPU reached {one[lo]['tokens_per_s'] / one[lo]['limit_tokens_per_s']:.1%} of its "
-        f"memory-bandwidth limit at batch {lo} and {one[hi]['tokens_per_s'] / one[hi]['limit_tokens_per_s']:.1%} "
-        f"at batch {hi}: memory reads were far from setting the pace of eager decoding.")
+    shares = [one[b]["tokens_per_s"] / one[b]["limit_tokens_per_s"] for b in (lo, hi)]
+    say(f"- [{name}] One GPU reached {shares[0]:.1%} of its memory-bandwidth limit at batch {lo} and "
+        f"{shares[1]:.1%} at batch {hi}" + (": memory reads were far from setting the pace of eager decoding."
+                                           if max(shares) < 0.5 else "."))
 
 # %%
 for name, res in files.items():
@@ -545,6 +577,467 @@ for run in filter(None, (two_ref["tensor_parallel"], two_ref["other_files"].get(
     version_of_run = run.get("transformers", two_ref["versions"]["transformers"])
     say(f"[two-gpu] tensor-parallel logits with transformers {version_of_run}: max difference "
         f"{check['max_abs_diff']:.1e} (tolerance {check['tolerance']:.0e}), API {run['api']}")
+# %% [markdown]
+# ## 4. Continuous batching: requests of different lengths on one model
+#
+# Replicas and tensor parallelism put more hardware to work. On one device, what a server does with the
+# requests matters as much. Real requests differ: prompts of different lengths and answers of different
+# lengths, arriving at different times. A **static batch** pads every prompt to the longest (on the left)
+# and runs until its longest answer is done: a request that wanted 2 new tokens holds its row, and its KV
+# cache, until the one that wanted 16 is finished, and the next batch waits for all of them.
+# **Continuous batching** (transformers 5: `generate_batch`, and `continuous_batching_context_manager`
+# for requests with their own `max_new_tokens`) keeps no rows: each step packs the tokens of every request
+# in flight into one flat batch (a new request's whole prompt, one token for each request already
+# decoding), drops a request the moment it is done and takes in the next. Its KV cache is **paged**: blocks
+# of `page_size` tokens handed to a request as it grows and taken back when it finishes.
+#
+# The requests: 8 prompts of different lengths, each with its own `max_new_tokens`, greedy, in bfloat16.
+
+# %%
+from transformers import ContinuousBatchingConfig, GenerationConfig
+
+questions = ["Hi.", "What is the capital of France?", "Name three colours of the rainbow, please.",
+             "Explain in one sentence why the sky is blue by day and red at sunset.",
+             "Tell me a fact.", "Write a short poem about autumn leaves falling in a quiet park.",
+             "What is two plus two?", "List the planets of the solar system in order, starting from the Sun."]
+news = [16, 4, 12, 2, 8, 14, 6, 10]  # max_new_tokens of each request
+
+
+def prepare(checkpoint):
+    """The model in bfloat16, its tokenizer (left padding), the requests' token ids, the greedy settings."""
+    t = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
+    t.pad_token = t.pad_token or t.eos_token  # some tokenizers (GPT-2's) have no padding token
+    m = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, device_map={"": device})
+    g = GenerationConfig(do_sample=False, max_new_tokens=max(news), pad_token_id=t.pad_token_id,
+                         eos_token_id=t.eos_token_id)
+    return m, t, [t(q)["input_ids"] for q in questions], g
+
+
+serving_path = path  # the model sections 4 and 5 serve
+model, tok, prompts, gen = prepare(serving_path)
+for p, n in zip(prompts, news):
+    say(f"{len(p):>3} prompt tokens, up to {n:>2} new: {tok.decode(p)!r}")
+
+# %% [markdown]
+# The paged cache is set by `ContinuousBatchingConfig` (`transformers/generation/configuration_utils.py`):
+# `page_size` (tokens per page, default 256), `num_blocks` (the cache's size in blocks of `page_size` tokens
+# of every layer), `max_batch_tokens` (the most tokens one step packs) and `max_memory_percent`. Left to
+# themselves, `max_batch_tokens` is 8,192 and `num_blocks` fills the share `max_memory_percent` of the memory
+# free after loading: 0.9 on a GPU, 0.8 with logit processors, 0.6 on a CPU, where the cache comes out of this
+# machine's RAM (`resolve_max_memory_percent` in `transformers/generation/continuous_batching/initialization.py`).
+# We give the sizes ourselves: pages of 16 tokens, 32 blocks, at most 128 tokens a step.
+#
+# The function below is a server's loop in a few lines: every request added with its own
+# `max_new_tokens`, each result taken as it finishes, with the time it finished.
+
+# %%
+cb_config = ContinuousBatchingConfig(page_size=16, num_blocks=32, max_batch_tokens=128)
+
+
+def serve_continuously():
+    """All requests at once; returns {request: new token ids}, {request: seconds to finish}, the paged cache."""
+    t0, out, done = time.perf_counter(), {}, {}
+    with model.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb_config,
+                                                   block=True, timeout=10) as manager:
+        ids = {manager.add_request(p, max_new_tokens=n): i for i, (p, n) in enumerate(zip(prompts, news))}
+        while len(out) < len(prompts):
+            r = manager.get_result(timeout=120)
+            if r is None or r.error:
+                raise RuntimeError(f"continuous batching stopped: {r.error if r else 'no result in 120 s'}")
+            if r.is_finished():
+                out[ids[r.request_id]], done[ids[r.request_id]] = r.generated_tokens, time.perf_counter() - t0
+        return out, done, manager.batch_processor.cache
+
+
+try:
+    serve_continuously()  # once, untimed: it pays the set-up, and shows whether this model takes it
+except (RuntimeError, ValueError) as e:
+    serving_path = resolve_model("bundled")
+    say(f"Continuous batching refused {type(model).__name__} here ({type(e).__name__}: {e}); sections 4 and 5 "
+        "serve the bundled model instead.")
+    model, tok, prompts, gen = prepare(serving_path)
+
+
+# %% [markdown]
+# The static alternative, as a server without continuous batching would run it: batches of 4 requests in
+# arrival order, each padded on the left to its longest prompt and run to its largest `max_new_tokens`.
+# Every row of a batch finishes when the batch does. A row's own tokens end at its `max_new_tokens` or its
+# end-of-text token; the rest of its steps are **idle slots**, computed and thrown away.
+
+# %%
+def serve_static(size=4):
+    """Padded batches of `size`; returns {request: new ids}, {request: seconds to finish}, slots, pad tokens."""
+    t0, out, done, slots, pads = time.perf_counter(), {}, {}, 0, 0
+    for start in range(0, len(prompts), size):
+        idx = range(start, min(start + size, len(prompts)))
+        enc = tok.pad({"input_ids": [prompts[i] for i in idx]}, return_tensors="pt").to(device)
+        with torch.inference_mode():
+            o = model.generate(**enc, do_sample=False, max_new_tokens=max(news[i] for i in idx),
+                               pad_token_id=tok.pad_token_id)
+        new = o[:, enc["input_ids"].shape[1]:]
+        slots, pads = slots + new.numel(), pads + int((enc["attention_mask"] == 0).sum())
+        for i, row in zip(idx, new.tolist()):
+            row = row[:news[i]]
+            out[i] = row[:row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row
+            done[i] = time.perf_counter() - t0
+    return out, done, slots, pads
+
+
+# %% [markdown]
+# **Greedy outputs.** Both ways must answer what a plain `generate` answers for each request alone. We
+# compare token by token; where they differ, the cell prints where the first difference is and the gap
+# between the two best next-token logits of the plain run there: a near tie that another order of
+# additions (a flat batch with a mask instead of one row) can flip.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# Where two logits tie exactly in bfloat16, another CPU's order of additions can pick the other token.
+cb_out, _, cache = serve_continuously()
+static_out, *_ = serve_static()
+alone, differing = [], 0
+for i, (p, n) in enumerate(zip(prompts, news)):
+    with torch.inference_mode():
+        o = model.generate(torch.tensor([p], device=device), do_sample=False, max_new_tokens=n,
+                           pad_token_id=tok.pad_token_id, output_logits=True, return_dict_in_generate=True)
+    alone.append(o.sequences[0, len(p):].tolist())
+    for name, got in (("continuous", cb_out[i]), ("static", static_out[i])):
+        if got != alone[i]:
+            differing += 1
+            k = next((j for j, (a, b) in enumerate(zip(got, alone[i])) if a != b), min(len(got), len(alone[i])))
+            top = o.logits[min(k, len(o.logits) - 1)][0].float().topk(2).values
+            say(f"request {i}, {name}: {sum(a != b for a, b in zip(got, alone[i]))} of {len(alone[i])} tokens differ, "
+                f"the first at new token {k}, where the plain run's two best logits were {top[0] - top[1]:.3f} apart")
+print(f"requests whose tokens equal a plain generate of that request alone: continuous "
+      f"{sum(cb_out[i] == alone[i] for i in range(len(alone)))} of {len(alone)}, static "
+      f"{sum(static_out[i] == alone[i] for i in range(len(alone)))} of {len(alone)}")
+
+# %% [markdown]
+# **The paged cache it used,** read from the manager's cache (`manager.batch_processor.cache`, a
+# `PagedAttentionCache`), beside the cache each way needs for these requests. A static batch holds a row
+# of (longest prompt + largest `max_new_tokens`) tokens for every request of the batch; the paged cache
+# holds whole pages of `page_size` tokens, only for the requests in flight.
+
+# %%
+cfg = model.config
+head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+kv_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * 2  # bytes per token: K and V, every layer, bf16
+lens = [len(p) + len(o) for p, o in zip(prompts, cb_out.values())]
+static_rows = sum(len(b) * (max(len(prompts[i]) for i in b) + max(news[i] for i in b))
+                  for b in (range(s, min(s + 4, len(prompts))) for s in range(0, len(prompts), 4)))
+paged = sum(-(-n // cb_config.page_size) * cb_config.page_size for n in lens)  # whole pages, in tokens
+say(f"paged cache: {cache.num_blocks} blocks of {cb_config.page_size} tokens, at most {cache.max_batch_tokens} "
+    f"tokens a step, {cache.cache_tensor.numel() / 2**20:.1f} MiB allocated up front ({kv_token} bytes a token)")
+say(f"these 8 requests use {sum(lens)} tokens of KV cache; the two static batches reserve {static_rows} token "
+    f"slots ({static_rows / sum(lens):.2f}x, the rest padding and idle rows), whole pages {paged} "
+    f"({paged / sum(lens):.2f}x)")
+
+# %% [markdown]
+# **Timing.** Both ways, one untimed round each (the first continuous round paid its set-up above), then 3
+# timed rounds, alternated. A rate counts the tokens the requests asked for and got, not the idle slots; the
+# limit beside it is the memory-bandwidth limit for 8 requests in flight (notebook 04), measured here.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# Timings depend on the machine and its load.
+bandwidth = memory_bandwidth(device)
+limit = decode_limit(model, bandwidth, batch=len(prompts), context=max(lens))
+rounds = {"continuous": [], "static": []}
+for r in range(4):
+    for name, run in (("continuous", serve_continuously), ("static", serve_static)):
+        t0 = time.perf_counter()
+        out, done, *rest = run()
+        if r:  # round 0 is the warm-up
+            rounds[name].append((sum(map(len, out.values())) / (time.perf_counter() - t0), done, rest))
+rates = {}
+for name, rs in rounds.items():
+    tps = sorted(x[0] for x in rs)
+    rates[name] = {"tokens_per_s": statistics.median(tps), "spread": (tps[0], tps[-1])}
+    lat = sorted(statistics.median(x[1][i] for x in rs) for i in range(len(prompts)))
+    say(f"{name:>10}: {rate_text(rates[name]['tokens_per_s'], limit, rates[name]['spread'])}; "
+        f"requests done after {lat[0]:.2f} s (first) to {lat[-1]:.2f} s (last), median {statistics.median(lat):.2f} s")
+slots, pads = rounds["static"][0][2]
+say(f"static: {slots} new-token slots computed for {sum(map(len, static_out.values()))} tokens the requests "
+    f"kept ({1 - sum(map(len, static_out.values())) / slots:.0%} idle), and {pads} padding tokens in the prompts")
+say(compare_rates(rates["continuous"], rates["static"], "continuous", "static"))
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# The times and the verdict depend on the machine and its load.
+short = news.index(min(news))
+say(f"the shortest request ({news[short]} new tokens) was done after (medians of the 3 rounds) "
+    f"{statistics.median(x[1][short] for x in rounds['continuous']):.2f} s with continuous batching and "
+    f"{statistics.median(x[1][short] for x in rounds['static']):.2f} s in its static batch")
+say("On this machine continuous batching " + ("gave the higher total rate." if rates["continuous"]["spread"][0]
+    > rates["static"]["spread"][1] else "did not give a measurably higher total rate than padded static batches."))
+
+# %% [markdown]
+# **Why, and where each wins.** The lines above are this machine's; the reasons hold everywhere:
+#
+# - Each step of continuous batching does work a padded batch does not. The scheduler picks the requests
+#   of the step, and the step's flat batch needs its index tables and, with `sdpa` (the path without a flash
+#   kernel, the one a CPU takes), a block-diagonal attention mask over every request in flight, rebuilt each
+#   step (`build_attention_mask` in `transformers/generation/continuous_batching/utils.py`). On a small model
+#   on a CPU, where a step costs little arithmetic, that overhead can cost more than the idle slots it saves:
+#   then padded `generate` is faster in total tokens/s, although it computes idle slots.
+# - It wins where requests differ: no idle slot is computed (the static line above counts them), a short
+#   request leaves as soon as it is done instead of waiting for its batch, and a request arriving later
+#   joins the next step instead of the next batch. The KV cache is held in pages for the requests in flight
+#   only, not a padded row per request (the cache lines above): on a GPU, that memory is more requests at once.
+# - On a GPU, `init_continuous_batching` switches `sdpa`/`eager` to flash attention when it is installed
+#   (`auto_switch_to_flash`, `switch_to_cb_friendly_attn`), decoding steps take a fast path reading the pages
+#   through block tables (`flash_attn_with_kvcache`, sized by `max_blocks_per_request`), and CUDA graphs
+#   (`use_cuda_graph`, decided automatically) replay a step without launching each kernel again: the
+#   per-step overhead that dominates here mostly goes.
+
+# %% [markdown]
+# ## 5. A real server: `transformers serve`
+#
+# transformers ships an OpenAI-compatible server: `transformers serve MODEL` answers `POST
+# /v1/chat/completions` (streamed or not) and `GET /health`; `--continuous-batching` runs its requests
+# through the manager of section 4, otherwise it answers them one at a time with `generate`
+# (`GenerateManager` in `transformers/cli/serving/utils.py`). It needs `fastapi`, `uvicorn`, `pydantic` and
+# `openai` (the workbook installs them). Without a GPU, its paged cache would take 60% of the RAM the server
+# process leaves free (section 4), so we give it 16 blocks (`--cb-num-blocks`; pages of 256 tokens by default).
+#
+# `helpers.serving.served` starts the command line in a process of its own, waits until `/health` answers,
+# and stops the server when its `with` block ends, also when the block fails or the stop button is pressed.
+
+# %%
+import openai
+import psutil
+
+server_path = serving_path if tok.chat_template else resolve_model("bundled")
+if server_path != serving_path:
+    say("This model's tokenizer has no chat template, which the chat API needs: the server serves the bundled model.")
+
+
+def serve_command(continuous):
+    return ["transformers", "serve", server_path, "--device", device, "--dtype", "bfloat16", "--host",
+            "127.0.0.1", "--port", free_port()] + (["--continuous-batching", "--cb-num-blocks", 16] if continuous else [])
+
+
+shown = serve_command(True)
+say(shlex.join(map(str, shown)).replace(str(server_path), "$MODEL").replace(f"--port {shown[shown.index('--port') + 1]}", "--port $PORT"))
+
+# %% [markdown]
+# The client is the official `openai` package, pointed at the server. Each request is streamed, so the time
+# to its first token (**TTFT**) is seen; the last chunk reports the tokens generated. The workbook's own check
+# (`check_chat_request`, shown below) runs before each request is sent. A round sends the 8 requests of
+# section 4 with at most 4 in flight (a thread pool of 4: a bounded number of concurrent requests, as a
+# real client should); one untimed round first, then 3 timed rounds. A request's TTFT and latency include
+# its wait behind the requests in flight before it: without continuous batching the server answers one at a time.
+
+# %%
+def ask(client, question, max_tokens):
+    """One streamed chat request: (seconds to the first token, seconds to the last, tokens generated)."""
+    messages = [{"role": "user", "content": question}]
+    check_chat_request(messages, max_tokens)  # refuses, before sending, what the server mishandles
+    t0, first, tokens = time.perf_counter(), None, 0
+    for chunk in client.chat.completions.create(model=str(server_path), messages=messages, max_tokens=max_tokens,
+                                                temperature=0, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content and first is None:
+            first = time.perf_counter() - t0
+        tokens = chunk.usage.completion_tokens if chunk.usage else tokens
+    return first, time.perf_counter() - t0, tokens
+
+
+def measure(server, concurrency=4, repeats=3):
+    """One untimed round (the warm-up), then `repeats` timed rounds of the 8 requests: rates, TTFTs, latencies."""
+    client = openai.OpenAI(base_url=server.base_url, api_key="not-needed", max_retries=0)
+    rates, ttft, latency = [], [], []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            done = list(pool.map(lambda qn: ask(client, *qn), zip(questions, news)))
+        if r == 0:  # the warm-up round
+            continue
+        rates.append(sum(d[2] for d in done) / (time.perf_counter() - t0))
+        ttft += [d[0] for d in done if d[0] is not None]
+        latency += [d[1] for d in done]
+    return {"tokens_per_s": statistics.median(rates), "spread": (min(rates), max(rates)), "ttft": ttft,
+            "latency": latency}
+
+# %% [markdown]
+# **Bad requests.** What a learner meets when a request is wrong: the function below sends, with the bare
+# client, a request with no messages and one with `max_tokens=-3` (plain and streamed), each on a fresh
+# connection, prints what came back and the server's own last error line (the reason, which only its log
+# holds), then asks a good question to see the server still serving. Then the workbook's check: it refuses
+# the same requests with the fix in its message, and the server's log shows that nothing was sent.
+
+# %%
+def bad_requests(server):
+    user = [{"role": "user", "content": "Hi."}]
+    for what, kw in (("no messages", {"messages": []}), ("max_tokens=-3", {"messages": user, "max_tokens": -3}),
+                     ("max_tokens=-3, streamed", {"messages": user, "max_tokens": -3, "stream": True})):
+        client = openai.OpenAI(base_url=server.base_url, api_key="not-needed", max_retries=0)
+        seen = len(server.log(10**6).splitlines())
+        try:
+            r = client.chat.completions.create(model=str(server_path), temperature=0, **kw)
+            text = ("".join(c.choices[0].delta.content or "" for c in r if c.choices) if kw.get("stream")
+                    else r.choices[0].message.content)
+            say(f"{what}: accepted, HTTP 200, reply {text!r}")
+        except openai.APIError as e:
+            say(f"{what}: {type(e).__name__}: {e}")
+        for _ in range(20):  # the server may log its error just after it answered: wait up to 2 s for it
+            new = server.log(10**6).splitlines()[seen:]
+            errors = [line for line in new if line.startswith(("ValueError", "RuntimeError", "TypeError"))]
+            if errors:
+                break
+            time.sleep(0.1)
+        say(f"    the server's log: {errors[-1] if errors else 'no error'}")
+    client = openai.OpenAI(base_url=server.base_url, api_key="not-needed")
+    r = client.chat.completions.create(model=str(server_path), temperature=0, max_tokens=12,
+                                       messages=[{"role": "user", "content": "What is the capital of France?"}])
+    say(f"still serving: {r.choices[0].message.content!r}")
+
+
+# %%
+def check_before_sending(server):
+    """The workbook's check on the same requests, and the count of requests the server received meanwhile."""
+    sent = server.log(10**6).count("POST /v1/chat/completions")
+    for messages, n in (([], 20), ([{"role": "user", "content": "Hi."}], -3)):
+        try:
+            check_chat_request(messages, n)
+        except ValueError as e:
+            say(f"check_chat_request({messages!r}, {n}): {type(e).__name__}: {e}")
+    say(f"requests the server received during the checks: {server.log(10**6).count('POST /v1/chat/completions') - sent}")
+
+
+# %% [markdown]
+# Without continuous batching first. The server is stopped when the `with` block ends; the cell then checks
+# that none of its processes is left.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# Timings depend on the machine and its load.
+with torch.device("meta"):  # the served model's shapes (the bundled one where this model has no chat template)
+    served_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(server_path), dtype=torch.bfloat16)
+stats, limit4 = {}, decode_limit(served_model, bandwidth, batch=4, context=64)  # what 4 requests in flight can reach
+
+
+def report(name, s):
+    q = statistics.quantiles
+    say(f"{name}: {rate_text(s['tokens_per_s'], limit4, s['spread'])}; TTFT p50 {statistics.median(s['ttft']):.2f} s; "
+        f"latency p50 {q(s['latency'], n=20)[9]:.2f} s, p95 {q(s['latency'], n=20)[18]:.2f} s")
+
+
+with served(serve_command(False)) as server:
+    stats["one at a time"] = measure(server)
+report("one at a time", stats["one at a time"])
+print("server processes left:", [p for p in server.pids if psutil.pid_exists(p)])
+
+# %% [markdown]
+# With `--continuous-batching`. In the same `with` block, the bad requests and the check. The block's last
+# call raises (the check refuses `max_tokens=-3` inside `ask`), on purpose: the server is stopped all the same.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# Timings depend on the machine and its load.
+try:
+    with served(serve_command(True)) as server:
+        stats["continuous"] = measure(server)
+        bad_requests(server)
+        check_before_sending(server)
+        ask(openai.OpenAI(base_url=server.base_url, api_key="not-needed"), "Hi.", -3)  # refused before sending
+except ValueError as e:
+    say(f"the with-block ended in {type(e).__name__}: {e}")
+print("server processes left:", [p for p in server.pids if psutil.pid_exists(p)])
+report("continuous", stats["continuous"])
+say(compare_rates(stats["continuous"], stats["one at a time"], "continuous", "one at a time"))
+
+# %% [markdown]
+# **Self-check.** Both servers answered every request, and none of their processes outlived its `with` block
+# (the second one ended in an error).
+
+# %%
+assert all(len(s["latency"]) == 3 * len(questions) for s in stats.values()), "a request went unanswered"
+assert not [p for p in server.pids if psutil.pid_exists(p)], "a server process outlived its with-block"
+print("both servers answered all", 3 * len(questions), "requests of their rounds; no server process left")
+
+# %% [markdown]
+# ## 6. Past one machine
+#
+# When one machine's GPUs are not enough, the same worker runs over several machines: one `torchrun` per
+# machine, each told how many machines there are (`--nnodes`), which one it is (`--node_rank`) and where to
+# meet (a c10d rendezvous at `--rdzv_endpoint HOST:PORT`, served by the first machine to arrive).
+# `--standalone` was shorthand for a one-machine rendezvous. Here the two "machines" are two `torchrun`s on
+# this one, one process each, meeting at 127.0.0.1 on a free port, started at the same time (two threads).
+# With two GPUs or more, each "machine" sees one GPU (`CUDA_VISIBLE_DEVICES`), as a real one would see its own.
+
+# %%
+rdzv = f"127.0.0.1:{free_port()}"
+nodes = [["torchrun", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={r}", "--rdzv_backend=c10d",
+          f"--rdzv_endpoint={rdzv}", "workers/tensor_parallel.py", "--checkpoint", tp_checkpoint,
+          "--expect-world-size", tp_n, "--out", work / "tp-2nodes.json", *extra] for r in range(2)]
+envs = [{"CUDA_VISIBLE_DEVICES": str(r)} if n_gpu >= 2 else hide for r in range(2)]
+for cmd, env in zip(nodes, envs):
+    say("".join(f"{k}={v} " for k, v in env.items()) + shlex.join(map(str, cmd)).replace(str(work), "$WORK")
+        .replace(str(Path(tp_checkpoint).parent), "$CACHE").replace(rdzv.split(":")[1], "$PORT"))
+try:
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda c_e: launch(c_e[0], extra_env=c_e[1], timeout=300), zip(nodes, envs)))
+    tp2 = json.loads((work / "tp-2nodes.json").read_text())
+except RuntimeError as e:  # helpers.launch.LaunchError
+    tp2 = None
+    say(f"{type(e).__name__}: {e}")
+if tp and tp2:
+    one_node, two_nodes = (torch.load(work / f, weights_only=True) for f in ("tp.logits.pt", "tp-2nodes.logits.pt"))
+    say(f"processes on 'machines' {[r['node'] for r in tp2['per_rank']]}; tensor-parallel logits equal to the "
+        f"one-machine run's, bit for bit: {torch.equal(one_node, two_nodes)} (largest difference "
+        f"{(one_node - two_nodes).abs().max().item():.1e})")
+
+# %% [markdown]
+# **Self-check.** Two machines, one process each, and the same logits as one machine with two processes: the
+# shards and the order of the additions are the same; only the rendezvous changed.
+
+# %%
+assert tp2 is not None and tp is not None, "a launch failed: its processes' error is printed above"
+assert sorted(r["node"] for r in tp2["per_rank"]) == ["0", "1"], "the two processes should sit on two 'machines'"
+assert torch.allclose(one_node, two_nodes, atol=tp["logits_check"]["tolerance"]), "the two runs' logits differ"
+print("two machines, one process each; logits as on one machine")
+
+# %% [markdown]
+# On two real hosts with 8 GPUs each, the lines are the same with the first host's address (reachable from
+# the second; a firewall must let the port through), run on each host, `--node_rank=0` on the first:
+
+# %%
+gpus_per_host, first_host = 8, "10.0.0.1"  # the first host's address on the network both share
+for r in range(2):
+    say(f"# on host {r}:\ntorchrun --nnodes=2 --nproc_per_node={gpus_per_host} --node_rank={r} --rdzv_backend=c10d "
+        f"--rdzv_endpoint={first_host}:29500 workers/tensor_parallel.py --checkpoint DIR "
+        f"--expect-world-size {2 * gpus_per_host} --out tp.json")
+
+# %% [markdown]
+# Tensor parallelism adds its all-reduces to every layer of every step, and between hosts they cross the
+# network instead of NVLink. The usual layout therefore keeps tensor parallelism inside a host and puts
+# pipeline stages or whole replicas across hosts: vLLM's documentation gives as the common practice a
+# tensor-parallel size of the GPUs of one host and a pipeline-parallel size of the number of hosts
+# ([distributed inference and serving](https://docs.vllm.ai/en/v0.8.3/serving/distributed_serving.html)).
+#
+# **What production engines add.** `transformers serve` shows the mechanics; engines built for serving add,
+# each on by default or one flag away:
+#
+# | | vLLM | SGLang |
+# | --- | --- | --- |
+# | KV cache | PagedAttention (the paged cache of section 4 started there), prefix caching | RadixAttention: a radix tree of cached prefixes shared across requests |
+# | decoding | continuous batching, CUDA graphs, speculative decoding | the same; speculative decoding with EAGLE (`--speculative-algorithm EAGLE3`) |
+# | several GPUs | `--tensor-parallel-size`, `--pipeline-parallel-size`; over hosts with Ray ([docs](https://docs.vllm.ai/en/v0.8.3/serving/distributed_serving.html)) | `--tp` (over all hosts), with `--nnodes`, `--node-rank`, `--dist-init-addr` ([docs](https://docs.sglang.io/references/multi_node_deployment/multi_node.html)) |
+# | published, one request at a time | Llama-3.1-8B-Instruct, fp16, one H100 80GB, vLLM 0.21: 122 tokens/s at concurrency 1 ([InferenceBench concurrency sweep](https://yobitelcomm.github.io/bench/recipes/concurrency-sweep/)); Llama-3.1-8B-Instruct, bf16, one A100 40GB, vLLM 0.23: about 75 tokens/s ([a throughput-latency sweep](https://johnmusgrave.com/p/vllm-throughput-latency-sweep-on)) | Qwen3-8B, one H100 SXM, ShareGPT, batch 1: SGLang 0.5.3 with FP8 weights and EAGLE3 speculative decoding, 0.62 s mean latency per request, against 1.66 s for the page's baseline, vLLM 0.11 with no optimization ([GPUStack performance lab](https://docs.gpustack.ai/latest/performance-lab/qwen3-8b/h100-latency)) |
+# | published, saturated | the same H100 run: 1,384 tokens/s at concurrency 16, 1,312 at 64 (the peak is passed); the A100 run: 6.6x its one-request rate at concurrency 8, its knee (more beyond it, at a steep cost in latency) | Qwen3-14B, one H100, ShareGPT: SGLang with FP8 weights, 10,426 tokens/s in total, against 6,596 for the page's baseline, vLLM with no optimization ([GPUStack performance lab](https://docs.gpustack.ai/latest/performance-lab/qwen3-14b/h100)) |
+#
+# These are other people's runs on other hardware, with other models and prompts, one run each as
+# published: a benchmark tool's documented example, a personal blog and a deployment vendor's lab (the
+# engines' own announcements, e.g. vLLM's [v0.6.0 update](https://blog.vllm.ai/2024/09/05/perf-update.html),
+# lead with gains over earlier versions and other engines). They say what such engines reach, not how they
+# compare with each other or with this notebook; the GPUStack baselines differ from the tuned runs in more
+# than the engine (FP8 weights, speculative decoding). **When to move to one:** when the figures of sections
+# 4 and 5, measured on your GPU, fall short of what you must serve: many users at once, long shared prompts
+# (prefix caching), tight latency at batch 1 (speculative decoding, CUDA graphs), or a model over several
+# hosts. For learning, measuring and checking a model, `generate` and `transformers serve` stay the simplest.
+
+# %%
+del model
 shutil.rmtree(work, ignore_errors=True)  # this notebook's temporary folder
 
 # %% [markdown]
@@ -564,6 +1057,20 @@ shutil.rmtree(work, ignore_errors=True)  # this notebook's temporary folder
 #   equal total batch, where one GPU is far from busy, says little. A ratio means something only beside the
 #   spread of its repeats or, for figures recorded without repeats, outside the noise bound (the largest gap
 #   between two runs of the same configuration); and only within one run.
+# - Continuous batching (`continuous_batching_context_manager`, `add_request(..., max_new_tokens=n)`) packs
+#   the requests in flight into one flat batch each step, with a paged KV cache (`ContinuousBatchingConfig`:
+#   `page_size`, `num_blocks`, `max_batch_tokens`, `max_memory_percent`). It computes no idle slot and holds no
+#   padded row, and a short request leaves early; each step costs scheduling and a mask that a padded batch
+#   does not, which on a CPU can make padded static batches faster in total tokens/s. On a GPU, flash
+#   attention, the decode fast path and CUDA graphs remove most of that overhead.
+# - `transformers serve PATH [--continuous-batching]` is an OpenAI-compatible server: start it in a process of
+#   its own, wait for `/health`, stop it in a `finally` (`helpers.serving.served`), query it with the `openai`
+#   client at bounded concurrency, and check requests before sending them: the server answers an empty
+#   conversation with a bare HTTP 500 (the reason only in its log) and, with `--continuous-batching`, takes
+#   a negative `max_tokens` silently (HTTP 200, an empty reply).
+# - Past one machine: one `torchrun` per machine, `--nnodes`, `--node_rank` and a c10d rendezvous; the worker
+#   and its output do not change. Production engines add prefix caching, speculative decoding, CUDA graphs
+#   and their own parallelism.
 #
 # ## Exercises
 #
@@ -576,7 +1083,10 @@ shutil.rmtree(work, ignore_errors=True)  # this notebook's temporary folder
 #    divide by 3) and not the toy Llama (8 and 4 do not).
 # 3. On two GPUs, extend `gpu-reference/tools/gpu_bench.py --batches` with batches a doubling apart and
 #    run it; then section 3 finds the saturating batch. *Self-check:* the MISSING lines disappear.
-# 4. The executable self-check below: in the two-GPU reference file, how many times one GPU's tokens/s did
+# 4. In section 4, run `serve_static(size=8)`: all 8 requests in one padded batch. *Self-check:* its idle
+#    share of slots is at least that of batches of 4, and every request, the shortest too, is done only when
+#    the longest is.
+# 5. The executable self-check below: in the two-GPU reference file, how many times one GPU's tokens/s did
 #    the replicas give at the largest total batch that has both figures? Two decimals.
 
 # %%
@@ -605,3 +1115,7 @@ _ = check_answer(answer, lambda a: abs(a - truth) < 0.006,
 # - [Big model inference](https://huggingface.co/docs/accelerate/usage_guides/big_modeling) (accelerate):
 #   why a `device_map` split runs one device at a time.
 # - `docs/published-figures.md` in this repository: published speed figures with their sources and hardware.
+# - [Continuous batching](https://huggingface.co/docs/transformers/main/en/continuous_batching) and
+#   [serving](https://huggingface.co/docs/transformers/main/en/serving) (transformers): `generate_batch`, the
+#   paged cache, `transformers serve`.
+# - [The OpenAI Python library](https://github.com/openai/openai-python): the client used in section 5.

@@ -1,12 +1,13 @@
-"""End to end in a real browser: JupyterLab runs notebooks 00 and 03, and the planner widget draws right.
+"""End to end in a real browser: JupyterLab runs notebooks 00 and 05, and the planner widget draws right.
 
 JupyterLab is started the way ``./workbook.sh lab`` starts it (its defaults: comms over subshells per
 comm target, which once made the widget's plot wrong), on 127.0.0.1, with the workbook's kernel, in a
 scratch copy of the notebooks (running cells must not touch the committed files, which JupyterLab's
 autosave would rewrite), with settings and workspaces of its own (nobody's saved layout). Headless
 Chromium (tests/browser.py) opens each notebook, checks that opening alone leaves it unmodified, runs
-every cell, and checks there is no error output and every figure is a decoded image. In notebook 03
-it changes the planner's controls and checks, after each change, the verdict text against
+every cell, and checks there is no error output and every figure is a decoded image. In notebook 05
+it changes the planner's controls (format, GPUs, memory, prompt, context and batch) and checks, after
+each change, the verdict text against
 ``plan(...).summary()`` and the drawn image against :func:`helpers.planner_widget.plan_image` for the
 same arguments (at most 1% of pixels differing), and that a different plan's image fails that
 comparison. Screenshots land in build/browser/lab/.
@@ -37,10 +38,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-PLANNER = "03_design-the-device-map-yourself.ipynb"
+PLANNER = "05_fit-a-model-bigger-than-your-gpu.ipynb"
 FIRST = "00_set-up-and-check-your-hardware.ipynb"
 MAX_DIFFERING = 0.01  # share of pixels that may differ between the browser's image and the reference
-RUN_TIMEOUT_S = 600  # a whole notebook, run in the browser (about 40 s for notebook 03 on 2 idle cores)
+RUN_TIMEOUT_S = 1200  # a whole notebook, run in the browser (notebook 05 loads and times models on the CPU)
 
 
 def differing_pixels(a: bytes, b: bytes) -> float:
@@ -120,7 +121,7 @@ def lab_server(root: Path, work: Path) -> Iterator[tuple[str, str, subprocess.Po
 
 @pytest.fixture(scope="module")
 def lab(browser, tmp_path_factory):
-    """A JupyterLab server on a scratch copy of notebooks 00 and 03; yields (base URL, token, root)."""
+    """A JupyterLab server on a scratch copy of notebooks 00 and 05; yields (base URL, token, root)."""
     root = tmp_path_factory.mktemp("lab")
     work = root / "notebooks"
     work.mkdir()
@@ -212,9 +213,12 @@ def _plans_drawn(planner) -> int:
     """The count in the status line, "plan N, drawn in ... s" (waits until the line is there)."""
     import re
 
-    status = planner.locator(".workbook-planner-status")
-    status.filter(has_text=re.compile(r"plan \d+,")).wait_for(timeout=60_000)
-    return int(re.search(r"plan (\d+),", status.inner_text()).group(1))
+    status = planner.locator(".workbook-planner-status").filter(has_text=re.compile(r"plan \d+,"))
+    status.wait_for(timeout=60_000)
+    text = status.inner_text()
+    found = re.search(r"plan (\d+),", text) or re.search(r"plan (\d+),", status.text_content() or "")
+    assert found, f"the status line reads {text!r}"
+    return int(found.group(1))
 
 
 def _check_planner(planner, args, previous_image, shot):
@@ -223,7 +227,10 @@ def _check_planner(planner, args, previous_image, shot):
     from helpers.planner_widget import plan_image
 
     expected = plan(**args)
-    verdict = planner.locator(".workbook-planner-verdict pre").inner_text().strip()
+    shown_verdict = planner.locator(".workbook-planner-verdict pre")
+    shown_verdict.scroll_into_view_if_needed()
+    # innerText is empty for a part JupyterLab's windowed notebook does not render at the moment: the DOM's text
+    verdict = (shown_verdict.inner_text() or shown_verdict.text_content() or "").strip()
     assert verdict == expected.summary().strip(), f"verdict for {args}:\n{verdict}"
     reference = plan_image(expected)
     for _ in range(20):  # the new image may take a moment to decode after the status line changed
@@ -257,7 +264,7 @@ def test_planner_notebook_runs_and_its_widget_draws_right(page, lab):
     _open(page, lab, PLANNER)
     _run_all(page, PLANNER)
     outputs, _ = _check_outputs(page, PLANNER)
-    page.screenshot(path=str(SHOTS / "lab" / "03-after-run.png"))
+    page.screenshot(path=str(SHOTS / "lab" / "05-after-run.png"))
 
     widget_cell = next(i for i, outs in enumerate(outputs)
                        if any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outs))
@@ -265,7 +272,10 @@ def test_planner_notebook_runs_and_its_widget_draws_right(page, lab):
     planner = page.locator(".workbook-planner")
     planner.wait_for(timeout=30_000)
     planner.locator("img").wait_for(timeout=30_000)
-    args = dict(model="llama-2-70b", fmt="nf4", n_gpus=2, gib_per_gpu=24, strategy="balanced", context=4096, batch=1)
+    # the widget cell of notebook 05: planner_widget("llama-3.1-70b", "nf4", n_gpus=1, gib_per_gpu=24, context=4096,
+    # batch=1, cpu_gib=64), with the widget's defaults for the rest
+    args = dict(model="llama-3.1-70b", fmt="nf4", n_gpus=1, gib_per_gpu=24, strategy="balanced", context=4096,
+                batch=1, prompt=None, cpu_gib=64, offload=True)
     assert _plans_drawn(planner) == 1
     image = _check_planner(planner, args, None, SHOTS / "lab" / "planner-0-start.png")
 
@@ -297,7 +307,7 @@ def test_planner_notebook_runs_and_its_widget_draws_right(page, lab):
                                 box["y"] + box["height"] / 2, steps=2)
     planner.page.mouse.up()
     gpus = int(planner.locator(".widget-slider .widget-readout").inner_text())
-    assert gpus >= 4, f"the drag moved the slider from 2 to {gpus}"
+    assert gpus >= 3, f"the drag moved the slider from 1 to {gpus}"
     args["n_gpus"], drawn = gpus, drawn + 1
     settle(drawn)
     image = _check_planner(planner, args, image, SHOTS / "lab" / "planner-2-gpus.png")
@@ -307,6 +317,15 @@ def test_planner_notebook_runs_and_its_widget_draws_right(page, lab):
     settle(drawn)
     image = _check_planner(planner, args, image, SHOTS / "lab" / "planner-3-memory.png")
 
+    prompt_box = planner.locator(".widget-text", has=planner.page.locator("label:text-is('prompt')"))
+    prompt_box.locator("input").fill("1024")
+    prompt_box.locator("input").press("Enter")  # the box sends its value when confirmed
+    args["prompt"], drawn = 1024, drawn + 1
+    settle(drawn)
+    # on 80 GiB GPUs a shorter prompt changes a thin hatch and the title only: the verdict text says it
+    image = _check_planner(planner, args, None, SHOTS / "lab" / "planner-4-prompt.png")
+    assert "prompt 1,024 tokens" in planner.locator(".workbook-planner-verdict pre").text_content()
+
     choose("context", 131072)
     settle(drawn + 1)
     choose("batch", 16)
@@ -315,7 +334,7 @@ def test_planner_notebook_runs_and_its_widget_draws_right(page, lab):
     from helpers.planner import plan
 
     assert not plan(**args).fits, "the KV cache of 16 x 128k tokens does not fit 80 GiB GPUs"
-    _check_planner(planner, args, None, SHOTS / "lab" / "planner-4-context-batch.png")
+    _check_planner(planner, args, None, SHOTS / "lab" / "planner-5-context-batch.png")
 
 
 def test_workbook_lab_starts_without_a_new_setup_and_hides_the_sources():

@@ -89,7 +89,7 @@ def test_replicas_refuse_a_wrong_world_size(tmp_path):
                                             "--out", tmp_path / "r.json"], timeout=300)
 
 
-def test_notebook_05_shows_the_call_the_tensor_parallel_worker_makes():
+def test_notebook_07_shows_the_call_the_tensor_parallel_worker_makes():
     """The from_pretrained call notebook 07 prints in its markdown is, whitespace aside, the worker's."""
     source = next((ROOT / "notebooks").glob("07_*.py")).read_text()
     block = source[source.index("# model = AutoModelForCausalLM.from_pretrained(args."):].split("# ```")[0]
@@ -178,3 +178,26 @@ def test_workers_bench_records_spreads_on_two_cpu_processes(tmp_path):
             continue
         low, high = row["spread_total"]
         assert 0 < low <= row["total_tokens_per_s"] <= high, row
+
+
+@pytest.mark.subprocess
+def test_tensor_parallel_over_two_torchrun_machines_gives_the_one_machine_logits(tmp_path):
+    """Notebook 07, section 6: two torchrun 'machines' (--nnodes 2, c10d rendezvous on 127.0.0.1), one process each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers.serving import free_port
+
+    ckpt, hide = _tiny_checkpoint(tmp_path / "tiny"), {"CUDA_VISIBLE_DEVICES": ""}
+    worker = ["workers/tensor_parallel.py", "--checkpoint", ckpt, "--expect-world-size", 2, "--cpu"]
+    launch(["torchrun", "--standalone", "--nproc_per_node=2", *worker, "--out", tmp_path / "one.json"], timeout=300,
+           extra_env=hide)
+    rdzv = f"127.0.0.1:{free_port()}"
+    nodes = [["torchrun", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={r}", "--rdzv_backend=c10d",
+              f"--rdzv_endpoint={rdzv}", *worker, "--out", tmp_path / "two.json"] for r in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda c: launch(c, timeout=300, extra_env=hide), nodes))
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert sorted(r["node"] for r in two["per_rank"]) == ["0", "1"] and two["logits_check"]["ok"]
+    assert torch.equal(torch.load(tmp_path / "one.logits.pt"), torch.load(tmp_path / "two.logits.pt"))
+    kv = [r["kv_cache_bytes_per_token_fp32"] for r in two["per_rank"]]
+    assert kv == [2 * 2 * (2 // 2) * 16 * 4] * 2  # K and V, 2 layers, 1 of the 2 key/value heads, head_dim 16, fp32

@@ -17,7 +17,8 @@ def test_unknown_format():
 
 
 @pytest.mark.parametrize("name,billions", [("bloom-1b7", 1.72), ("llama-2-7b", 6.74), ("llama-2-13b", 13.02),
-                                           ("llama-2-70b", 68.98), ("smollm2-135m", 0.13), ("llama-1b", 1.10)])
+                                           ("llama-2-70b", 68.98), ("smollm2-135m", 0.13), ("llama-1b", 1.10),
+                                           ("llama-3.1-70b", 70.55), ("qwen2.5-32b", 32.76)])
 def test_shapes_have_published_sizes(name, billions):
     m = shapes.meta_model(name)
     assert round(shapes.n_params(m) / 1e9, 2) == billions

