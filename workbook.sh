@@ -182,7 +182,7 @@ case "$cmd" in
         echo "== the course site, rendered from the committed outputs (not executed): build/site/index.html"
         "$VENV/bin/python" tools/site.py --out build/site
         echo "== unit tests (the browser tests among them)"
-        "$VENV/bin/python" -m pytest tests -q
+        "$VENV/bin/python" -m pytest tests -q --durations=12
         echo "== nbval over every notebook"
         exec "$VENV/bin/python" -m pytest -q notebooks --nbval --nbval-current-env \
             --nbval-sanitize-with tests/nbval_sanitize.cfg \

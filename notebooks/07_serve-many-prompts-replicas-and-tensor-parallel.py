@@ -63,6 +63,7 @@ NEW_TOKENS = 12  # greedy new tokens per prompt
 
 # %%
 import json
+import logging
 import shlex
 import shutil
 import statistics
@@ -649,6 +650,9 @@ def serve_continuously():
         return out, done, manager.batch_processor.cache
 
 
+cb_logger = logging.getLogger("ContinuousBatchingLogger")  # transformers' own: it logs a refusal's traceback
+cb_level = cb_logger.level
+cb_logger.setLevel(logging.CRITICAL)  # the refusal is printed below, once, whole
 try:
     serve_continuously()  # once, untimed: it pays the set-up, and shows whether this model takes it
 except (RuntimeError, ValueError) as e:
@@ -656,6 +660,8 @@ except (RuntimeError, ValueError) as e:
     say(f"Continuous batching refused {type(model).__name__} here ({type(e).__name__}: {e}); sections 4 and 5 "
         "serve the bundled model instead.")
     model, tok, prompts, gen = prepare(serving_path)
+finally:
+    cb_logger.setLevel(cb_level)
 
 
 # %% [markdown]
