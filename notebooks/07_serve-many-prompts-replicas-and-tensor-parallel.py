@@ -114,8 +114,8 @@ print(", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "accelera
 # ```
 #
 # It runs as separate processes started by `torchrun`, not forked from this kernel. Without a GPU, a plain
-# `PartialState()` under `torchrun` starts no process group: accelerate 1.15's `PartialState._prepare_backend`
-# (`accelerate/state.py`) picks a multi-CPU (gloo) group only when `cpu=True`, so each process would report
+# `PartialState()` under `torchrun` starts no process group: accelerate 1.15's `PartialState` (its choice of
+# backend, in `accelerate/state.py`) picks a multi-CPU (gloo) group only when `cpu=True`, so each process would report
 # "rank 0 of 1" and do all the work. `cpu=True` starts the gloo group, and the world-size assertion catches a
 # process that is alone. How many processes to start depends on the machine:
 
