@@ -36,7 +36,7 @@
 #
 # **What you'll need**: notebooks 01 (bitsandbytes), 03 (device maps) and 04 (the two ceilings) first. A CPU
 # is enough; on one GPU or two the same cells run there (section 4 splits the towers over two GPUs where there
-# are two). About 1 to 2 minutes on an idle 2-core CPU (longer while other work shares it) and at most about
+# are two). About half a minute on an idle 2-core CPU (longer while other work shares it) and at most about
 # 5 GB of RAM. No trained CLIP checkpoint can be had offline, so the model here has **random weights**: every
 # figure that depends on the weights says so. Set
 # `CLIP_CHECKPOINT` to a local folder of a trained `CLIPModel` (for example
@@ -66,7 +66,9 @@ from transformers import BitsAndBytesConfig, CLIPImageProcessorPil, CLIPModel, C
 
 from helpers.clip import OPENCLIP_SHAPES, clip_config, clip_tokenizer, predict_clip_footprint, tower_map
 from helpers.exercises import check_answer
+from helpers.measure import memory_bandwidth
 from helpers.preflight import preflight
+from helpers.speed import matmul_rate
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -399,45 +401,20 @@ for fmt in configs:
 # images reads each weight once for `2bT` FLOP. Which ceiling binds follows from that ratio of FLOP to bytes
 # read, the arithmetic intensity, set against the ridge `rate / bandwidth`: below the ridge memory sets the
 # pace, above it compute. The cells measure the bandwidth (a 1 GiB copy, read plus written, median of 5) and
-# the matrix-multiply rate in the dtype the model runs in and in bf16, as notebook 04 does; then they time
+# the matrix-multiply rate in the dtype the model runs in and in bf16, as notebook 04 does (with its helpers,
+# `helpers.measure.memory_bandwidth` and `helpers.speed.matmul_rate`); then they time
 # image encoding at each batch (a warm-up, then the median of 3 repeats with their spread), each beside the
 # lower of its two ceilings.
-
-# %%
-def matmul_rate(dtype, n=8192 if ON_GPU else 2048, repeats=5):
-    """FLOP/s of an n x n matrix product in dtype: one untimed product, then the median and spread of repeats."""
-    a, b = (torch.randn(n, n, device=DEVICE).to(dtype) for _ in range(2))
-    a @ b  # untimed: kernel choice, caches
-    rates = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        rates.append(2 * n**3 / (time.perf_counter() - t0))
-    return statistics.median(rates), (min(rates), max(rates))
-
-
-def copy_bandwidth(repeats=5):
-    """Bytes/s of a 1 GiB copy, read plus written (notebook 04's convention): one untimed copy, median of repeats."""
-    src = torch.ones(GiB, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 2 * GiB / statistics.median(times)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 # rates depend on the machine and its load
 per_image = image_flops(config)
-bandwidth = copy_bandwidth()
-ceilings = {dtype: matmul_rate(dtype) for dtype in dict.fromkeys([RUN_DTYPE, torch.bfloat16])}
+bandwidth = memory_bandwidth(DEVICE)  # a 1 GiB copy, read plus written, median of 5 (notebook 04)
+ceilings = {}  # dtype -> (median FLOP/s, (lowest, highest)) of an n x n matrix product, median of 5
+for dtype in dict.fromkeys([RUN_DTYPE, torch.bfloat16]):
+    measured = matmul_rate(DEVICE, dtype)
+    ceilings[dtype] = (measured["flops_per_s"], measured["spread"])
 vision_params = sum(p.numel() for n, p in models["full"].named_parameters()
                     if n.startswith(("vision_model", "visual_proj")))
 show(f"memory bandwidth: {bandwidth / 1e9:,.1f} GB/s (median of 5)")
