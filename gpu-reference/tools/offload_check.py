@@ -42,22 +42,11 @@ def free() -> None:
     torch.cuda.empty_cache()
 
 
-def h2d(n_bytes: int = 2**30) -> dict:
-    import torch
+def h2d() -> dict:
+    """Host-to-device copy rates of 1 GiB (bytes/s), pageable and pinned: helpers.offload.host_to_device_rate."""
+    from helpers.offload import host_to_device_rate
 
-    out = {}
-    for kind in ("pageable", "pinned"):
-        src = torch.ones(n_bytes, dtype=torch.uint8, pin_memory=kind == "pinned")
-        dst = torch.empty(n_bytes, dtype=torch.uint8, device="cuda:0")
-        times = []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            dst.copy_(src, non_blocking=kind == "pinned")
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        out[f"{kind}_Bps"] = n_bytes / statistics.median(times[1:])
-        del src, dst
+    out = {f"{kind}_Bps": host_to_device_rate(pinned=kind == "pinned") for kind in ("pageable", "pinned")}
     free()
     return out
 
